@@ -1,0 +1,1 @@
+"""The MCP servers: sandbox and github. Each runs on its own with `python -m servers.<name>`."""

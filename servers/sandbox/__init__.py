@@ -1,0 +1,1 @@
+"""The sandbox MCP server: isolated repository copies where an agent reads, edits and runs code."""

@@ -1,0 +1,63 @@
+"""The `Sandbox` protocol and the types every backend shares.
+
+Errors:
+    SandboxError            the caller can fix it (bad path, bad argument, unknown id); becomes `isError`
+    └── BackendUnavailable  the operator must fix it (bubblewrap missing, unsafe backend not allowed)
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, Field
+
+
+class SandboxError(Exception):
+    """A failure the caller can act on; its message says what to do instead."""
+
+
+class BackendUnavailable(SandboxError):
+    """The chosen backend cannot run on this machine."""
+
+
+class ExecResult(BaseModel):
+    exit_code: int = Field(description="The command's exit status; -1 when it was killed.")
+    stdout: str
+    stderr: str
+    timed_out: bool = Field(description="True when the wall-clock timeout killed the command.")
+    truncated: bool = Field(description="True when stdout or stderr was cut to its head and tail.")
+
+
+class ChangedFile(BaseModel):
+    path: str
+    mode: Literal["100644", "100755", "120000"]
+    content_base64: str
+
+
+class Changeset(BaseModel):
+    base_commit: str
+    files: list[ChangedFile]
+    deleted: list[str]
+
+
+class SandboxInfo(BaseModel):
+    sandbox_id: str
+    base_commit: str
+    default_branch: str
+    backend: str
+    workdir: str = Field(description="Where the repository sits for commands run with exec.")
+
+
+class Sandbox(Protocol):
+    """One isolated copy of a repository with a way to run commands in it."""
+
+    info: SandboxInfo
+
+    async def exec(self, command: str, timeout_s: float, workdir: str) -> ExecResult: ...
+    async def read_file(self, path: str, offset: int, limit: int) -> str: ...
+    async def write_file(self, path: str, content: str) -> int: ...
+    async def edit_file(self, path: str, old_text: str, new_text: str, replace_all: bool) -> str: ...
+    async def list_files(self, path: str, pattern: str | None) -> tuple[list[str], bool]: ...
+    async def search(self, pattern: str, path: str, glob: str | None) -> tuple[list[str], bool]: ...
+    async def export_changes(self) -> tuple[Changeset, str]: ...
+    async def destroy(self) -> None: ...

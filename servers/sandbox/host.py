@@ -1,0 +1,230 @@
+"""A sandbox whose repository is a directory on this machine: the base of the bubblewrap and process backends.
+
+File tools run here, on the host, through `files`. Commands run through `jail_argv`, which each backend defines;
+`git` for `export_changes` runs there too, never on the host, because the repository's `.git/config` is the
+sandbox's to write and git executes what its config names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import posixpath
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import files
+from .base import Changeset, ChangedFile, ExecResult, SandboxError, SandboxInfo
+
+OUTPUT_CAP = 30_000
+EXPORT_CAP = 64 * 1024 * 1024
+MAX_CHANGESET_BYTES = 50 * 1024 * 1024
+DIFF_CAP = 200_000
+SANDBOX_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "TERM": "dumb",
+    "PAGER": "cat",
+    "GIT_PAGER": "cat",
+    "GIT_TERMINAL_PROMPT": "0",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "CI": "1",
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits applied to every process a sandbox runs (through prlimit)."""
+
+    processes: int = 256
+    memory_bytes: int = 8 * 1024**3
+    file_bytes: int = 1024**3
+    cpu_seconds: int = 900
+    open_files: int = 4096
+
+    def prlimit_argv(self) -> list[str]:
+        prlimit = shutil.which("prlimit")
+        if prlimit is None:
+            raise SandboxError("prlimit is not installed: apt-get install util-linux")
+        return [prlimit, f"--nproc={self.processes}", f"--as={self.memory_bytes}", f"--fsize={self.file_bytes}",
+                f"--cpu={self.cpu_seconds}", f"--nofile={self.open_files}", "--core=0", "--"]
+
+
+@dataclass
+class Captured:
+    text: str
+    truncated: bool
+
+
+async def _capture(stream: asyncio.StreamReader, cap: int) -> Captured:
+    """Read a stream to its end, keeping its first and last `cap // 2` bytes."""
+    half = cap // 2
+    head, tail = bytearray(), bytearray()
+    dropped = 0
+    while chunk := await stream.read(65536):
+        if len(head) < half:
+            take = half - len(head)
+            head += chunk[:take]
+            chunk = chunk[take:]
+        tail += chunk
+        if len(tail) > half:
+            dropped += len(tail) - half
+            del tail[: len(tail) - half]
+    text = head.decode("utf-8", "replace")
+    if dropped:
+        text += f"\n… [{dropped} bytes cut from the middle] …\n"
+    return Captured(text + tail.decode("utf-8", "replace"), dropped > 0)
+
+
+class HostSandbox:
+    """Shared behaviour of backends that keep the repository in a host directory."""
+
+    backend = "host"
+
+    def __init__(self, info: SandboxInfo, home: Path, repo: Path, owner: tuple[int, int] | None, limits: Limits):
+        self.info = info
+        self.home = home  # removed whole on destroy
+        self.repo = repo
+        self.owner = owner  # (uid, gid) that sandboxed processes run as, when the server runs as root
+        self.limits = limits
+        self._groups: set[int] = set()
+        self._destroyed = False
+
+    @property
+    def env(self) -> dict[str, str]:
+        return SANDBOX_ENV
+
+    def jail_argv(self, command: str, cwd: str) -> tuple[list[str], str | None]:
+        """The argv that runs `command` in `cwd` (relative to the repository), and the host cwd to start it in."""
+        raise NotImplementedError
+
+    async def run(self, command: str, timeout_s: float, workdir: str = ".", cap: int = OUTPUT_CAP) -> ExecResult:
+        """Run `command` in the jail; kill everything it started when it ends or times out."""
+        self._check_alive()
+        cwd = files.normalize(workdir, allow_root=True)
+        files.check_dir(self.repo, cwd)
+        argv, host_cwd = self.jail_argv(command, cwd)
+        ids = {"user": self.owner[0], "group": self.owner[1], "extra_groups": []} if self.owner else {}
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=self.env, cwd=host_cwd, start_new_session=True, **ids)
+        self._groups.add(proc.pid)
+        readers = asyncio.gather(_capture(proc.stdout, cap), _capture(proc.stderr, cap))
+        timed_out = False
+        try:
+            try:
+                await asyncio.wait_for(proc.wait(), timeout_s)
+            except TimeoutError:
+                timed_out = True
+        finally:
+            # Background jobs die with the command that started them, as they do in the bubblewrap jail.
+            self._kill_group(proc.pid)
+            await proc.wait()
+        try:
+            out, err = await asyncio.wait_for(readers, 5)
+        except TimeoutError:  # a process that escaped the group holds the pipe open
+            readers.cancel()
+            out, err = Captured("", True), Captured("output lost: a detached process kept it open", True)
+        code = proc.returncode if not timed_out else -1
+        if timed_out:
+            err = Captured(err.text + f"\n[killed: the command ran past its {timeout_s:g} s timeout]", err.truncated)
+        return ExecResult(exit_code=code, stdout=out.text, stderr=err.text, timed_out=timed_out,
+                          truncated=out.truncated or err.truncated)
+
+    def _kill_group(self, pgid: int) -> None:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._groups.discard(pgid)
+
+    def _check_alive(self) -> None:
+        if self._destroyed:
+            raise SandboxError(f"sandbox {self.info.sandbox_id} was destroyed; create a new one")
+
+    async def exec(self, command: str, timeout_s: float, workdir: str) -> ExecResult:
+        return await self.run(command, timeout_s, workdir)
+
+    async def read_file(self, path: str, offset: int, limit: int) -> str:
+        self._check_alive()
+        return await asyncio.to_thread(files.read_text, self.repo, path, offset, limit)
+
+    async def write_file(self, path: str, content: str) -> int:
+        self._check_alive()
+        return await asyncio.to_thread(files.write_text, self.repo, path, content, self.owner)
+
+    async def edit_file(self, path: str, old_text: str, new_text: str, replace_all: bool) -> str:
+        self._check_alive()
+        return await asyncio.to_thread(files.edit_text, self.repo, path, old_text, new_text, replace_all, self.owner)
+
+    async def list_files(self, path: str, pattern: str | None) -> tuple[list[str], bool]:
+        self._check_alive()
+        return await asyncio.to_thread(files.list_paths, self.repo, path, pattern)
+
+    async def search(self, pattern: str, path: str, glob: str | None) -> tuple[list[str], bool]:
+        self._check_alive()
+        return await asyncio.to_thread(files.search_text, self.repo, pattern, path, glob)
+
+    async def export_changes(self) -> tuple[Changeset, str]:
+        """Everything that differs from the base commit: untracked files included, ignored ones not."""
+        base = self.info.base_commit
+        # A throwaway index, so the sandbox's own staging area is left as the agent left it.
+        script = (
+            'set -e; export GIT_INDEX_FILE="$(mktemp)"; trap \'rm -f "$GIT_INDEX_FILE"\' EXIT; '
+            "g() { git -c core.hooksPath=/dev/null -c core.fsmonitor=false \"$@\"; }; "
+            f"g read-tree {base}; g add -A .; "
+            f"g diff --cached --raw -z --no-renames --abbrev=40 {base}; printf '\\0--TB-DIFF--\\0'; "
+            f"g diff --cached --no-renames --no-color --no-ext-diff --no-textconv {base}"
+        )
+        result = await self.run(script, 120, ".", cap=EXPORT_CAP)
+        if result.exit_code != 0 or result.truncated:
+            raise SandboxError(f"could not compute the changes: {result.stderr.strip()[-1000:]}")
+        raw, _, diff = result.stdout.partition("\x00--TB-DIFF--\x00")
+        changed, deleted = _parse_raw(raw)
+        out: list[ChangedFile] = []
+        total = 0
+        for path, mode in changed:
+            data = await asyncio.to_thread(self._content, path, mode)
+            total += len(data)
+            if total > MAX_CHANGESET_BYTES:
+                raise SandboxError(f"the changes exceed {MAX_CHANGESET_BYTES // 1_048_576} MB; remove large "
+                                   "generated files or add them to .gitignore")
+            out.append(ChangedFile(path=path, mode=mode, content_base64=base64.b64encode(data).decode()))
+        if len(diff) > DIFF_CAP:
+            diff = diff[:DIFF_CAP] + f"\n… [diff cut: {len(diff) - DIFF_CAP} more characters]\n"
+        return Changeset(base_commit=base, files=out, deleted=deleted), diff
+
+    def _content(self, path: str, mode: str) -> bytes:
+        if mode == "120000":
+            parent, name = posixpath.split(path)
+            with files._open_dir(self.repo, parent.split("/") if parent else []) as dfd:
+                return os.readlink(name, dir_fd=dfd).encode()
+        return files.read_bytes(self.repo, path, MAX_CHANGESET_BYTES)
+
+    async def destroy(self) -> None:
+        if self._destroyed:
+            return
+        self._destroyed = True
+        for pgid in list(self._groups):
+            self._kill_group(pgid)
+        await asyncio.to_thread(shutil.rmtree, self.home, True)
+
+
+def _parse_raw(raw: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """(path, mode) of added or modified files and the deleted paths, from `git diff --raw -z`."""
+    fields = raw.split("\x00")
+    changed, deleted = [], []
+    for meta, path in zip(fields[0::2], fields[1::2]):
+        if not meta.startswith(":"):
+            continue
+        _, new_mode, _, _, status = meta[1:].split(" ")
+        path = files.normalize(path)
+        if status == "D":
+            deleted.append(path)
+        elif new_mode in ("100644", "100755", "120000"):
+            changed.append((path, new_mode))
+    return changed, deleted

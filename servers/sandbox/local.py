@@ -1,0 +1,54 @@
+"""The default backend: each command runs in a bubblewrap jail with no network and nothing of the host but /usr and /etc."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from .base import BackendUnavailable
+from .host import SANDBOX_ENV, HostSandbox
+
+WORKDIR = "/workspace"
+
+
+def _system_binds() -> list[str]:
+    """Read-only /usr and /etc, and /bin, /lib… as links or binds, whichever this host has."""
+    args = ["--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            args += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            args += ["--ro-bind", top, top]
+    return args
+
+
+class BwrapSandbox(HostSandbox):
+    backend = "local"
+
+    @staticmethod
+    def workdir_for(repo) -> str:
+        return WORKDIR
+
+    @staticmethod
+    def check() -> None:
+        if shutil.which("bwrap") is None:
+            raise BackendUnavailable(
+                "bubblewrap is not installed: apt-get install bubblewrap, or set SANDBOX_BACKEND=process "
+                "together with SANDBOX_ALLOW_UNSAFE=1 to run commands without isolation"
+            )
+
+    def jail_argv(self, command: str, cwd: str) -> tuple[list[str], str | None]:
+        inside = WORKDIR if cwd == "." else f"{WORKDIR}/{cwd}"
+        bwrap = [
+            shutil.which("bwrap") or "bwrap",
+            *_system_binds(),
+            "--bind", str(self.repo), WORKDIR,
+            "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/var/tmp", "--tmpfs", "/run",
+            "--unshare-all", "--unshare-user", "--uid", "1000", "--gid", "1000", "--hostname", "sandbox",
+            "--cap-drop", "ALL", "--die-with-parent", "--new-session", "--clearenv",
+            "--setenv", "HOME", "/tmp", "--setenv", "USER", "sandbox",
+        ]
+        for key, value in SANDBOX_ENV.items():
+            bwrap += ["--setenv", key, value]
+        bwrap += ["--chdir", inside, "--", "bash", "-lc", command]
+        return self.limits.prlimit_argv() + bwrap, None

@@ -1,0 +1,136 @@
+"""The sandboxes this server holds: creating them on the configured backend, finding them by id, reaping idle ones."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .base import BackendUnavailable, Sandbox, SandboxError, SandboxInfo
+from .clone import clone
+from .host import Limits
+
+log = logging.getLogger(__name__)
+
+# Backends load only when chosen, so a heavy client library costs nothing when it is not used.
+BACKENDS = {
+    "local": "servers.sandbox.local:BwrapSandbox",
+    "process": "servers.sandbox.process:ProcessSandbox",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Read once from SANDBOX_* environment variables."""
+
+    backend: str = "local"
+    root: Path = Path(tempfile.gettempdir()) / "tiny-backspace-sandboxes"
+    idle_ttl_s: float = 1800
+    max_sandboxes: int = 32
+    limits: Limits = field(default_factory=Limits)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        backend = env.get("SANDBOX_BACKEND", "local")
+        if backend not in BACKENDS:
+            raise BackendUnavailable(f"SANDBOX_BACKEND={backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
+        return cls(
+            backend=backend,
+            root=Path(env.get("SANDBOX_ROOT") or cls.root),
+            idle_ttl_s=float(env.get("SANDBOX_IDLE_TTL_S", cls.idle_ttl_s)),
+            max_sandboxes=int(env.get("SANDBOX_MAX", cls.max_sandboxes)),
+        )
+
+
+def _sandbox_owner() -> tuple[int, int] | None:
+    """Run sandboxed processes as nobody when we are root, so rlimits bind and host files stay out of reach."""
+    if os.geteuid() != 0:
+        return None
+    uid = int(os.environ.get("SANDBOX_UID", "65534"))
+    return uid, uid
+
+
+def _chown_tree(top: Path, owner: tuple[int, int]) -> None:
+    os.lchown(top, *owner)
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            os.lchown(os.path.join(dirpath, name), *owner)
+
+
+class SandboxManager:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        module, _, name = BACKENDS[settings.backend].partition(":")
+        self.backend_cls = getattr(importlib.import_module(module), name)
+        self._sandboxes: dict[str, Sandbox] = {}
+        self._last_used: dict[str, float] = {}
+        self._reaper: asyncio.Task | None = None
+
+    async def create(self, repo_url: str, ref: str | None) -> SandboxInfo:
+        self.backend_cls.check()
+        if len(self._sandboxes) >= self.settings.max_sandboxes:
+            raise SandboxError(f"this server already holds {self.settings.max_sandboxes} sandboxes; "
+                               "destroy one you no longer need")
+        self.settings.root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        sandbox_id = "sbx_" + secrets.token_urlsafe(18)
+        home = Path(tempfile.mkdtemp(prefix="sbx-", dir=self.settings.root))
+        try:
+            os.chmod(home, 0o711)
+            repo = home / "repo"
+            cloned = await clone(repo_url, ref, repo)
+            owner = _sandbox_owner()
+            (home / "tmp").mkdir()
+            if owner:
+                await asyncio.to_thread(_chown_tree, repo, owner)
+                os.chown(home / "tmp", *owner)
+        except BaseException:
+            shutil.rmtree(home, ignore_errors=True)
+            raise
+        info = SandboxInfo(sandbox_id=sandbox_id, base_commit=cloned.base_commit,
+                           default_branch=cloned.default_branch, backend=self.backend_cls.backend,
+                           workdir=self.backend_cls.workdir_for(repo))
+        self._sandboxes[sandbox_id] = self.backend_cls(info, home, repo, owner, self.settings.limits)
+        self._last_used[sandbox_id] = time.monotonic()
+        log.info("created sandbox %s (%s) from %s", sandbox_id, info.backend, repo_url)
+        return info
+
+    def get(self, sandbox_id: str) -> Sandbox:
+        sandbox = self._sandboxes.get(sandbox_id)
+        if sandbox is None:
+            raise SandboxError(f"no sandbox {sandbox_id[:64]!r}: it was destroyed or never existed; "
+                               "call create_sandbox for a new one")
+        self._last_used[sandbox_id] = time.monotonic()
+        return sandbox
+
+    async def destroy(self, sandbox_id: str) -> None:
+        sandbox = self.get(sandbox_id)
+        del self._sandboxes[sandbox_id]
+        self._last_used.pop(sandbox_id, None)
+        await sandbox.destroy()
+        log.info("destroyed sandbox %s", sandbox_id)
+
+    async def destroy_all(self) -> None:
+        await asyncio.gather(*(self.destroy(i) for i in list(self._sandboxes)), return_exceptions=True)
+
+    async def reap_idle(self) -> list[str]:
+        """Destroy the sandboxes unused for longer than the idle TTL; return their ids."""
+        now = time.monotonic()
+        idle = [i for i, t in self._last_used.items() if now - t > self.settings.idle_ttl_s]
+        for sandbox_id in idle:
+            log.info("reaping idle sandbox %s", sandbox_id)
+            await self.destroy(sandbox_id)
+        return idle
+
+    async def run_reaper(self) -> None:
+        interval = max(1.0, min(60.0, self.settings.idle_ttl_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            await self.reap_idle()

@@ -1,0 +1,38 @@
+"""An unsafe backend with no isolation: commands run as plain processes in the repository directory.
+
+For machines without bubblewrap only, and only when the operator says so with SANDBOX_ALLOW_UNSAFE=1. Limits and
+the clean environment still apply; the network, the host's files and a detached (setsid) process are not contained.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from .base import BackendUnavailable
+from .host import SANDBOX_ENV, HostSandbox
+
+
+class ProcessSandbox(HostSandbox):
+    backend = "process"
+
+    @staticmethod
+    def check() -> None:
+        if os.environ.get("SANDBOX_ALLOW_UNSAFE") != "1":
+            raise BackendUnavailable(
+                "the process backend runs commands without isolation and is refused unless SANDBOX_ALLOW_UNSAFE=1; "
+                "install bubblewrap (apt-get install bubblewrap) and use SANDBOX_BACKEND=local instead"
+            )
+
+    @staticmethod
+    def workdir_for(repo) -> str:
+        return str(repo)
+
+    @property
+    def env(self) -> dict[str, str]:
+        scratch = str(self.home / "tmp")
+        return SANDBOX_ENV | {"HOME": scratch, "TMPDIR": scratch}
+
+    def jail_argv(self, command: str, cwd: str) -> tuple[list[str], str | None]:
+        bash = shutil.which("bash") or "/bin/bash"
+        return self.limits.prlimit_argv() + [bash, "-lc", command], str(self.repo / cwd)

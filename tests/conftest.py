@@ -1,0 +1,44 @@
+"""Fixtures shared by every test: real git repositories made on the spot."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+GIT_ENV = {"GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "Test",
+           "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "Test",
+           "GIT_COMMITTER_EMAIL": "test@example.com"}
+
+
+def git(repo: Path, *args: str) -> str:
+    """Run git in `repo` and return its stdout; fail the test on a non-zero exit."""
+    out = subprocess.run(["git", *args], cwd=repo, env=os.environ | GIT_ENV, check=True, capture_output=True,
+                         text=True)
+    return out.stdout.strip()
+
+
+@pytest.fixture
+def make_repo(tmp_path: Path) -> Callable[..., Path]:
+    """Create a git repository on branch `main` holding `files` (path -> text) in one commit."""
+    counter = iter(range(1000))
+
+    def make(files: dict[str, str] | None = None, *, bare: bool = False, name: str | None = None) -> Path:
+        work = tmp_path / (name or f"repo{next(counter)}")
+        work.mkdir()
+        git(work, "init", "-q", "-b", "main")
+        for rel, text in (files or {"README.md": "# demo\n"}).items():
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            (work / rel).write_text(text)
+        git(work, "add", "-A")
+        git(work, "commit", "-q", "-m", "initial commit")
+        if not bare:
+            return work
+        bare_path = tmp_path / f"{work.name}.git"
+        git(tmp_path, "clone", "-q", "--bare", str(work), str(bare_path))
+        return bare_path
+
+    return make

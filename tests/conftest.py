@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+from mcp import Client
 
 GIT_ENV = {"GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "Test",
            "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "Test",
@@ -42,3 +46,33 @@ def make_repo(tmp_path: Path) -> Callable[..., Path]:
         return bare_path
 
     return make
+
+
+@asynccontextmanager
+async def held_client(target: Any) -> AsyncIterator[Client]:
+    """An `mcp.Client` entered and exited in a task of its own.
+
+    pytest-asyncio runs a fixture's setup and teardown in different tasks, and anyio's cancel scopes inside the
+    client must be left in the task that entered them.
+    """
+    ready: asyncio.Future[Client] = asyncio.get_running_loop().create_future()
+    done = asyncio.Event()
+
+    async def hold() -> None:
+        try:
+            async with Client(target) as client:
+                ready.set_result(client)
+                await done.wait()
+        except BaseException as exc:
+            if not ready.done():
+                ready.set_exception(exc)
+            raise
+
+    task = asyncio.create_task(hold())
+    try:
+        async with asyncio.timeout(30):
+            yield await ready
+    finally:
+        done.set()
+        async with asyncio.timeout(30):
+            await task

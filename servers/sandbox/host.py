@@ -80,6 +80,19 @@ async def _capture(stream: asyncio.StreamReader, cap: int) -> Captured:
     return Captured(text + tail.decode("utf-8", "replace"), dropped > 0)
 
 
+async def _exited(pid: int) -> None:
+    """Wait for the process itself to exit; `Process.wait()` would also wait for every holder of its pipes."""
+    loop = asyncio.get_running_loop()
+    fd = os.pidfd_open(pid)
+    done = loop.create_future()
+    loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
 class HostSandbox:
     """Shared behaviour of backends that keep the repository in a host directory."""
 
@@ -117,7 +130,7 @@ class HostSandbox:
         timed_out = False
         try:
             try:
-                await asyncio.wait_for(proc.wait(), timeout_s)
+                await asyncio.wait_for(_exited(proc.pid), timeout_s)
             except TimeoutError:
                 timed_out = True
         finally:

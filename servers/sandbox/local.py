@@ -30,7 +30,7 @@ class BwrapSandbox(HostSandbox):
         return WORKDIR
 
     @staticmethod
-    def check() -> None:
+    def check(allow_unsafe: bool) -> None:
         if shutil.which("bwrap") is None:
             raise BackendUnavailable(
                 "bubblewrap is not installed: apt-get install bubblewrap, or set SANDBOX_BACKEND=process "

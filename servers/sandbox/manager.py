@@ -32,6 +32,7 @@ class Settings:
 
     backend: str = "local"
     root: Path = Path(tempfile.gettempdir()) / "tiny-backspace-sandboxes"
+    allow_unsafe: bool = False
     idle_ttl_s: float = 1800
     max_sandboxes: int = 32
     limits: Limits = field(default_factory=Limits)
@@ -44,6 +45,7 @@ class Settings:
             raise BackendUnavailable(f"SANDBOX_BACKEND={backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
         return cls(
             backend=backend,
+            allow_unsafe=env.get("SANDBOX_ALLOW_UNSAFE") == "1",
             root=Path(env.get("SANDBOX_ROOT") or cls.root),
             idle_ttl_s=float(env.get("SANDBOX_IDLE_TTL_S", cls.idle_ttl_s)),
             max_sandboxes=int(env.get("SANDBOX_MAX", cls.max_sandboxes)),
@@ -56,6 +58,19 @@ def _sandbox_owner() -> tuple[int, int] | None:
         return None
     uid = int(os.environ.get("SANDBOX_UID", "65534"))
     return uid, uid
+
+
+def _check_reachable(root: Path, owner: tuple[int, int] | None) -> None:
+    """Refuse a sandbox root whose ancestors the sandbox user cannot traverse: bubblewrap could not bind it."""
+    if owner is None:
+        return
+    for parent in [root, *root.parents]:
+        st = parent.stat()
+        if not st.st_mode & 0o001 and st.st_uid != owner[0]:
+            raise BackendUnavailable(
+                f"sandboxes run as uid {owner[0]}, which cannot enter {parent}: set SANDBOX_ROOT to a directory "
+                f"every user can traverse (like /tmp/tiny-backspace-sandboxes), or chmod o+x {parent}"
+            )
 
 
 def _chown_tree(top: Path, owner: tuple[int, int]) -> None:
@@ -75,18 +90,19 @@ class SandboxManager:
         self._reaper: asyncio.Task | None = None
 
     async def create(self, repo_url: str, ref: str | None) -> SandboxInfo:
-        self.backend_cls.check()
+        self.backend_cls.check(self.settings.allow_unsafe)
         if len(self._sandboxes) >= self.settings.max_sandboxes:
             raise SandboxError(f"this server already holds {self.settings.max_sandboxes} sandboxes; "
                                "destroy one you no longer need")
         self.settings.root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        owner = _sandbox_owner()
+        _check_reachable(self.settings.root, owner)
         sandbox_id = "sbx_" + secrets.token_urlsafe(18)
         home = Path(tempfile.mkdtemp(prefix="sbx-", dir=self.settings.root))
         try:
             os.chmod(home, 0o711)
             repo = home / "repo"
             cloned = await clone(repo_url, ref, repo)
-            owner = _sandbox_owner()
             (home / "tmp").mkdir()
             if owner:
                 await asyncio.to_thread(_chown_tree, repo, owner)

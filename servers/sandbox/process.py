@@ -6,7 +6,6 @@ the clean environment still apply; the network, the host's files and a detached 
 
 from __future__ import annotations
 
-import os
 import shutil
 
 from .base import BackendUnavailable
@@ -17,8 +16,8 @@ class ProcessSandbox(HostSandbox):
     backend = "process"
 
     @staticmethod
-    def check() -> None:
-        if os.environ.get("SANDBOX_ALLOW_UNSAFE") != "1":
+    def check(allow_unsafe: bool) -> None:
+        if not allow_unsafe:
             raise BackendUnavailable(
                 "the process backend runs commands without isolation and is refused unless SANDBOX_ALLOW_UNSAFE=1; "
                 "install bubblewrap (apt-get install bubblewrap) and use SANDBOX_BACKEND=local instead"

@@ -1,0 +1,100 @@
+"""Connections to the sandbox server: in process for each backend, and over real stdio and streamable HTTP."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from mcp import Client, StdioServerParameters
+
+from servers.sandbox.manager import Settings
+from servers.sandbox.server import build_server
+from tests.conftest import held_client
+
+ROOT = Path(__file__).resolve().parents[3]
+# Planted in every server's environment; no sandbox may ever see them.
+SECRETS = {"GITHUB_TOKEN": "ghp_" + "S3cr3tT0k3nFromTheServerEnv000000000", "ANTHROPIC_API_KEY": "sk-ant-api03-" + "x" * 40}
+CONNECTIONS = ["local", "process", "stdio", "http"]
+
+
+def server_env(**extra: str) -> dict[str, str]:
+    return {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), **SECRETS, **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def sandbox_root() -> Iterator[Path]:
+    """A sandbox root the unprivileged sandbox user can reach (pytest's own tmp_path is private to root)."""
+    root = Path(tempfile.mkdtemp(prefix="tb-test-sandboxes-"))
+    root.chmod(0o711)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def http_server_url() -> Iterator[str]:
+    """One sandbox server over streamable HTTP for the whole session, as a real subprocess."""
+    port = free_port()
+    root = Path(tempfile.mkdtemp(prefix="tb-test-http-sandboxes-"))
+    root.chmod(0o711)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "servers.sandbox", "--transport", "http", "--port", str(port)],
+        cwd=ROOT, env=server_env(SANDBOX_ROOT=str(root)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/mcp"
+    try:
+        with httpx.Client() as http:
+            for _ in range(300):  # bounded: ~30 s at most
+                try:
+                    http.get(url.removesuffix("/mcp") + "/", timeout=0.1)
+                    break
+                except httpx.TransportError:
+                    if proc.poll() is not None:
+                        raise RuntimeError("the HTTP sandbox server exited at start-up")
+                    proc_wait(proc, 0.1)
+            else:
+                raise RuntimeError("the HTTP sandbox server did not start within 30 s")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def proc_wait(proc: subprocess.Popen, seconds: float) -> None:
+    try:
+        proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+@pytest.fixture(params=CONNECTIONS)
+async def sandbox_client(request: pytest.FixtureRequest, sandbox_root: Path, monkeypatch: pytest.MonkeyPatch
+                         ) -> AsyncIterator[Client]:
+    """An MCP client connected to a sandbox server; `client.connection` names how."""
+    kind = request.param
+    for key, value in SECRETS.items():
+        monkeypatch.setenv(key, value)
+    if kind in ("local", "process"):
+        server = build_server(Settings(backend=kind, allow_unsafe=True, root=sandbox_root))
+        target = server
+    elif kind == "stdio":
+        target = StdioServerParameters(command=sys.executable, args=["-m", "servers.sandbox"], cwd=str(ROOT),
+                                       env=server_env(SANDBOX_ROOT=str(sandbox_root)))
+    else:
+        target = request.getfixturevalue("http_server_url")
+    async with held_client(target) as client:
+        client.connection = kind  # type: ignore[attr-defined]
+        yield client

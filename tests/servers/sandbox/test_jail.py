@@ -1,0 +1,195 @@
+"""What a prompt-injected agent might try inside a sandbox, and the boundary that stops each attempt."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+from mcp import StdioServerParameters
+
+from servers.sandbox.manager import SandboxManager, Settings
+from servers.sandbox.server import build_server
+from tests.conftest import git, held_client
+
+from .conftest import ROOT, SECRETS, server_env
+from .helpers import call, call_error, sandbox, sh
+
+REPO = {"README.md": "# demo\n", "app.py": "print('hi')\n"}
+
+
+@pytest.fixture(params=["local", "process"])
+async def client(request, sandbox_root, monkeypatch):
+    for key, value in SECRETS.items():
+        monkeypatch.setenv(key, value)
+    server = build_server(Settings(backend=request.param, allow_unsafe=True, root=sandbox_root))
+    async with held_client(server) as c:
+        yield c
+
+
+@pytest.fixture
+async def jailed(sandbox_root, monkeypatch):
+    """A client of the bubblewrap backend only: the guarantees that need a jail."""
+    for key, value in SECRETS.items():
+        monkeypatch.setenv(key, value)
+    async with held_client(build_server(Settings(backend="local", root=sandbox_root))) as c:
+        yield c
+
+
+def host_processes(marker: str) -> list[str]:
+    """Command lines of host processes that contain `marker`."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if marker in cmdline and "pgrep" not in cmdline:
+                found.append(cmdline)
+    return found
+
+
+async def gone(marker: str, within: float = 10) -> bool:
+    """True once no host process carries `marker`, polling for at most `within` seconds."""
+    with anyio.move_on_after(within):
+        while host_processes(marker):
+            await asyncio.sleep(0.05)
+        return True
+    return False
+
+
+async def test_secrets_of_the_server_are_invisible_in_the_sandbox(client, make_repo):
+    sid = await sandbox(client, make_repo(REPO))
+    out = await sh(client, sid, "env; cat /proc/*/environ 2>/dev/null | tr '\\0' '\\n'; cat /proc/1/environ; true")
+    seen = out["stdout"] + out["stderr"]
+    for name, value in SECRETS.items():
+        assert value not in seen and name not in seen
+
+
+async def test_the_network_is_unreachable_even_on_loopback(jailed, make_repo):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    try:
+        sid = await sandbox(jailed, make_repo(REPO))
+        out = await sh(jailed, sid, f"echo hi > /dev/tcp/127.0.0.1/{port} && echo CONNECTED; "
+                                    "getent hosts github.com || echo NO-DNS; awk -F: 'NR>2{print $1}' /proc/net/dev", timeout_s=20)
+        assert "CONNECTED" not in out["stdout"] and "NO-DNS" in out["stdout"]
+        assert out["stdout"].split("NO-DNS")[1].split() == ["lo"]
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    finally:
+        listener.close()
+
+
+async def test_a_fork_bomb_is_contained_and_the_server_keeps_answering(client, make_repo):
+    sid = await sandbox(client, make_repo(REPO))
+    with anyio.fail_after(60):
+        out = await sh(client, sid, "bomb() { bomb | bomb & }; bomb; sleep 3; echo survived", timeout_s=10)
+    assert out["exit_code"] != 0 or out["timed_out"] or "survived" in out["stdout"]
+    assert (await sh(client, sid, "echo still here"))["stdout"] == "still here\n"
+
+
+async def test_a_sleep_past_its_timeout_leaves_no_process(client, make_repo):
+    sid = await sandbox(client, make_repo(REPO))
+    with anyio.fail_after(20):
+        out = await sh(client, sid, "sleep 424242", timeout_s=1)
+    assert out["timed_out"]
+    assert await gone("424242")
+
+
+async def test_background_processes_die_with_their_command_and_their_sandbox(client, make_repo):
+    sid = await sandbox(client, make_repo(REPO))
+    await sh(client, sid, "(sleep 515151 &) ; nohup sleep 515151 >/dev/null 2>&1 & echo started")
+    assert await gone("515151")
+    running = asyncio.create_task(call(client, "exec", sandbox_id=sid, command="sleep 626262", timeout_s=300))
+    with anyio.fail_after(10):
+        while not host_processes("626262"):
+            await asyncio.sleep(0.05)
+    await call(client, "destroy_sandbox", sandbox_id=sid)
+    with anyio.fail_after(15):
+        result = await running
+    assert result["exit_code"] != 0
+    assert await gone("626262")
+
+
+async def test_two_sandboxes_do_not_see_each_other(jailed, make_repo):
+    repo = make_repo(REPO)
+    a, b = await sandbox(jailed, repo), await sandbox(jailed, repo)
+    await call(jailed, "write_file", sandbox_id=a, path="only-in-a.txt", content="marker-7c1f\n")
+    out = await sh(jailed, b, "ls /workspace; find / -name 'only-in-a.txt' -not -path '/proc/*' 2>/dev/null; "
+                              "grep -rls marker-7c1f / --exclude-dir=proc --exclude-dir=usr --exclude-dir=etc; true")
+    assert "only-in-a" not in out["stdout"]
+
+
+async def test_the_host_outside_usr_and_etc_is_not_in_the_jail(jailed, make_repo, tmp_path):
+    (tmp_path / "host-file").write_text("host data")
+    sid = await sandbox(jailed, make_repo(REPO))
+    out = await sh(jailed, sid, f"cat {tmp_path}/host-file; ls /root; id -u; cat /etc/shadow; touch /usr/x; true")
+    assert "host data" not in out["stdout"]
+    assert out["stdout"].strip() == "1000"
+    assert "Permission denied" in out["stderr"] and "Read-only file system" in out["stderr"]
+
+
+async def test_the_source_repository_is_untouched_by_anything_done_in_the_sandbox(client, make_repo):
+    repo = make_repo(REPO)
+    (repo / "dirty.txt").write_text("uncommitted work\n")
+    head, status = git(repo, "rev-parse", "HEAD"), git(repo, "status", "--porcelain")
+    sid = await sandbox(client, repo)
+    await call(client, "write_file", sandbox_id=sid, path="app.py", content="print('changed')\n")
+    await sh(client, sid, "git -c user.name=a -c user.email=a@b commit -qam change; "
+                          "git push -q origin HEAD:main; git push -q origin HEAD:refs/heads/evil; "
+                          f"echo overwritten > {repo}/README.md; rm -rf {repo}/.git; true")
+    await call(client, "destroy_sandbox", sandbox_id=sid)
+    assert git(repo, "rev-parse", "HEAD") == head
+    assert git(repo, "status", "--porcelain") == status
+    assert git(repo, "branch", "--list") == "* main"
+    assert (repo / "README.md").read_text() == "# demo\n"
+
+
+async def test_sandboxes_are_destroyed_when_the_stdio_server_exits(sandbox_root, make_repo):
+    params = StdioServerParameters(command=sys.executable, args=["-m", "servers.sandbox"],
+                                   cwd=str(ROOT), env=server_env(SANDBOX_ROOT=str(sandbox_root)))
+    async with held_client(params) as c:
+        await sandbox(c, make_repo(REPO))
+        assert len(list(sandbox_root.iterdir())) == 1
+    assert list(sandbox_root.iterdir()) == []
+
+
+async def test_idle_sandboxes_are_reaped(sandbox_root, make_repo):
+    manager = SandboxManager(Settings(root=sandbox_root, idle_ttl_s=0))
+    info = await manager.create(str(make_repo(REPO)), None)
+    assert await manager.reap_idle() == [info.sandbox_id]
+    assert list(sandbox_root.iterdir()) == []
+    with pytest.raises(Exception, match="create_sandbox"):
+        manager.get(info.sandbox_id)
+
+
+async def test_missing_bubblewrap_and_the_unsafe_backend_are_refused_clearly(sandbox_root, make_repo, monkeypatch,
+                                                                             tmp_path):
+    repo = make_repo(REPO)
+    async with held_client(build_server(Settings(backend="process", root=sandbox_root))) as c:
+        msg = await call_error(c, "create_sandbox", repo_url=str(repo))
+        assert "SANDBOX_ALLOW_UNSAFE=1" in msg and "bubblewrap" in msg
+    monkeypatch.setenv("PATH", str(tmp_path))
+    async with held_client(build_server(Settings(backend="local", root=sandbox_root))) as c:
+        assert "apt-get install bubblewrap" in await call_error(c, "create_sandbox", repo_url=str(repo))
+
+
+def test_an_unknown_backend_name_is_refused_at_start_up():
+    with pytest.raises(Exception, match="SANDBOX_BACKEND='docker' is unknown"):
+        Settings.from_env({"SANDBOX_BACKEND": "docker"})
+
+
+def test_the_server_module_starts_and_lists_its_help():
+    out = subprocess.run([sys.executable, "-m", "servers.sandbox", "--help"], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert out.returncode == 0 and "--transport" in out.stdout

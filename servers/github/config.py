@@ -1,0 +1,91 @@
+"""Configuration read once from GITHUB_* variables, and the masking that keeps secrets out of output."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+from .forge import check_branch_name
+
+# Token shapes GitHub issues (classic, OAuth, user-to-server, installation, refresh, fine-grained).
+_TOKEN_PATTERN = re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})")
+
+
+class Secret:
+    """A value that never prints: `repr`, `str` and f-strings show a mask."""
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret itself, for the one call that needs it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Read once from GITHUB_* environment variables."""
+
+    token: Secret | None = None
+    api_url: str = "https://api.github.com"
+    branch_prefix: str = "tb/"
+    app_id: str | None = None
+    app_private_key: Secret | None = None
+    write_interval_s: float = 1.0
+    max_rate_limit_wait_s: float = 0.0
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ) if env is None else env
+        key = env.get("GITHUB_APP_PRIVATE_KEY") or None
+        if key and not key.lstrip().startswith("-----BEGIN") and os.path.isfile(key):
+            with open(key, encoding="ascii") as fh:
+                key = fh.read()
+        prefix = env.get("GITHUB_BRANCH_PREFIX", cls.branch_prefix)
+        if prefix:
+            check_branch_name(prefix.rstrip("/") or "x")
+        return cls(
+            token=Secret(env["GITHUB_TOKEN"]) if env.get("GITHUB_TOKEN") else None,
+            api_url=(env.get("GITHUB_API_URL") or cls.api_url).rstrip("/"),
+            branch_prefix=prefix,
+            app_id=env.get("GITHUB_APP_ID") or None,
+            app_private_key=Secret(key) if key else None,
+            write_interval_s=float(env.get("GITHUB_WRITE_INTERVAL_S", cls.write_interval_s)),
+            max_rate_limit_wait_s=float(env.get("GITHUB_MAX_RATE_LIMIT_WAIT_S", cls.max_rate_limit_wait_s)),
+        )
+
+    def secrets(self) -> list[str]:
+        """Every secret value these settings hold, for redaction."""
+        return [s.reveal() for s in (self.token, self.app_private_key) if s is not None]
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """`text` with every known secret and every token-shaped string masked."""
+    for value in secrets:
+        if value:
+            text = text.replace(value, "[redacted]")
+    return _TOKEN_PATTERN.sub("[redacted]", text)
+
+
+class RedactingFilter(logging.Filter):
+    """Masks secrets and token-shaped strings in every record a handler emits."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        record.msg, record.args = redact(text, self.secrets), None
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text, self.secrets)
+        return True

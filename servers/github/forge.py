@@ -1,0 +1,220 @@
+"""The `Forge` protocol, the types both forges share, and the checks every write passes first.
+
+Errors:
+    ForgeError              the caller can fix it (bad branch, moved branch, unknown repository); becomes `isError`
+    └── ForgeUnavailable    the operator must fix it (GITHUB_TOKEN missing or rejected)
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import posixpath
+import re
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, Field
+
+MAX_FILE_BYTES = 10 * 1024 * 1024
+MAX_TOTAL_BYTES = 50 * 1024 * 1024
+MAX_ENTRIES = 2000
+MAX_MESSAGE_CHARS = 65_536
+_SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+
+
+class ForgeError(Exception):
+    """A failure the caller can act on; its message says what to do instead."""
+
+
+class ForgeUnavailable(ForgeError):
+    """The forge cannot be used as configured; the operator must fix the environment."""
+
+
+class ChangedFile(BaseModel):
+    path: str = Field(max_length=4096)
+    mode: Literal["100644", "100755", "120000"]
+    content_base64: str
+
+
+class Changeset(BaseModel):
+    """What the sandbox's export_changes returns: full new contents of changed files, and deleted paths."""
+
+    base_commit: str = Field(description="The commit the changes were made on.")
+    files: list[ChangedFile] = Field(default_factory=list)
+    deleted: list[str] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DecodedChanges:
+    base_commit: str
+    files: list[tuple[str, str, bytes]]
+    deleted: list[str]
+
+
+class RepositoryInfo(BaseModel):
+    repo: str = Field(description="The repository as the forge names it: owner/name or an absolute path.")
+    forge: Literal["github", "local"]
+    default_branch: str
+    can_push: bool = Field(description="False when branches and commits go to a fork of the repository instead.")
+    clone_url: str
+    branch_prefix: str = Field(description="Branches this server writes must start with this prefix.")
+
+
+class BranchRef(BaseModel):
+    ref: str = Field(description="The full ref name, e.g. refs/heads/tb/fix-typo.")
+    sha: str
+    repo: str = Field(description="Where the branch lives: the repository itself, or the fork it was pushed to.")
+    created: bool = Field(description="False when the branch already pointed at this commit.")
+
+
+class CommitResult(BaseModel):
+    sha: str
+    branch: str
+    parent: str
+    files_written: int
+    files_deleted: int
+
+
+class PullRequest(BaseModel):
+    number: int
+    url: str
+    head: str
+    base: str
+    title: str
+    body: str
+    draft: bool
+    state: str
+    created_at: str
+    existing: bool = Field(False, description="True when an open pull request for this head was returned instead "
+                                              "of opening a duplicate.")
+
+
+class Issue(BaseModel):
+    number: int
+    title: str
+    body: str
+    state: str
+    url: str
+    labels: list[str]
+    author: str | None
+
+
+class Forge(Protocol):
+    """One repository on one forge: read it, write branches within the prefix, open pull requests."""
+
+    async def get_repository(self) -> RepositoryInfo: ...
+    async def create_branch(self, branch: str, from_sha: str) -> BranchRef: ...
+    async def commit_changes(self, branch: str, message: str, changes: Changeset) -> CommitResult: ...
+    async def open_pull_request(self, head: str, base: str | None, title: str, body: str,
+                                draft: bool) -> PullRequest: ...
+    async def get_issue(self, number: int) -> Issue: ...
+    async def list_pull_requests(self, head: str | None) -> list[PullRequest]: ...
+
+
+def check_branch_name(name: str) -> None:
+    """Refuse a branch name git would refuse (the rules of `git check-ref-format --branch`)."""
+    problem = _branch_name_problem(name)
+    if problem:
+        raise ForgeError(f"branch name {name!r} is not valid: {problem}; use something like 'tb/fix-login-typo'")
+
+
+def _branch_name_problem(name: str) -> str | None:
+    if not name or len(name) > 250:
+        return "it must be 1 to 250 characters long"
+    if name.startswith("-") or name == "@" or name == "HEAD":
+        return "it cannot be '@', 'HEAD' or start with '-'"
+    if name.startswith("refs/"):
+        return "give the short name, without 'refs/'"
+    if "@{" in name or ".." in name or "//" in name:
+        return "it cannot contain '@{', '..' or '//'"
+    if name.startswith("/") or name.endswith("/") or name.endswith("."):
+        return "it cannot start or end with '/' or end with '.'"
+    if bad := sorted({c for c in name if ord(c) < 0x21 or ord(c) == 0x7F or c in "~^:?*[\\"}):
+        return f"it cannot contain {''.join(bad)!r} (spaces, control characters and ~^:?*[\\ are refused)"
+    for part in name.split("/"):
+        if part.startswith("."):
+            return "no part between slashes may start with '.'"
+        if part.endswith(".lock"):
+            return "no part between slashes may end with '.lock'"
+    return None
+
+
+def check_writable_branch(branch: str, prefix: str, *protected: str) -> None:
+    """Refuse to write `branch` unless it is a valid name inside `prefix` and none of the `protected` branches."""
+    check_branch_name(branch)
+    if branch in protected:
+        raise ForgeError(f"refusing to write to {branch!r}, the default or checked-out branch; "
+                         f"create a branch such as '{prefix}my-change' instead")
+    if not branch.startswith(prefix) or branch == prefix:
+        raise ForgeError(f"refusing to write to {branch!r}: this server only writes branches that start with "
+                         f"{prefix!r}, e.g. '{prefix}my-change'")
+
+
+def check_sha(sha: str, what: str = "from_sha") -> str:
+    """A full lowercase commit id, or a `ForgeError` asking for one."""
+    clean = sha.strip().lower()
+    if not _SHA.match(clean):
+        raise ForgeError(f"{what} {sha[:80]!r} is not a full commit sha (40 hexadecimal characters)")
+    return clean
+
+
+def check_message(message: str) -> str:
+    """A commit message that is not blank and not huge."""
+    if not message.strip():
+        raise ForgeError("the commit message is empty; say what the change does")
+    if len(message) > MAX_MESSAGE_CHARS or "\x00" in message:
+        raise ForgeError(f"the commit message must be under {MAX_MESSAGE_CHARS} characters with no NUL byte")
+    return message
+
+
+def check_path(path: str) -> str:
+    """A repository-relative file path git can store, outside `.git`."""
+    if not path or "\x00" in path or len(path) > 4096:
+        raise ForgeError(f"path {path[:200]!r} is empty, too long or holds a NUL byte")
+    if path.startswith("/"):
+        raise ForgeError(f"path {path!r} is absolute; paths are relative to the repository root")
+    parts = path.split("/")
+    if path != posixpath.normpath(path) or any(p in ("", ".", "..") for p in parts):
+        raise ForgeError(f"path {path!r} is not a clean relative path inside the repository")
+    # Git refuses `.git` in any case and at any depth; so do we.
+    if any(p.lower() == ".git" for p in parts):
+        raise ForgeError(f"path {path!r} is inside .git; the repository's own metadata cannot be changed")
+    return path
+
+
+def decode_changeset(changes: Changeset) -> DecodedChanges:
+    """The changeset with contents decoded, or a `ForgeError` naming the first thing wrong with it."""
+    base = check_sha(changes.base_commit, "base_commit")
+    if not changes.files and not changes.deleted:
+        raise ForgeError("the changeset is empty: there is nothing to commit")
+    if len(changes.files) + len(changes.deleted) > MAX_ENTRIES:
+        raise ForgeError(f"the changeset has more than {MAX_ENTRIES} entries; split the change")
+    seen: set[str] = set()
+    files: list[tuple[str, str, bytes]] = []
+    total = 0
+    for item in changes.files:
+        path = check_path(item.path)
+        if path in seen:
+            raise ForgeError(f"path {path!r} appears twice in the changeset")
+        seen.add(path)
+        if len(item.content_base64) > MAX_FILE_BYTES * 4 // 3 + 4:
+            raise ForgeError(f"{path!r} is larger than {MAX_FILE_BYTES} bytes")
+        try:
+            content = base64.b64decode(item.content_base64, validate=True)
+        except (binascii.Error, ValueError):
+            raise ForgeError(f"content_base64 of {path!r} is not valid base64") from None
+        if item.mode == "120000" and (not content or b"\x00" in content):
+            raise ForgeError(f"symbolic link {path!r} needs a target: non-empty, with no NUL byte")
+        total += len(content)
+        if total > MAX_TOTAL_BYTES:
+            raise ForgeError(f"the changeset holds more than {MAX_TOTAL_BYTES} bytes; split the change")
+        files.append((path, item.mode, content))
+    deleted = []
+    for raw in changes.deleted:
+        path = check_path(raw)
+        if path in seen:
+            raise ForgeError(f"path {path!r} is both written and deleted in the changeset")
+        seen.add(path)
+        deleted.append(path)
+    return DecodedChanges(base_commit=base, files=files, deleted=deleted)

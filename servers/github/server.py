@@ -1,0 +1,143 @@
+"""The github server's MCP face: one tool per operation of the contract, each a thin call into the `Forge` that
+the form of `repo` picks (a local path or file:// URL, or a GitHub repository)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Annotated, ParamSpec, TypeVar
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types import ToolAnnotations
+from pydantic import BaseModel, Field
+
+from .config import Settings, redact
+from .forge import BranchRef, Changeset, CommitResult, Forge, ForgeError, Issue, PullRequest, RepositoryInfo
+from .local import LocalForge, local_path
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+Repo = Annotated[str, Field(description="owner/name, https://github.com/owner/name, or an absolute path or "
+                                        "file:// URL of a local git repository.", min_length=1, max_length=2048)]
+Branch = Annotated[str, Field(description="A branch name without refs/heads/, e.g. 'tb/fix-login-typo'.",
+                              min_length=1, max_length=250)]
+
+READS = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=True)
+WRITES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=True)
+
+
+class PullRequestList(BaseModel):
+    pull_requests: list[PullRequest]
+
+
+def build_server(settings: Settings | None = None) -> MCPServer:
+    """The github MCP server, configured by `settings` (read from the environment by default)."""
+    settings = settings or Settings.from_env()
+    clients = None
+
+    def forge_for(repo: str) -> Forge:
+        nonlocal clients
+        path = local_path(repo.strip())
+        if path is not None:
+            return LocalForge(path, settings.branch_prefix)
+        # PyGithub loads only when a GitHub repository is asked for.
+        from .clients import Clients, github_name
+        from .remote import GitHubForge
+
+        full_name = github_name(repo, settings.api_url)
+        if full_name is None:
+            raise ForgeError("repo must be owner/name, https://github.com/owner/name, an absolute path or a "
+                             "file:// URL")
+        clients = clients or Clients(settings)
+        return GitHubForge(full_name, clients)
+
+    def tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        """Turn failures the caller can act on into `isError` results, with every secret masked."""
+
+        @functools.wraps(fn)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return await fn(*args, **kwargs)
+            except ForgeError as exc:
+                raise ToolError(redact(str(exc), settings.secrets())) from None
+            except OSError as exc:
+                raise ToolError(redact(f"{fn.__name__} failed: {exc.strerror or exc}", settings.secrets())) from None
+
+        return wrapper
+
+    mcp = MCPServer(
+        "github",
+        instructions=(
+            "Branches, commits and pull requests on GitHub or a local git repository. Publish a change with "
+            f"create_branch (names start with {settings.branch_prefix!r}), commit_changes with the changeset the "
+            "sandbox exported, then open_pull_request. The default branch is never written."
+        ),
+    )
+
+    @mcp.tool(annotations=READS)
+    @tool_errors
+    async def get_repository(repo: Repo) -> RepositoryInfo:
+        """Describe a repository: default branch, whether the token can push, where to clone it."""
+        return await forge_for(repo).get_repository()
+
+    @mcp.tool(annotations=WRITES)
+    @tool_errors
+    async def create_branch(
+        repo: Repo,
+        branch: Branch,
+        from_sha: Annotated[str, Field(description="The full sha of the commit the branch starts at, usually the "
+                                                   "sandbox's base_commit.", min_length=40, max_length=64)],
+    ) -> BranchRef:
+        """Create a branch at a commit; succeeds unchanged when the branch is already there."""
+        return await forge_for(repo).create_branch(branch, from_sha)
+
+    @mcp.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
+                                          open_world_hint=True))
+    @tool_errors
+    async def commit_changes(
+        repo: Repo,
+        branch: Branch,
+        message: Annotated[str, Field(description="The commit message: a short summary line, a blank line, "
+                                                  "then details.", min_length=1, max_length=65_536)],
+        changes: Annotated[Changeset, Field(description="The changeset from the sandbox's export_changes.")],
+    ) -> CommitResult:
+        """Commit a changeset on a branch that is still at the changeset's base commit."""
+        return await forge_for(repo).commit_changes(branch, message, changes)
+
+    @mcp.tool(annotations=WRITES)
+    @tool_errors
+    async def open_pull_request(
+        repo: Repo,
+        head: Branch,
+        title: Annotated[str, Field(description="The pull request title.", min_length=1, max_length=256)],
+        body: Annotated[str, Field(description="The pull request description, in Markdown.",
+                                   max_length=65_536)] = "",
+        base: Annotated[str | None, Field(description="The branch to merge into; the default branch if omitted.",
+                                          max_length=250)] = None,
+        draft: Annotated[bool, Field(description="Open it as a draft.")] = False,
+    ) -> PullRequest:
+        """Open a pull request from a branch, or return the open one the branch already has."""
+        return await forge_for(repo).open_pull_request(head, base, title, body, draft)
+
+    @mcp.tool(annotations=READS)
+    @tool_errors
+    async def get_issue(
+        repo: Repo,
+        number: Annotated[int, Field(description="The issue number.", ge=1)],
+    ) -> Issue:
+        """Read an issue: title, body, state and labels."""
+        return await forge_for(repo).get_issue(number)
+
+    @mcp.tool(annotations=READS)
+    @tool_errors
+    async def list_pull_requests(
+        repo: Repo,
+        head: Annotated[str | None, Field(description="Only pull requests from this branch (or owner:branch).",
+                                          max_length=300)] = None,
+    ) -> PullRequestList:
+        """List the open pull requests, optionally only those from one branch."""
+        return PullRequestList(pull_requests=await forge_for(repo).list_pull_requests(head))
+
+    return mcp

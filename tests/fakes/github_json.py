@@ -1,0 +1,68 @@
+"""The shapes of GitHub's REST resources (repository, git reference, git commit, error), as the docs give them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from .git_objects import ObjectStore
+
+DOCS = "https://docs.github.com/rest"
+
+
+@dataclass
+class FakeRepo:
+    owner: str
+    name: str
+    store: ObjectStore
+    default_branch: str = "main"
+    pushers: set[str] = field(default_factory=set)
+    refs: dict[str, str] = field(default_factory=dict)
+    parent: FakeRepo | None = None
+    issues: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.owner}/{self.name}"
+
+
+def error(status: int, message: str, doc: str = "", **extra: Any) -> web.Response:
+    """An error body shaped as GitHub sends them."""
+    return web.json_response({"message": message, "documentation_url": f"{DOCS}{doc}", "status": str(status)}
+                             | extra, status=status)
+
+
+def repo_json(base_url: str, repo: FakeRepo, login: str) -> dict[str, Any]:
+    """GET /repos/{owner}/{repo}, with `permissions` as `login` holds them."""
+    url = f"{base_url}/repos/{repo.full_name}"
+    push = login in repo.pushers
+    data = {"id": hash(repo.full_name) % 10**8, "node_id": "R_1", "name": repo.name, "full_name": repo.full_name,
+            "owner": {"login": repo.owner, "id": 1, "type": "User"}, "private": False,
+            "html_url": f"https://github.com/{repo.full_name}", "url": url,
+            "clone_url": f"https://github.com/{repo.full_name}.git", "default_branch": repo.default_branch,
+            "fork": repo.parent is not None,
+            "permissions": {"admin": push, "maintain": push, "push": push, "triage": push, "pull": True}}
+    if repo.parent:
+        data["parent"] = repo_json(base_url, repo.parent, login)
+    return data
+
+
+def ref_json(base_url: str, repo: FakeRepo, branch: str) -> dict[str, Any]:
+    """GET /repos/{owner}/{repo}/git/ref/heads/{branch}."""
+    url = f"{base_url}/repos/{repo.full_name}/git"
+    sha = repo.refs[branch]
+    return {"ref": f"refs/heads/{branch}", "node_id": "REF_1", "url": f"{url}/refs/heads/{branch}",
+            "object": {"type": "commit", "sha": sha, "url": f"{url}/commits/{sha}"}}
+
+
+def commit_json(base_url: str, repo: FakeRepo, sha: str) -> dict[str, Any]:
+    """GET /repos/{owner}/{repo}/git/commits/{sha}."""
+    c = repo.store.commits[sha]
+    url = f"{base_url}/repos/{repo.full_name}/git"
+    person = {"name": c.author, "email": "test@example.com", "date": c.date}
+    return {"sha": sha, "node_id": "C_1", "url": f"{url}/commits/{sha}", "author": person, "committer": person,
+            "message": c.message, "tree": {"sha": c.tree, "url": f"{url}/trees/{c.tree}"},
+            "parents": [{"sha": p, "url": f"{url}/commits/{p}"} for p in c.parents],
+            "verification": {"verified": False, "reason": "unsigned", "signature": None, "payload": None}}

@@ -1,0 +1,83 @@
+"""`python -m orchestrator --host 127.0.0.1 --port 8002 --mcp-config mcp.json`"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import anthropic
+from aiohttp import web
+
+from .app import build_app, is_loopback
+from .config import Settings
+from .mcp_pool import ConfigError, ToolPool, load_config
+from .model import AnthropicModel
+from .redact import RedactingFilter, Redactor
+from .run import Services
+
+log = logging.getLogger("orchestrator")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator", description="The Tiny Backspace service.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8002)
+    parser.add_argument("--mcp-config", type=Path, default=Path("mcp.json"))
+    return parser.parse_args(argv)
+
+
+def setup_logging() -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    handler.addFilter(RedactingFilter(Redactor()))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
+async def serve(args: argparse.Namespace) -> None:
+    settings = Settings.from_env()
+    pool = ToolPool(load_config(args.mcp_config))
+    # Built with the SDK's defaults: ANTHROPIC_API_KEY and ANTHROPIC_BASE_URL work as everywhere else.
+    if os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN"):
+        client = anthropic.AsyncAnthropic()
+    else:
+        log.warning("ANTHROPIC_API_KEY is not set: runs will fail until it is set (or until ANTHROPIC_BASE_URL "
+                    "points at a compatible server that needs no key)")
+        client = anthropic.AsyncAnthropic(api_key="")
+    model = AnthropicModel(client, settings.model, settings.limits.max_output_tokens,
+                           settings.limits.overloaded_retries, settings.limits.overloaded_backoff_s)
+    await pool.start()
+
+    async def close_pool(_: web.Application) -> None:
+        await pool.close()
+
+    app = build_app(Services(settings, pool, model), is_loopback(args.host), on_cleanup=close_pool)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    await web.TCPSite(runner, args.host, args.port).start()
+    log.info("listening on http://%s:%d (model %s, MCP servers: %s)", args.host, args.port, settings.model,
+             ", ".join(pool.connections))
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_logging()
+    try:
+        asyncio.run(serve(args))
+    except ConfigError as exc:
+        sys.exit(f"mcp.json: {exc}")
+
+
+if __name__ == "__main__":
+    main()

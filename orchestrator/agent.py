@@ -1,0 +1,110 @@
+"""The agent loop: one async generator over a `Model` and a `ToolSet`; `messages` is the transcript."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .events import Event, EventLog
+from .model import Model, Retrying, TextDelta, ToolInputDelta, TurnDone, Usage
+from .tools import ToolSet, call_all
+
+EVENT_RESULT_CHARS = 4000  # how much of a tool result the stream shows; the model gets more
+
+
+class LimitReached(Exception):
+    """A bound of the run was hit; `limit` names it."""
+
+    def __init__(self, limit: str, message: str):
+        super().__init__(message)
+        self.limit = limit
+
+
+@dataclass
+class Budget:
+    """What a whole run may spend, shared by its agents."""
+
+    max_tokens: int
+    deadline: float  # time.monotonic() value
+    usage: Usage = field(default_factory=Usage)
+
+    def remaining_s(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def check(self) -> None:
+        if self.remaining_s() <= 0:
+            raise LimitReached("run_seconds", "the run's wall-clock limit was reached (TB_RUN_TIMEOUT_S)")
+        if self.usage.total >= self.max_tokens:
+            raise LimitReached("tokens", f"the run used {self.usage.total} tokens, its limit (TB_MAX_TOKENS)")
+
+
+@dataclass
+class AgentResult:
+    final_text: str = ""
+    turns: int = 0
+    usage: Usage = field(default_factory=Usage)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+
+
+async def run_agent(model: Model, tools: ToolSet, system: str, brief: str, budget: Budget, events: EventLog,
+                    result: AgentResult, *, max_turns: int, agent: str = "agent") -> AsyncIterator[Event]:
+    """Run turns until the model asks for no tool; stream what happens; raise `LimitReached` at a bound."""
+    messages = result.messages
+    messages.append({"role": "user", "content": brief})
+    while True:
+        if result.turns >= max_turns:
+            raise LimitReached("turns", f"{agent} reached its limit of {max_turns} turns (TB_MAX_TURNS)")
+        budget.check()
+        result.turns += 1
+        done: TurnDone | None = None
+        try:
+            async with _deadline(budget):
+                async for ev in model.turn(system, messages, tools.specs()):
+                    if isinstance(ev, TextDelta):
+                        yield events("text", agent=agent, text=ev.text)
+                    elif isinstance(ev, ToolInputDelta):
+                        yield events("tool_call", agent=agent, id=ev.id, name=ev.name, state="streaming",
+                                     partial_input=ev.partial_json)
+                    elif isinstance(ev, Retrying):
+                        yield events("status", agent=agent, stage="retry", attempt=ev.attempt, message=ev.reason)
+                    else:
+                        done = ev
+        except TimeoutError:
+            raise LimitReached("run_seconds", "the run's wall-clock limit was reached during a model call") from None
+        assert done is not None, "the model stream ended without a final message"
+        budget.usage.add(done.usage)
+        result.usage.add(done.usage)
+        # The API refuses empty text blocks in a transcript.
+        content = [b for b in done.content if b["type"] != "text" or b["text"].strip()]
+        calls = [b for b in content if b["type"] == "tool_use"]
+        result.final_text = "\n".join(b["text"] for b in content if b["type"] == "text") or result.final_text
+        if content:
+            messages.append({"role": "assistant", "content": content})
+        if not calls:
+            return
+        for call in calls:
+            yield events("tool_call", agent=agent, id=call["id"], name=call["name"], state="complete",
+                         input=call["input"])
+        try:
+            async with _deadline(budget):
+                outputs = await call_all(tools, calls)
+        except TimeoutError:
+            raise LimitReached("run_seconds", "the run's wall-clock limit was reached during a tool call") from None
+        for call, out in zip(calls, outputs):
+            yield events("tool_result", agent=agent, id=call["id"], name=call["name"], is_error=out.is_error,
+                         content=_preview(out.text))
+        messages.append({"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": call["id"], "content": out.text or "(no output)",
+             "is_error": out.is_error}
+            for call, out in zip(calls, outputs)]})
+
+
+def _preview(text: str) -> str:
+    return text if len(text) <= EVENT_RESULT_CHARS else text[:EVENT_RESULT_CHARS] + " …"
+
+
+def _deadline(budget: Budget) -> asyncio.Timeout:
+    return asyncio.timeout(max(0.0, budget.remaining_s()))

@@ -1,0 +1,91 @@
+"""Settings read once from TB_* environment variables; a bad value fails at start-up with what to set instead."""
+
+from __future__ import annotations
+
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anthropic.types
+
+
+def newest_sonnet() -> str:
+    """The newest Sonnet alias the installed anthropic SDK knows."""
+    names: list[str] = []
+
+    def collect(tp: object) -> None:
+        for arg in typing.get_args(tp):
+            if isinstance(arg, str):
+                names.append(arg)
+            else:
+                collect(arg)
+
+    collect(anthropic.types.Model)
+
+    def version(name: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in name.removeprefix("claude-sonnet-").split("-") if len(p) < 8 and p.isdigit())
+
+    aliases = [n for n in names if re.fullmatch(r"claude-sonnet-\d+(-\d)?", n)]
+    return max(aliases, key=version) if aliases else "claude-sonnet-4-5"
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    """The bounds of one run: each stop names the limit that caused it."""
+
+    max_turns: int = 60
+    max_tokens: int = 3_000_000  # input + output over the whole run
+    run_seconds: float = 1800.0
+    tool_seconds: float = 660.0  # exec may take 600 s by itself
+    max_output_tokens: int = 16_000  # per model call
+    overloaded_retries: int = 3
+    overloaded_backoff_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = field(default_factory=newest_sonnet)
+    limits: RunLimits = field(default_factory=RunLimits)
+    max_prompt_chars: int = 20_000
+    local_roots: tuple[Path, ...] = ()  # local repositories allowed under these, even off loopback
+    ping_seconds: float = 15.0
+    tool_result_chars: int = 30_000  # a longer tool result is cut to its head and tail before the model sees it
+    branch_prefix: str = "tb/"
+
+    @classmethod
+    def from_env(cls, env: typing.Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+
+        def num(name: str, default: float, kind: type = int) -> typing.Any:
+            raw = env.get(name)
+            if raw is None or raw == "":
+                return default
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise SystemExit(f"{name}={raw!r} is not a number") from None
+            if value <= 0:
+                raise SystemExit(f"{name} must be positive")
+            return value
+
+        d = RunLimits()
+        limits = RunLimits(
+            max_turns=num("TB_MAX_TURNS", d.max_turns),
+            max_tokens=num("TB_MAX_TOKENS", d.max_tokens),
+            run_seconds=num("TB_RUN_TIMEOUT_S", d.run_seconds, float),
+            tool_seconds=num("TB_TOOL_TIMEOUT_S", d.tool_seconds, float),
+            max_output_tokens=num("TB_MAX_OUTPUT_TOKENS", d.max_output_tokens),
+            overloaded_retries=num("TB_OVERLOADED_RETRIES", d.overloaded_retries),
+            overloaded_backoff_s=num("TB_OVERLOADED_BACKOFF_S", d.overloaded_backoff_s, float),
+        )
+        roots = tuple(Path(p).resolve() for p in env.get("TB_LOCAL_ROOTS", "").split(":") if p)
+        return cls(
+            model=env.get("TB_MODEL") or newest_sonnet(),
+            limits=limits,
+            max_prompt_chars=num("TB_MAX_PROMPT_CHARS", cls.max_prompt_chars),
+            local_roots=roots,
+            ping_seconds=num("TB_PING_S", cls.ping_seconds, float),
+            branch_prefix=env.get("GITHUB_BRANCH_PREFIX", cls.branch_prefix),
+        )

@@ -1,0 +1,146 @@
+"""The model: one streamed Messages API turn at a time, through the `anthropic` SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anthropic
+
+CACHE = {"type": "ephemeral"}
+# USD per million tokens: input, output, cache read, cache write (5 minutes). Sonnet's list price by default.
+PRICES = {"opus": (5.0, 25.0, 0.5, 6.25), "haiku": (1.0, 5.0, 0.1, 1.25), "sonnet": (3.0, 15.0, 0.3, 3.75)}
+
+
+@dataclass
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+
+    def add(self, other: Usage) -> None:
+        for name in vars(self):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    @property
+    def total(self) -> int:
+        return self.input_tokens + self.output_tokens + self.cache_read_input_tokens + self.cache_creation_input_tokens
+
+    def cost_usd(self, model: str) -> float:
+        price = next((p for family, p in PRICES.items() if family in model), PRICES["sonnet"])
+        counts = (self.input_tokens, self.output_tokens, self.cache_read_input_tokens,
+                  self.cache_creation_input_tokens)
+        return round(sum(c * p for c, p in zip(counts, price)) / 1e6, 6)
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+@dataclass
+class TextDelta:
+    text: str
+
+
+@dataclass
+class ToolInputDelta:
+    index: int
+    id: str
+    name: str
+    partial_json: str
+
+
+@dataclass
+class Retrying:
+    attempt: int
+    reason: str
+
+
+@dataclass
+class TurnDone:
+    content: list[dict[str, Any]]
+    stop_reason: str | None
+    usage: Usage = field(default_factory=Usage)
+
+
+ModelEvent = TextDelta | ToolInputDelta | Retrying | TurnDone
+
+
+class Model(Protocol):
+    name: str
+
+    def turn(self, system: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+             ) -> AsyncIterator[ModelEvent]: ...
+
+
+def with_cache_breakpoints(system: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+                           ) -> tuple[list[dict], list[dict], list[dict]]:
+    """System, messages and tools with three cache breakpoints: tools, system, and the latest message."""
+    system_blocks = [{"type": "text", "text": system, "cache_control": CACHE}]
+    tools = [*tools[:-1], {**tools[-1], "cache_control": CACHE}] if tools else []
+    messages = list(messages)
+    if messages:
+        last = copy.copy(messages[-1])
+        content = last["content"]
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+        blocks[-1] = {**blocks[-1], "cache_control": CACHE}
+        last["content"] = blocks
+        messages[-1] = last
+    return system_blocks, messages, tools
+
+
+def _is_overloaded(exc: anthropic.APIStatusError) -> bool:
+    body = exc.body if isinstance(exc.body, dict) else {}
+    error = body.get("error") if isinstance(body.get("error"), dict) else body
+    return exc.status_code == 529 or (isinstance(error, dict) and error.get("type") == "overloaded_error")
+
+
+class AnthropicModel:
+    """Claude through `AsyncAnthropic.messages.stream`; HTTP errors are retried by the SDK itself."""
+
+    def __init__(self, client: anthropic.AsyncAnthropic, name: str, max_tokens: int, overloaded_retries: int = 3,
+                 backoff_s: float = 2.0):
+        self.client = client
+        self.name = name
+        self.max_tokens = max_tokens
+        self.overloaded_retries = overloaded_retries
+        self.backoff_s = backoff_s
+
+    async def turn(self, system: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+                   ) -> AsyncIterator[ModelEvent]:
+        system_blocks, messages, tools = with_cache_breakpoints(system, messages, tools)
+        for attempt in range(self.overloaded_retries + 1):
+            try:
+                async for event in self._stream(system_blocks, messages, tools):
+                    yield event
+                return
+            except anthropic.APIStatusError as exc:
+                # An overload reported inside a started stream is not retried by the SDK: retry the turn.
+                if not _is_overloaded(exc) or attempt == self.overloaded_retries:
+                    raise
+                yield Retrying(attempt + 1, "the model API is overloaded")
+                await asyncio.sleep(self.backoff_s * 2**attempt)
+
+    async def _stream(self, system: list[dict], messages: list[dict], tools: list[dict]
+                      ) -> AsyncIterator[ModelEvent]:
+        blocks: dict[int, tuple[str, str]] = {}
+        async with self.client.messages.stream(model=self.name, max_tokens=self.max_tokens, system=system,
+                                               messages=messages, tools=tools) as stream:
+            async for event in stream:
+                if event.type == "content_block_start" and event.content_block.type == "tool_use":
+                    blocks[event.index] = (event.content_block.id, event.content_block.name)
+                elif event.type == "content_block_delta":
+                    if event.delta.type == "text_delta" and event.delta.text:
+                        yield TextDelta(event.delta.text)
+                    elif event.delta.type == "input_json_delta" and event.index in blocks:
+                        yield ToolInputDelta(event.index, *blocks[event.index], event.delta.partial_json)
+            final = await stream.get_final_message()
+        u = final.usage
+        usage = Usage(u.input_tokens or 0, u.output_tokens or 0, u.cache_read_input_tokens or 0,
+                      u.cache_creation_input_tokens or 0)
+        content = [b.model_dump(mode="json", exclude_none=True, include={"type", "text", "id", "name", "input"})
+                   for b in final.content if b.type in ("text", "tool_use")]
+        yield TurnDone(content, final.stop_reason, usage)

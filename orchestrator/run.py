@@ -1,0 +1,183 @@
+"""One run, top to bottom: sandbox → agent → publish → pull request, as a stream of events.
+
+Errors:
+    LimitReached        a bound of the run was hit: the work so far is published as a draft
+    ServerUnavailable   an MCP server went away: the run ends with an `error` event
+    anthropic.APIError  the model API failed past its retries: the run ends with an `error` event
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anthropic
+
+from .agent import AgentResult, Budget, LimitReached, run_agent
+from .config import Settings
+from .events import Event, EventLog
+from .mcp_pool import ServerUnavailable, ToolPool
+from .model import Model
+from .prompts import brief, system_prompt
+from .tools import RunTools, result_text
+
+log = logging.getLogger(__name__)
+CLEANUP_SECONDS = 30
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    repo_url: str
+    prompt: str
+
+
+@dataclass
+class Services:
+    """What every run shares: the settings, the MCP tool pool and the model."""
+
+    settings: Settings
+    pool: ToolPool
+    model: Model
+
+
+class RunFailed(Exception):
+    """The run cannot go on; the message is for the user."""
+
+
+def new_run_id() -> str:
+    return "run_" + secrets.token_hex(8)
+
+
+async def execute(request: RunRequest, services: Services, run_id: str | None = None) -> AsyncIterator[Event]:
+    """Stream the events of one run. The sandbox is destroyed on every way out, cancellation included."""
+    settings, pool = services.settings, services.pool
+    limits = settings.limits
+    events = EventLog(run_id or new_run_id())
+    budget = Budget(limits.max_tokens, time.monotonic() + limits.run_seconds)
+    started = time.monotonic()
+    sandbox_id: str | None = None
+    outcome: dict[str, Any] = {"status": "error"}
+    yield events("run", repo=request.repo_url, prompt=request.prompt, model=services.model.name)
+    try:
+        yield events("status", stage="sandbox", message="cloning the repository into a sandbox")
+        info = await _call(pool, "sandbox", "create_sandbox", {"repo_url": request.repo_url}, limits.tool_seconds)
+        sandbox_id = info["sandbox_id"]
+        yield events("sandbox", **info)
+        tools = RunTools(pool, sandbox_id, request.repo_url, info["base_commit"], limits.tool_seconds,
+                         settings.tool_result_chars)
+        result = AgentResult()
+        stopped: LimitReached | None = None
+        yield events("agent", agent="agent", state="start")
+        try:
+            async for event in run_agent(services.model, tools, system_prompt(settings.branch_prefix),
+                                         brief(request.prompt, request.repo_url, info["default_branch"]), budget,
+                                         events, result, max_turns=limits.max_turns):
+                yield event
+        except LimitReached as exc:
+            stopped = exc
+            yield events("error", agent="agent", reason="limit", limit=exc.limit, message=str(exc))
+        yield events("agent", agent="agent", state="end", turns=result.turns, usage=result.usage.as_dict())
+        async for event in _publish(request, tools, result, events, stopped, settings):
+            yield event
+        if tools.pull_request:
+            outcome = {"status": "limit" if stopped else "success", "pull_request_url": tools.pull_request.url}
+        else:
+            outcome = {"status": "limit" if stopped else "no_changes"}
+        if stopped:
+            outcome["limit"] = stopped.limit
+    except (RunFailed, ServerUnavailable) as exc:
+        yield events("error", reason="failed", message=str(exc))
+    except anthropic.APIError as exc:
+        yield events("error", reason="model", message=f"the model API failed: {_api_message(exc)}")
+    except Exception:
+        log.exception("run %s failed", events.run_id)
+        yield events("error", reason="internal", message="the run failed unexpectedly; the server log has details")
+    finally:
+        if sandbox_id:
+            await _destroy(pool, sandbox_id)
+    yield events("usage", **budget.usage.as_dict(), cost_usd=budget.usage.cost_usd(services.model.name))
+    yield events("completion", **outcome, duration_s=round(time.monotonic() - started, 3))
+
+
+async def _publish(request: RunRequest, tools: RunTools, result: AgentResult, events: EventLog,
+                   stopped: LimitReached | None, settings: Settings) -> AsyncIterator[Event]:
+    """Show the diff; open a pull request for changes the model left unpublished (a draft after a limit)."""
+    exported = await _call(tools.pool, "sandbox", "export_changes", {"sandbox_id": tools.sandbox_id},
+                           settings.limits.tool_seconds)
+    changeset, diff = exported["changeset"], exported["diff"]
+    if not changeset["files"] and not changeset["deleted"]:
+        if not tools.pull_request:
+            yield events("status", stage="publish", message="the agent made no changes; nothing to publish")
+        return
+    yield events("diff", diff=diff, files=[f["path"] for f in changeset["files"]], deleted=changeset["deleted"])
+    if tools.pull_request is None:
+        yield events("status", stage="publish", message="opening a pull request for the agent's changes")
+        branch = f"{settings.branch_prefix}{_slug(request.prompt)}-{events.run_id[-6:]}"
+        title = _title(request.prompt)
+        body = _body(request, result, changeset, stopped, events.run_id)
+        repo, timeout = request.repo_url, settings.limits.tool_seconds
+        await _call(tools.pool, "github", "create_branch", {"repo": repo, "branch": branch,
+                                                            "from_sha": tools.base_commit}, timeout)
+        await _call(tools.pool, "github", "commit_changes", {"repo": repo, "branch": branch, "message": title,
+                                                             "changes": changeset}, timeout)
+        pr = await _call(tools.pool, "github", "open_pull_request", {"repo": repo, "head": branch, "title": title,
+                                                                     "body": body, "draft": stopped is not None},
+                         timeout)
+        tools.saw_pull_request(pr, branch)
+    pr = tools.pull_request
+    yield events("pull_request", number=pr.number, url=pr.url, head=pr.head, draft=pr.draft)
+
+
+async def _call(pool: ToolPool, server: str, tool: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """A tool call the run itself makes; a failure ends the run with its message."""
+    try:
+        result = await pool.call(server, tool, args, timeout)
+    except TimeoutError:
+        raise RunFailed(f"{server}.{tool} did not answer within {timeout:g} s") from None
+    if result.is_error:
+        raise RunFailed(f"{server}.{tool} failed: {result_text(result)}")
+    return result.structured_content or {}
+
+
+async def _destroy(pool: ToolPool, sandbox_id: str) -> None:
+    # Shielded: a cancelled run (its client went away) must still remove its sandbox.
+    try:
+        await asyncio.shield(pool.call("sandbox", "destroy_sandbox", {"sandbox_id": sandbox_id}, CLEANUP_SECONDS))
+    except (asyncio.CancelledError, Exception) as exc:  # noqa: BLE001 - the server's reaper is the backstop
+        log.warning("could not destroy sandbox %s: %r", sandbox_id, exc)
+
+
+def _api_message(exc: anthropic.APIError) -> str:
+    if isinstance(exc, anthropic.APIStatusError):
+        return f"HTTP {exc.status_code}: {exc.message}"
+    return str(exc) or type(exc).__name__
+
+
+def _slug(prompt: str) -> str:
+    words = re.findall(r"[a-z0-9]+", prompt.lower())[:6]
+    return "-".join(words)[:40].strip("-") or "change"
+
+
+def _title(prompt: str) -> str:
+    line = prompt.strip().splitlines()[0] if prompt.strip() else "Change"
+    return line if len(line) <= 72 else line[:69].rstrip() + "..."
+
+
+def _body(request: RunRequest, result: AgentResult, changeset: dict[str, Any], stopped: LimitReached | None,
+          run_id: str) -> str:
+    files = [f"- `{f['path']}` ({len(base64.b64decode(f['content_base64']))} bytes)" for f in changeset["files"]]
+    files += [f"- `{p}` (deleted)" for p in changeset["deleted"]]
+    parts = []
+    if stopped:
+        parts.append(f"> **Draft:** the run stopped before it finished: {stopped}.\n")
+    parts += ["## Request", "\n".join(f"> {line}" for line in request.prompt.strip().splitlines()), "",
+              "## Summary", result.final_text.strip() or "(the agent wrote no summary)", "",
+              "## Files", *files, "", f"_Opened by Tiny Backspace, run `{run_id}`._"]
+    return "\n".join(parts)

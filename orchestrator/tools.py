@@ -1,0 +1,164 @@
+"""The tools a run hands the model: MCP tools as `<server>_<tool>`, with the run's own arguments bound.
+
+The model never sees `sandbox_id`, `repo` or `from_sha`: the run fills them in, so it cannot pick where it writes.
+It never sees `changes` of `commit_changes` either: the run exports them from the sandbox at call time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from mcp_types import CallToolResult
+
+from .mcp_pool import ServerUnavailable, ToolPool
+
+NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+# Sandbox lifecycle belongs to the run, not the model.
+HIDDEN = {("sandbox", "create_sandbox"), ("sandbox", "destroy_sandbox")}
+
+
+@dataclass
+class ToolOutput:
+    text: str
+    is_error: bool = False
+    data: Any = None
+
+
+class ToolSet(Protocol):
+    def specs(self) -> list[dict[str, Any]]: ...
+    async def call(self, name: str, arguments: dict[str, Any]) -> ToolOutput: ...
+
+
+def cut(text: str, limit: int) -> str:
+    """`text` cut to its head and tail, saying how much was dropped."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}\n… [{len(text) - 2 * half} characters dropped] …\n{text[-half:]}"
+
+
+def result_text(result: CallToolResult) -> str:
+    parts = [getattr(block, "text", None) or f"[{block.type} content]" for block in result.content]
+    return "\n".join(parts) or ("(no output)" if not result.structured_content else json.dumps(result.structured_content))
+
+
+@dataclass
+class PullRequestSeen:
+    number: int
+    url: str
+    head: str
+    draft: bool = False
+
+
+@dataclass
+class RunTools:
+    """The MCP tool pool bound to one run's sandbox and repository."""
+
+    pool: ToolPool
+    sandbox_id: str
+    repo: str
+    base_commit: str
+    timeout_s: float
+    result_chars: int = 30_000
+    allow: frozenset[str] | None = None  # tool names this toolset offers; all when None
+    pull_request: PullRequestSeen | None = None
+    _commits: dict[str, str] = field(default_factory=dict)  # branch -> the last commit this run made on it
+    _specs: list[dict[str, Any]] | None = None
+    _routes: dict[str, tuple[str, str, set[str]]] = field(default_factory=dict)
+
+    def bound(self) -> dict[str, str]:
+        return {"sandbox_id": self.sandbox_id, "repo": self.repo, "from_sha": self.base_commit}
+
+    def specs(self) -> list[dict[str, Any]]:
+        if self._specs is None:
+            self._specs = []
+            for server, tools in self.pool.tools().items():
+                for tool in tools:
+                    name = f"{server}_{tool.name}"
+                    if (server, tool.name) in HIDDEN or not NAME.match(name):
+                        continue
+                    if self.allow is not None and name not in self.allow:
+                        continue
+                    schema = copy.deepcopy(tool.input_schema)
+                    props = schema.get("properties", {})
+                    hidden = {k for k in (*self.bound(), "changes") if k in props}
+                    if server != "github":
+                        hidden.discard("changes")
+                    for key in hidden:
+                        props.pop(key)
+                    schema["required"] = [r for r in schema.get("required", []) if r not in hidden]
+                    self._routes[name] = (server, tool.name, hidden)
+                    self._specs.append({"name": name, "description": tool.description or name,
+                                        "input_schema": schema})
+        return self._specs
+
+    async def call(self, name: str, arguments: dict[str, Any]) -> ToolOutput:
+        """Call a tool for the model; every failure it can act on comes back as an error result."""
+        self.specs()
+        route = self._routes.get(name)
+        if route is None:
+            known = ", ".join(s["name"] for s in self.specs())
+            return ToolOutput(f"unknown tool {name!r}; the tools are: {known}", is_error=True)
+        server, tool, hidden = route
+        if not isinstance(arguments, dict):
+            return ToolOutput("tool input must be a JSON object", is_error=True)
+        args = {k: v for k, v in arguments.items() if k not in hidden}
+        args.update({k: v for k, v in self.bound().items() if k in hidden})
+        try:
+            if "changes" in hidden:
+                args["changes"] = await self.changes_for(str(args.get("branch", "")))
+            result = await self.pool.call(server, tool, args, self.timeout_s)
+        except TimeoutError:
+            return ToolOutput(f"{name} did not answer within {self.timeout_s:g} s and was abandoned", is_error=True)
+        except ToolFailed as exc:
+            return ToolOutput(str(exc), is_error=True)
+        self._observe(server, tool, args, result)
+        return ToolOutput(cut(result_text(result), self.result_chars), result.is_error, result.structured_content)
+
+    async def changes_for(self, branch: str) -> dict[str, Any]:
+        """The sandbox's changes, based on this run's last commit to `branch` when there is one."""
+        exported = await self.pool.call("sandbox", "export_changes", {"sandbox_id": self.sandbox_id}, self.timeout_s)
+        if exported.is_error:
+            raise ToolFailed(f"could not export the sandbox's changes: {result_text(exported)}")
+        changeset = exported.structured_content["changeset"]
+        # Full contents of every changed file apply as well on top of our own earlier commit as on the base.
+        changeset["base_commit"] = self._commits.get(branch, changeset["base_commit"])
+        return changeset
+
+    def _observe(self, server: str, tool: str, args: dict[str, Any], result: CallToolResult) -> None:
+        data = result.structured_content or {}
+        if server != "github" or result.is_error:
+            return
+        if tool == "commit_changes" and data.get("sha"):
+            self._commits[args["branch"]] = data["sha"]
+        elif tool == "open_pull_request":
+            self.saw_pull_request(data, args.get("head", ""))
+
+    def saw_pull_request(self, data: dict[str, Any], head: str) -> None:
+        """Remember the run's pull request, from the result of `open_pull_request`."""
+        if data.get("url"):
+            self.pull_request = PullRequestSeen(int(data.get("number", 0)), data["url"], data.get("head", head),
+                                                bool(data.get("draft", False)))
+
+
+class ToolFailed(Exception):
+    """A failure inside a composite tool call, reported to the model as an error result."""
+
+
+async def call_all(tools: ToolSet, calls: list[dict[str, Any]]) -> list[ToolOutput]:
+    """Run the tool calls of one turn concurrently; a raised error becomes an error result carrying its type."""
+
+    async def one(call: dict[str, Any]) -> ToolOutput:
+        try:
+            return await tools.call(call["name"], call.get("input") or {})
+        except ServerUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the model reads it, as in the SDK's tool runner
+            return ToolOutput(repr(exc), is_error=True)
+
+    return list(await asyncio.gather(*(one(c) for c in calls)))

@@ -10,6 +10,7 @@ from typing import Any
 
 from .events import Event, EventLog
 from .model import Model, Retrying, TextDelta, ToolInputDelta, TurnDone, Usage
+from .redact import Redactor, StreamRedactor
 from .tools import ToolSet, call_all
 
 EVENT_RESULT_CHARS = 4000  # how much of a tool result the stream shows; the model gets more
@@ -50,7 +51,8 @@ class AgentResult:
 
 
 async def run_agent(model: Model, tools: ToolSet, system: str, brief: str, budget: Budget, events: EventLog,
-                    result: AgentResult, *, max_turns: int, agent: str = "agent") -> AsyncIterator[Event]:
+                    result: AgentResult, *, max_turns: int, redact: Redactor, agent: str = "agent"
+                    ) -> AsyncIterator[Event]:
     """Run turns until the model asks for no tool; stream what happens; raise `LimitReached` at a bound."""
     messages = result.messages
     messages.append({"role": "user", "content": brief})
@@ -60,21 +62,28 @@ async def run_agent(model: Model, tools: ToolSet, system: str, brief: str, budge
         budget.check()
         result.turns += 1
         done: TurnDone | None = None
+        # Streamed pieces are redacted as a whole: a secret split across two deltas is still caught.
+        text_out, inputs = StreamRedactor(redact), {}
         try:
             async with _deadline(budget):
                 async for ev in model.turn(system, messages, tools.specs()):
                     if isinstance(ev, TextDelta):
-                        yield events("text", agent=agent, text=ev.text)
+                        if piece := text_out.feed(ev.text):
+                            yield events("text", agent=agent, text=piece)
                     elif isinstance(ev, ToolInputDelta):
-                        yield events("tool_call", agent=agent, id=ev.id, name=ev.name, state="streaming",
-                                     partial_input=ev.partial_json)
+                        if piece := inputs.setdefault(ev.id, StreamRedactor(redact)).feed(ev.partial_json):
+                            yield events("tool_call", agent=agent, id=ev.id, name=ev.name, state="streaming",
+                                         partial_input=piece)
                     elif isinstance(ev, Retrying):
+                        text_out, inputs = StreamRedactor(redact), {}
                         yield events("status", agent=agent, stage="retry", attempt=ev.attempt, message=ev.reason)
                     else:
                         done = ev
         except TimeoutError:
             raise LimitReached("run_seconds", "the run's wall-clock limit was reached during a model call") from None
         assert done is not None, "the model stream ended without a final message"
+        if piece := text_out.flush():
+            yield events("text", agent=agent, text=piece)
         budget.usage.add(done.usage)
         result.usage.add(done.usage)
         # The API refuses empty text blocks in a transcript.

@@ -119,7 +119,9 @@ class Connection:
                 await asyncio.wait_for(self.lost.wait(), PING_SECONDS)
                 return
             except TimeoutError:
-                await asyncio.wait_for(client.send_ping(), PING_SECONDS)
+                # A fresh listing doubles as a liveness check (ping is gone from the current protocol).
+                listing = await asyncio.wait_for(client.list_tools(cache_mode="refresh"), PING_SECONDS)
+                self.tools = listing.tools
 
 
 def _describe(exc: BaseException) -> str:
@@ -174,6 +176,8 @@ class ToolPool:
                 raise ServerUnavailable(f"MCP server {server!r} went away during {tool}; it is being restarted") \
                     from None
             raise ServerUnavailable(f"MCP server {server!r} refused {tool}: {exc}") from None
+        except TimeoutError:
+            raise
         except (OSError, EOFError) as exc:
             conn.lost.set()
             raise ServerUnavailable(f"MCP server {server!r} connection failed during {tool}: {exc}") from None

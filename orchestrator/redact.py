@@ -29,6 +29,44 @@ class Redactor:
         return TOKEN_PATTERN.sub(MASK, text)
 
 
+PREFIXES = ("ghp_", "gho_", "ghs_", "ghu_", "ghr_", "github_pat_", "sk-ant-")
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9_-]*")
+HOLD_MAX = 8192
+
+
+class StreamRedactor:
+    """Redacts a text that arrives in pieces, holding back a tail that could still grow into a secret."""
+
+    def __init__(self, redactor: Redactor):
+        self.redact = redactor
+        self.starts = PREFIXES + tuple(redactor.secrets)
+        self.first_chars = {s[0] for s in self.starts}
+        self.buf = ""
+
+    def feed(self, piece: str) -> str:
+        self.buf += piece
+        cut = self._safe_end(self.buf)
+        out, self.buf = self.buf[:cut], self.buf[cut:]
+        return self.redact(out)
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return self.redact(out)
+
+    def _safe_end(self, text: str) -> int:
+        """Where the earliest suffix that is, or may become, a secret begins; len(text) when there is none."""
+        for p in range(max(0, len(text) - HOLD_MAX), len(text)):
+            if text[p] not in self.first_chars:
+                continue
+            tail = text[p:]
+            for start in self.starts:
+                if start.startswith(tail):
+                    return p
+                if start in PREFIXES and tail.startswith(start) and _TOKEN_CHARS.fullmatch(tail, len(start)):
+                    return p
+        return len(text)
+
+
 class RedactingFilter(logging.Filter):
     """Masks secrets in every log record a handler emits."""
 

@@ -26,6 +26,7 @@ from .events import Event, EventLog
 from .mcp_pool import ServerUnavailable, ToolPool
 from .model import Model
 from .prompts import brief, system_prompt
+from .redact import Redactor
 from .tools import RunTools, result_text
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ async def execute(request: RunRequest, services: Services, run_id: str | None = 
         try:
             async for event in run_agent(services.model, tools, system_prompt(settings.branch_prefix),
                                          brief(request.prompt, request.repo_url, info["default_branch"]), budget,
-                                         events, result, max_turns=limits.max_turns):
+                                         events, result, max_turns=limits.max_turns, redact=Redactor()):
                 yield event
         except LimitReached as exc:
             stopped = exc

@@ -83,7 +83,10 @@ async def _capture(stream: asyncio.StreamReader, cap: int) -> Captured:
 async def _exited(pid: int) -> None:
     """Wait for the process itself to exit; `Process.wait()` would also wait for every holder of its pipes."""
     loop = asyncio.get_running_loop()
-    fd = os.pidfd_open(pid)
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:  # already exited and reaped
+        return
     done = loop.create_future()
     loop.add_reader(fd, lambda: done.done() or done.set_result(None))
     try:
@@ -127,22 +130,24 @@ class HostSandbox:
             stderr=asyncio.subprocess.PIPE, env=self.env, cwd=host_cwd, start_new_session=True, **ids)
         self._groups.add(proc.pid)
         readers = asyncio.gather(_capture(proc.stdout, cap), _capture(proc.stderr, cap))
+        readers.add_done_callback(lambda f: f.cancelled() or f.exception())
         timed_out = False
         try:
-            try:
-                await asyncio.wait_for(_exited(proc.pid), timeout_s)
-            except TimeoutError:
-                timed_out = True
+            await asyncio.wait_for(_exited(proc.pid), timeout_s)
+        except TimeoutError:
+            timed_out = True
+        except BaseException:
+            readers.cancel()
+            raise
         finally:
             # Background jobs die with the command that started them, as they do in the bubblewrap jail.
             self._kill_group(proc.pid)
-            await proc.wait()
         try:
             out, err = await asyncio.wait_for(readers, 5)
+            await asyncio.wait_for(proc.wait(), 5)
         except TimeoutError:  # a process that escaped the group holds the pipe open
-            readers.cancel()
             out, err = Captured("", True), Captured("output lost: a detached process kept it open", True)
-        code = proc.returncode if not timed_out else -1
+        code = -1 if timed_out or proc.returncode is None else proc.returncode
         if timed_out:
             err = Captured(err.text + f"\n[killed: the command ran past its {timeout_s:g} s timeout]", err.truncated)
         return ExecResult(exit_code=code, stdout=out.text, stderr=err.text, timed_out=timed_out,

@@ -33,6 +33,7 @@ class Settings:
     backend: str = "local"
     root: Path = Path(tempfile.gettempdir()) / "tiny-backspace-sandboxes"
     allow_unsafe: bool = False
+    uid_base: int = 200_000  # sandboxes run as uids in [uid_base, uid_base + 65536) when the server is root
     idle_ttl_s: float = 1800
     max_sandboxes: int = 32
     limits: Limits = field(default_factory=Limits)
@@ -46,17 +47,24 @@ class Settings:
         return cls(
             backend=backend,
             allow_unsafe=env.get("SANDBOX_ALLOW_UNSAFE") == "1",
+            uid_base=int(env.get("SANDBOX_UID_BASE", cls.uid_base)),
             root=Path(env.get("SANDBOX_ROOT") or cls.root),
             idle_ttl_s=float(env.get("SANDBOX_IDLE_TTL_S", cls.idle_ttl_s)),
             max_sandboxes=int(env.get("SANDBOX_MAX", cls.max_sandboxes)),
         )
 
 
-def _sandbox_owner() -> tuple[int, int] | None:
-    """Run sandboxed processes as nobody when we are root, so rlimits bind and host files stay out of reach."""
+UID_SPAN = 1 << 16
+
+
+def _sandbox_owner(base: int, taken: set[int]) -> tuple[int, int] | None:
+    """A uid of its own for each sandbox when we are root: rlimits (processes above all) count per uid, so one
+    sandbox cannot use up another's, and host files stay out of reach. As a plain user we run as ourselves."""
     if os.geteuid() != 0:
         return None
-    uid = int(os.environ.get("SANDBOX_UID", "65534"))
+    uid = base + secrets.randbelow(UID_SPAN)
+    while uid in taken:
+        uid = base + secrets.randbelow(UID_SPAN)
     return uid, uid
 
 
@@ -95,7 +103,7 @@ class SandboxManager:
             raise SandboxError(f"this server already holds {self.settings.max_sandboxes} sandboxes; "
                                "destroy one you no longer need")
         self.settings.root.mkdir(mode=0o711, parents=True, exist_ok=True)
-        owner = _sandbox_owner()
+        owner = _sandbox_owner(self.settings.uid_base, self._uids())
         _check_reachable(self.settings.root, owner)
         sandbox_id = "sbx_" + secrets.token_urlsafe(18)
         home = Path(tempfile.mkdtemp(prefix="sbx-", dir=self.settings.root))
@@ -117,6 +125,9 @@ class SandboxManager:
         self._last_used[sandbox_id] = time.monotonic()
         log.info("created sandbox %s (%s) from %s", sandbox_id, info.backend, repo_url)
         return info
+
+    def _uids(self) -> set[int]:
+        return {owner[0] for s in self._sandboxes.values() if (owner := getattr(s, "owner", None))}
 
     def get(self, sandbox_id: str) -> Sandbox:
         sandbox = self._sandboxes.get(sandbox_id)

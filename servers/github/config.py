@@ -48,11 +48,14 @@ class Settings:
         if key and not key.lstrip().startswith("-----BEGIN") and os.path.isfile(key):
             with open(key, encoding="ascii") as fh:
                 key = fh.read()
+        token = env.get("GITHUB_TOKEN", "")
+        if token.startswith("${"):  # a client that does not expand variables passed mcp.json's placeholder through
+            token = ""
         prefix = env.get("GITHUB_BRANCH_PREFIX", cls.branch_prefix)
         if prefix:
             check_branch_name(prefix.rstrip("/") or "x")
         return cls(
-            token=Secret(env["GITHUB_TOKEN"]) if env.get("GITHUB_TOKEN") else None,
+            token=Secret(token) if token else None,
             api_url=(env.get("GITHUB_API_URL") or cls.api_url).rstrip("/"),
             branch_prefix=prefix,
             app_id=env.get("GITHUB_APP_ID") or None,

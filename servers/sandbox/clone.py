@@ -58,6 +58,15 @@ def source_of(repo_url: str) -> tuple[str, bool]:
     return repo_url, False
 
 
+def refuse_under(repo_url: str, root: Path) -> None:
+    """Refuse to clone from inside the sandbox root: another sandbox's repository is not a source."""
+    source, local = source_of(repo_url)
+    if local:
+        real, top = Path(source).resolve(), root.resolve()
+        if real == top or top in real.parents:
+            raise SandboxError("repo_url points inside the sandbox directory; clone the original repository instead")
+
+
 async def git(*args: str, cwd: Path | None = None, timeout: float = CLONE_TIMEOUT_S) -> str:
     """Run host git with a clean environment; a `SandboxError` carries its stderr."""
     proc = await asyncio.create_subprocess_exec(
@@ -84,10 +93,12 @@ async def clone(repo_url: str, ref: str | None, dest: Path) -> Cloned:
     if ref and not local and not re.fullmatch(r"[0-9a-f]{7,40}", ref):
         args += ["--branch", ref]
         ref = None
-    await git(*args, "--", source, str(dest))
+    # Only the transports we mean to use, whatever a redirect or a submodule asks for.
+    protocols = ["-c", "protocol.allow=never", "-c", "protocol.file.allow=always", "-c", "protocol.https.allow=always"]
+    await git(*protocols, *args, "--", source, str(dest))
     if ref:
         if not local:
-            await git("fetch", "--quiet", "--depth", "1", "origin", ref, cwd=dest)
+            await git(*protocols, "fetch", "--quiet", "--depth", "1", "origin", ref, cwd=dest)
             ref = "FETCH_HEAD"
         await git("checkout", "--quiet", ref, "--", cwd=dest)
     base = await git("rev-parse", "--verify", "HEAD^{commit}", cwd=dest)

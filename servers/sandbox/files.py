@@ -15,6 +15,7 @@ import re
 import shutil
 import stat
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -179,7 +180,13 @@ def _refuse_git_dir(rel: str) -> None:
 
 def write_bytes(root: Path, rel: str, data: bytes, owner: tuple[int, int] | None) -> None:
     """Create or replace a regular file (never through a link), creating parent directories."""
-    fd = _open_file(root, rel, os.O_WRONLY | os.O_CREAT, owner=owner)
+    # O_NONBLOCK: a FIFO planted at `rel` fails the open (no reader) instead of blocking this thread for ever.
+    try:
+        fd = _open_file(root, rel, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK, owner=owner)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            raise SandboxError(f"{rel!r} is not a regular file") from None
+        raise
     with os.fdopen(fd, "wb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise SandboxError(f"{rel!r} is not a regular file")
@@ -221,6 +228,9 @@ def edit_text(root: Path, rel: str, old_text: str, new_text: str, replace_all: b
             f"old_text occurs {count} times in {rel!r}; include more surrounding lines so it occurs once, "
             "or set replace_all to change every occurrence"
         )
+    grows = (count if replace_all else 1) * (len(new_text.encode()) - len(old_text.encode()))
+    if len(before.encode()) + grows > MAX_WRITE_BYTES:
+        raise SandboxError(f"the edit would make {rel!r} larger than the {MAX_WRITE_BYTES} byte limit")
     after = before.replace(old_text, new_text) if replace_all else before.replace(old_text, new_text, 1)
     write_bytes(root, rel, _encode(after), owner)
     diff = "".join(difflib.unified_diff(
@@ -230,7 +240,7 @@ def edit_text(root: Path, rel: str, old_text: str, new_text: str, replace_all: b
     return f"replaced {count if replace_all else 1} occurrence(s) in {rel}\n{diff}"
 
 
-def _rg_base() -> list[str] | None:
+def _rg_argv() -> list[str] | None:
     rg = shutil.which("rg")
     if rg is None:
         return None
@@ -238,10 +248,33 @@ def _rg_base() -> list[str] | None:
             "--color", "never", "--no-messages"]
 
 
-def _run_rg(root: Path, args: list[str]) -> tuple[int, str, str]:
-    proc = subprocess.run(args, cwd=root, capture_output=True, timeout=SEARCH_TIMEOUT_S,
-                          env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"})
-    return proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
+def _rg_lines(root: Path, rel: str, args: list[str], max_lines: int) -> tuple[int, list[str], str]:
+    """Run ripgrep in the directory `rel` and read at most `max_lines` lines of its output.
+
+    ripgrep starts in a directory we opened without following links and searches `.`, so a link swapped in after
+    our check cannot lead it anywhere else; it never follows links itself.
+    """
+    with _open_dir(root, [] if rel == "." else rel.split("/")) as dfd:
+        proc = subprocess.Popen(args + ["--", "."], cwd=f"/proc/self/fd/{dfd}", pass_fds=(dfd,),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"})
+    timer = threading.Timer(SEARCH_TIMEOUT_S, proc.kill)
+    timer.start()
+    lines: list[str] = []
+    try:
+        for raw in proc.stdout:
+            lines.append(raw[:MAX_LINE_CHARS].decode("utf-8", "replace").rstrip("\n"))
+            if len(lines) > max_lines:
+                proc.kill()
+                break
+        err = proc.stderr.read(4096).decode("utf-8", "replace")
+        code = proc.wait()
+    finally:
+        timer.cancel()
+        proc.stdout.close()
+        proc.stderr.close()
+    prefix = "" if rel == "." else rel + "/"
+    return code, [prefix + ln.removeprefix("./") for ln in lines], err
 
 
 def check_dir(root: Path, rel: str) -> None:
@@ -250,20 +283,23 @@ def check_dir(root: Path, rel: str) -> None:
             pass
 
 
+def _glob_match(name: str, glob: str | None) -> bool:
+    return not glob or fnmatch.fnmatch(name, glob) or fnmatch.fnmatch(posixpath.basename(name), glob)
+
+
 def list_paths(root: Path, path: str, pattern: str | None) -> tuple[list[str], bool]:
     """Files under `path` (not ignored, not under .git), sorted, at most `MAX_LISTED`."""
     rel = normalize(path, allow_root=True)
     check_dir(root, rel)
-    base = _rg_base()
-    if base is not None:
-        args = base + ["--files"] + (["--glob", pattern] if pattern else []) + ["--", rel]
-        code, out, err = _run_rg(root, args)
+    argv = _rg_argv()
+    if argv is not None:
+        code, files, err = _rg_lines(root, rel, argv + ["--files"] + (["--glob", pattern] if pattern else []),
+                                     MAX_LISTED)
         if code == 2 and err.strip():
             raise SandboxError(f"list_files failed: {err.strip()[:500]}")
-        files = sorted(posixpath.normpath(p) for p in out.splitlines() if p)
     else:
-        files = [p for p in _walk(root, rel) if not pattern or fnmatch.fnmatch(p, pattern)
-                 or fnmatch.fnmatch(posixpath.basename(p), pattern)]
+        files = [p for p in _walk(root, rel) if _glob_match(p, pattern)]
+    files.sort()
     return files[:MAX_LISTED], len(files) > MAX_LISTED
 
 
@@ -273,27 +309,25 @@ def search_text(root: Path, pattern: str, path: str, glob: str | None) -> tuple[
         raise SandboxError("pattern is empty; give a regular expression such as 'def main'")
     rel = normalize(path, allow_root=True)
     check_dir(root, rel)
-    base = _rg_base()
+    argv = _rg_argv()
     matches: list[str] = []
-    if base is not None:
-        args = base + ["--line-number", "--null", "--max-columns", "300", "--max-columns-preview",
-                       "--max-count", str(MAX_MATCHES)] + (["--glob", glob] if glob else []) + ["-e", pattern, "--", rel]
-        code, out, err = _run_rg(root, args)
-        if code == 2:
+    if argv is not None:
+        args = argv + ["--line-number", "--null", "--max-columns", "300", "--max-columns-preview",
+                       "--max-count", str(MAX_MATCHES)] + (["--glob", glob] if glob else []) + ["-e", pattern]
+        code, lines, err = _rg_lines(root, rel, args, MAX_MATCHES)
+        if code == 2 and not lines:
             raise SandboxError(f"invalid search: {err.strip()[:500] or 'ripgrep failed'}")
-        for line in out.splitlines():
+        for line in lines:
             name, _, rest = line.partition("\x00")
             num, _, text = rest.partition(":")
-            matches.append(f"{posixpath.normpath(name)}:{num}: {text}")
-            if len(matches) > MAX_MATCHES:
-                break
+            matches.append(f"{name}:{num}: {text}")
     else:
         try:
             rx = re.compile(pattern)
         except re.error as exc:
             raise SandboxError(f"invalid regular expression: {exc}") from None
         for name in _walk(root, rel):
-            if glob and not (fnmatch.fnmatch(name, glob) or fnmatch.fnmatch(posixpath.basename(name), glob)):
+            if not _glob_match(name, glob):
                 continue
             try:
                 data = read_bytes(root, name)
@@ -312,12 +346,13 @@ def search_text(root: Path, pattern: str, path: str, glob: str | None) -> tuple[
 def _walk(root: Path, rel: str) -> list[str]:
     """Files under `rel` without following links, skipping .git and what the top .gitignore names."""
     ignored = _gitignore_patterns(root)
+    prefix = "" if rel == "." else rel + "/"
     out = []
-    for dirpath, dirnames, filenames in os.walk(root / rel):
-        here = os.path.relpath(dirpath, root)
-        here = "" if here == "." else here + "/"
-        dirnames[:] = sorted(d for d in dirnames if d != ".git" and not _ignored(here + d, True, ignored))
-        out.extend(here + f for f in filenames if not _ignored(here + f, False, ignored))
+    with _open_dir(root, [] if rel == "." else rel.split("/")) as dfd:
+        for dirpath, dirnames, filenames, _ in os.fwalk(".", dir_fd=dfd):
+            here = prefix + ("" if dirpath == "." else dirpath.removeprefix("./") + "/")
+            dirnames[:] = sorted(d for d in dirnames if d != ".git" and not _ignored(here + d, True, ignored))
+            out.extend(here + f for f in filenames if not _ignored(here + f, False, ignored))
     return sorted(out)
 
 

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import os
 import posixpath
+import re
 import shutil
 import signal
 from dataclasses import dataclass
@@ -129,6 +130,8 @@ class HostSandbox:
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env=self.env, cwd=host_cwd, start_new_session=True, **ids)
         self._groups.add(proc.pid)
+        if self._destroyed:  # destroyed while we were starting it
+            self._kill_group(proc.pid)
         readers = asyncio.gather(_capture(proc.stdout, cap), _capture(proc.stderr, cap))
         readers.add_done_callback(lambda f: f.cancelled() or f.exception())
         timed_out = False
@@ -191,17 +194,15 @@ class HostSandbox:
         """Everything that differs from the base commit: untracked files included, ignored ones not."""
         base = self.info.base_commit
         # A throwaway index, so the sandbox's own staging area is left as the agent left it.
-        script = (
-            'set -e; export GIT_INDEX_FILE="$(mktemp)"; trap \'rm -f "$GIT_INDEX_FILE"\' EXIT; '
-            "g() { git -c core.hooksPath=/dev/null -c core.fsmonitor=false \"$@\"; }; "
-            f"g read-tree {base}; g add -A .; "
-            f"g diff --cached --raw -z --no-renames --abbrev=40 {base}; printf '\\0--TB-DIFF--\\0'; "
-            f"g diff --cached --no-renames --no-color --no-ext-diff --no-textconv {base}"
-        )
-        result = await self.run(script, 120, ".", cap=EXPORT_CAP)
-        if result.exit_code != 0 or result.truncated:
-            raise SandboxError(f"could not compute the changes: {result.stderr.strip()[-1000:]}")
-        raw, _, diff = result.stdout.partition("\x00--TB-DIFF--\x00")
+        git = "GIT_INDEX_FILE=.git/tb-export-index git -c core.hooksPath=/dev/null -c core.fsmonitor=false"
+        listed = await self.run(f"set -e; {git} read-tree {base}; {git} add -A .; "
+                                f"{git} diff --cached --raw -z --no-renames --abbrev=40 {base}", 120, ".", EXPORT_CAP)
+        shown = await self.run(f"{git} diff --cached --no-renames --no-color --no-ext-diff --no-textconv {base}; "
+                               "rm -f .git/tb-export-index", 120, ".", EXPORT_CAP)
+        for result in (listed, shown):
+            if result.exit_code != 0 or result.truncated:
+                raise SandboxError(f"could not compute the changes: {result.stderr.strip()[-1000:]}")
+        raw, diff = listed.stdout, shown.stdout
         changed, deleted = _parse_raw(raw)
         out: list[ChangedFile] = []
         total = 0
@@ -229,18 +230,45 @@ class HostSandbox:
         self._destroyed = True
         for pgid in list(self._groups):
             self._kill_group(pgid)
-        await asyncio.to_thread(shutil.rmtree, self.home, True)
+        await remove_tree(self.home)
+
+
+async def run_tool(*argv: str) -> None:
+    """Run a coreutils command (they walk any depth of tree without recursion limits); fail with its stderr."""
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise SandboxError(f"{argv[0]} failed: {err.decode('utf-8', 'replace').strip()[-500:]}")
+
+
+async def remove_tree(path: Path) -> None:
+    """Delete a sandbox's directory, however deep, never leaving its file system."""
+    if path.exists():
+        await run_tool("rm", "-rf", "--one-file-system", "--", str(path))
+
+
+_RAW_META = re.compile(r":[0-7]{6} ([0-7]{6}) [0-9a-f]{40,64} [0-9a-f]{40,64} ([AMDT])")
 
 
 def _parse_raw(raw: str) -> tuple[list[tuple[str, str]], list[str]]:
-    """(path, mode) of added or modified files and the deleted paths, from `git diff --raw -z`."""
+    """(path, mode) of added or modified files and the deleted paths, from `git diff --raw -z`.
+
+    The output comes from inside the jail, where the repository's config can make git print anything: parse it
+    strictly and refuse what does not fit.
+    """
     fields = raw.split("\x00")
+    if fields and fields[-1] == "":
+        fields.pop()
+    if len(fields) % 2:
+        raise SandboxError("could not compute the changes: git printed an unexpected listing")
     changed, deleted = [], []
     for meta, path in zip(fields[0::2], fields[1::2]):
-        if not meta.startswith(":"):
-            continue
-        _, new_mode, _, _, status = meta[1:].split(" ")
+        match = _RAW_META.fullmatch(meta)
         path = files.normalize(path)
+        if match is None or ".git" in path.split("/"):
+            raise SandboxError(f"could not compute the changes: unexpected entry for {path[:200]!r}")
+        new_mode, status = match.groups()
         if status == "D":
             deleted.append(path)
         elif new_mode in ("100644", "100755", "120000"):

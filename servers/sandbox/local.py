@@ -9,6 +9,7 @@ from .base import BackendUnavailable
 from .host import SANDBOX_ENV, HostSandbox
 
 WORKDIR = "/workspace"
+TMPFS_BYTES = str(1024**3)  # each scratch tmpfs; memory-backed, so bounded
 
 
 def _system_binds() -> list[str]:
@@ -43,8 +44,11 @@ class BwrapSandbox(HostSandbox):
             shutil.which("bwrap") or "bwrap",
             *_system_binds(),
             "--bind", str(self.repo), WORKDIR,
-            "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/var/tmp", "--tmpfs", "/run",
-            "--unshare-all", "--unshare-user", "--uid", "1000", "--gid", "1000", "--hostname", "sandbox",
+            "--proc", "/proc", "--dev", "/dev",
+            "--size", TMPFS_BYTES, "--tmpfs", "/tmp", "--size", TMPFS_BYTES, "--tmpfs", "/var/tmp",
+            "--size", "1048576", "--tmpfs", "/run",
+            "--unshare-all", "--unshare-user", "--disable-userns", "--uid", "1000", "--gid", "1000",
+            "--hostname", "sandbox",
             "--cap-drop", "ALL", "--die-with-parent", "--new-session", "--clearenv",
             "--setenv", "HOME", "/tmp", "--setenv", "USER", "sandbox",
         ]

@@ -7,15 +7,15 @@ import importlib
 import logging
 import os
 import secrets
-import shutil
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .base import BackendUnavailable, Sandbox, SandboxError, SandboxInfo
-from .clone import clone
-from .host import Limits
+from .clone import clone, refuse_under
+from .host import Limits, remove_tree, run_tool
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +81,17 @@ def _check_reachable(root: Path, owner: tuple[int, int] | None) -> None:
             )
 
 
-def _chown_tree(top: Path, owner: tuple[int, int]) -> None:
-    os.lchown(top, *owner)
-    for dirpath, dirnames, filenames in os.walk(top):
-        for name in dirnames + filenames:
-            os.lchown(os.path.join(dirpath, name), *owner)
+def _own_root(root: Path) -> Path:
+    """The sandbox root, created if missing; refused unless it is a real directory of ours that no one else can
+    write, since we chown and delete inside it as root."""
+    root.mkdir(mode=0o711, parents=True, exist_ok=True)
+    st = root.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise BackendUnavailable(
+            f"SANDBOX_ROOT {root} must be a directory owned by this server's user and writable by no one else; "
+            "remove it, or set SANDBOX_ROOT to another path"
+        )
+    return root
 
 
 class SandboxManager:
@@ -95,28 +101,35 @@ class SandboxManager:
         self.backend_cls = getattr(importlib.import_module(module), name)
         self._sandboxes: dict[str, Sandbox] = {}
         self._last_used: dict[str, float] = {}
-        self._reaper: asyncio.Task | None = None
+        self._pending = 0  # creates under way, counted against max_sandboxes
 
     async def create(self, repo_url: str, ref: str | None) -> SandboxInfo:
         self.backend_cls.check(self.settings.allow_unsafe)
-        if len(self._sandboxes) >= self.settings.max_sandboxes:
+        if len(self._sandboxes) + self._pending >= self.settings.max_sandboxes:
             raise SandboxError(f"this server already holds {self.settings.max_sandboxes} sandboxes; "
                                "destroy one you no longer need")
-        self.settings.root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        self._pending += 1
+        try:
+            return await self._create(repo_url, ref)
+        finally:
+            self._pending -= 1
+
+    async def _create(self, repo_url: str, ref: str | None) -> SandboxInfo:
+        root = _own_root(self.settings.root)
         owner = _sandbox_owner(self.settings.uid_base, self._uids())
-        _check_reachable(self.settings.root, owner)
+        _check_reachable(root, owner)
+        refuse_under(repo_url, root)
         sandbox_id = "sbx_" + secrets.token_urlsafe(18)
-        home = Path(tempfile.mkdtemp(prefix="sbx-", dir=self.settings.root))
+        home = Path(tempfile.mkdtemp(prefix="sbx-", dir=root))
         try:
             os.chmod(home, 0o711)
             repo = home / "repo"
             cloned = await clone(repo_url, ref, repo)
             (home / "tmp").mkdir()
             if owner:
-                await asyncio.to_thread(_chown_tree, repo, owner)
-                os.chown(home / "tmp", *owner)
+                await run_tool("chown", "-R", "-h", "-P", f"{owner[0]}:{owner[1]}", "--", str(repo), str(home / "tmp"))
         except BaseException:
-            shutil.rmtree(home, ignore_errors=True)
+            await asyncio.shield(remove_tree(home))
             raise
         info = SandboxInfo(sandbox_id=sandbox_id, base_commit=cloned.base_commit,
                            default_branch=cloned.default_branch, backend=self.backend_cls.backend,
@@ -139,7 +152,7 @@ class SandboxManager:
 
     async def destroy(self, sandbox_id: str) -> None:
         sandbox = self.get(sandbox_id)
-        del self._sandboxes[sandbox_id]
+        self._sandboxes.pop(sandbox_id, None)
         self._last_used.pop(sandbox_id, None)
         await sandbox.destroy()
         log.info("destroyed sandbox %s", sandbox_id)
@@ -150,14 +163,20 @@ class SandboxManager:
     async def reap_idle(self) -> list[str]:
         """Destroy the sandboxes unused for longer than the idle TTL; return their ids."""
         now = time.monotonic()
-        idle = [i for i, t in self._last_used.items() if now - t > self.settings.idle_ttl_s]
+        idle = [i for i, t in list(self._last_used.items()) if now - t > self.settings.idle_ttl_s]
         for sandbox_id in idle:
             log.info("reaping idle sandbox %s", sandbox_id)
-            await self.destroy(sandbox_id)
+            try:
+                await self.destroy(sandbox_id)
+            except SandboxError:  # destroyed by its client meanwhile
+                pass
         return idle
 
     async def run_reaper(self) -> None:
         interval = max(1.0, min(60.0, self.settings.idle_ttl_s / 4))
         while True:
             await asyncio.sleep(interval)
-            await self.reap_idle()
+            try:
+                await self.reap_idle()
+            except Exception:  # noqa: BLE001 - the reaper must outlive any one failure
+                log.exception("reaping idle sandboxes failed")

@@ -193,3 +193,83 @@ def test_the_server_module_starts_and_lists_its_help():
     out = subprocess.run([sys.executable, "-m", "servers.sandbox", "--help"], capture_output=True, text=True,
                          timeout=60, cwd=ROOT)
     assert out.returncode == 0 and "--transport" in out.stdout
+
+
+SWAP = r'''
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+os.makedirs("d", exist_ok=True)
+os.symlink(os.environ["OUTSIDE"], "l")
+print("swapping", flush=True)
+while True:
+    libc.renameat2(-100, b"d", -100, b"l", 2)  # RENAME_EXCHANGE: d and l trade places, over and over
+'''
+
+
+async def test_a_link_swapped_in_during_a_search_never_leads_outside(jailed, make_repo, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("TOP-SECRET-HOST-LINE\n")
+    sid = await sandbox(jailed, make_repo(REPO))
+    await call(jailed, "write_file", sandbox_id=sid, path="swap.py", content=SWAP)
+    swapper = asyncio.create_task(call(jailed, "exec", sandbox_id=sid, timeout_s=60,
+                                       command=f"OUTSIDE={outside} exec python3 swap.py"))
+    try:
+        started = await sh(jailed, sid, "for i in $(seq 200); do { [ -L l ] || [ -L d ]; } && exit 0; sleep 0.05; done")
+        assert started["exit_code"] == 0
+        for _ in range(150):
+            for tool, extra in (("search", {"pattern": "TOP-SECRET"}), ("list_files", {})):
+                result = await jailed.call_tool(tool, {"sandbox_id": sid, "path": "d", **extra})
+                assert "secret" not in str(result.structured_content), result.structured_content
+    finally:
+        await call(jailed, "destroy_sandbox", sandbox_id=sid)
+        await swapper
+
+
+async def test_writing_to_a_fifo_fails_at_once_instead_of_blocking(client, make_repo):
+    sid = await sandbox(client, make_repo(REPO))
+    await sh(client, sid, "mkfifo pipe")
+    for _ in range(8):  # more than the server's worker threads: a blocked write would starve them all
+        with anyio.fail_after(5):
+            assert "not a regular file" in await call_error(client, "write_file", sandbox_id=sid, path="pipe",
+                                                            content="x")
+    assert (await call(client, "read_file", sandbox_id=sid, path="README.md")) == "     1\t# demo"
+
+
+async def test_an_edit_that_would_grow_a_file_past_the_limit_is_refused_before_it_is_made(client, make_repo):
+    sid = await sandbox(client, make_repo(REPO))
+    await sh(client, sid, "head -c 4000000 /dev/zero | tr '\\0' a > big.txt")
+    msg = await call_error(client, "edit_file", sandbox_id=sid, path="big.txt", old_text="a", new_text="X" * 200,
+                           replace_all=True)
+    assert "larger than" in msg
+
+
+async def test_a_very_deep_tree_is_still_removed_with_its_sandbox(client, make_repo, sandbox_root):
+    sid = await sandbox(client, make_repo(REPO))
+    await sh(client, sid, "python3 -c \"import os; os.makedirs('/'.join(['d'] * 3000))\"")
+    await call(client, "destroy_sandbox", sandbox_id=sid)
+    assert list(sandbox_root.iterdir()) == []
+
+
+async def test_concurrent_creates_respect_the_sandbox_limit(sandbox_root, make_repo):
+    manager = SandboxManager(Settings(root=sandbox_root, max_sandboxes=2))
+    repo = str(make_repo(REPO))
+    results = await asyncio.gather(*(manager.create(repo, None) for _ in range(5)), return_exceptions=True)
+    assert sum(not isinstance(r, Exception) for r in results) == 2
+    assert all("already holds 2" in str(r) for r in results if isinstance(r, Exception))
+    await manager.destroy_all()
+
+
+async def test_a_sandbox_root_someone_else_can_write_is_refused(tmp_path, make_repo):
+    root = tmp_path / "shared"
+    root.mkdir(mode=0o777)
+    root.chmod(0o777)
+    manager = SandboxManager(Settings(root=root))
+    with pytest.raises(Exception, match="writable by no one else"):
+        await manager.create(str(make_repo(REPO)), None)
+
+
+async def test_another_sandbox_is_not_a_clone_source(jailed, make_repo, sandbox_root):
+    await sandbox(jailed, make_repo(REPO))
+    (home,) = sandbox_root.iterdir()
+    assert "inside the sandbox directory" in await call_error(jailed, "create_sandbox", repo_url=str(home / "repo"))

@@ -3,6 +3,7 @@
 import argparse
 import logging
 
+from .. import stdio
 from .config import RedactingFilter, Settings
 from .server import build_server
 
@@ -20,7 +21,7 @@ def main() -> None:
         handler.addFilter(RedactingFilter(settings.secrets()))
     server = build_server(settings)
     if args.transport == "stdio":
-        server.run("stdio")
+        stdio.run(server)
     else:
         server.run("streamable-http", host=args.host, port=args.port)
 

@@ -3,6 +3,7 @@
 import argparse
 import logging
 
+from .. import stdio
 from .server import build_server
 
 
@@ -16,7 +17,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     server = build_server()
     if args.transport == "stdio":
-        server.run("stdio")
+        stdio.run(server)
     else:
         server.run("streamable-http", host=args.host, port=args.port)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import posixpath
 import re
@@ -24,6 +25,7 @@ OUTPUT_CAP = 30_000
 EXPORT_CAP = 64 * 1024 * 1024
 MAX_CHANGESET_BYTES = 50 * 1024 * 1024
 DIFF_CAP = 200_000
+SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
 SANDBOX_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG": "C.UTF-8",
@@ -39,20 +41,19 @@ SANDBOX_ENV = {
 
 @dataclass(frozen=True)
 class Limits:
-    """Resource limits applied to every process a sandbox runs (through prlimit)."""
+    """Resource limits of every process a sandbox runs, set by the shell that runs the command."""
 
     processes: int = 256
-    memory_bytes: int = 8 * 1024**3
-    file_bytes: int = 1024**3
+    memory_kib: int = 8 * 1024**2
+    file_kib: int = 1024**2
     cpu_seconds: int = 900
     open_files: int = 4096
 
-    def prlimit_argv(self) -> list[str]:
-        prlimit = shutil.which("prlimit")
-        if prlimit is None:
-            raise SandboxError("prlimit is not installed: apt-get install util-linux")
-        return [prlimit, f"--nproc={self.processes}", f"--as={self.memory_bytes}", f"--fsize={self.file_bytes}",
-                f"--cpu={self.cpu_seconds}", f"--nofile={self.open_files}", "--core=0", "--"]
+    def shell_prefix(self) -> str:
+        # Hard and soft, so the command cannot raise them again; one that fails was already lower, which holds too.
+        limits = {"u": self.processes, "v": self.memory_kib, "f": self.file_kib, "t": self.cpu_seconds,
+                  "n": self.open_files, "c": 0}
+        return "".join(f"ulimit -HS -{flag} {value} 2>/dev/null; " for flag, value in limits.items()) + "\n"
 
 
 @dataclass
@@ -79,6 +80,23 @@ async def _capture(stream: asyncio.StreamReader, cap: int) -> Captured:
     if dropped:
         text += f"\n… [{dropped} bytes cut from the middle] …\n"
     return Captured(text + tail.decode("utf-8", "replace"), dropped > 0)
+
+
+def _kill_uid(uid: int) -> int:
+    """SIGKILL every process whose real uid is `uid`; the number still found."""
+    found = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/status", "rb") as f:
+                fields = dict(line.split(b":", 1) for line in f if line.startswith((b"State:", b"Uid:")))
+            if int(fields[b"Uid"].split()[0]) == uid and not fields[b"State"].strip().startswith(b"Z"):
+                found += 1
+                os.kill(int(pid), signal.SIGKILL)
+        except (OSError, KeyError, ValueError):
+            continue
+    return found
 
 
 async def _exited(pid: int) -> None:
@@ -115,8 +133,9 @@ class HostSandbox:
     def env(self) -> dict[str, str]:
         return SANDBOX_ENV
 
-    def jail_argv(self, command: str, cwd: str) -> tuple[list[str], str | None]:
-        """The argv that runs `command` in `cwd` (relative to the repository), and the host cwd to start it in."""
+    def jail_argv(self, script: str, cwd: str) -> tuple[list[str], str | None]:
+        """The argv that runs the shell `script` in `cwd` (relative to the repository), and the host cwd to start it
+        in."""
         raise NotImplementedError
 
     async def run(self, command: str, timeout_s: float, workdir: str = ".", cap: int = OUTPUT_CAP) -> ExecResult:
@@ -124,11 +143,13 @@ class HostSandbox:
         self._check_alive()
         cwd = files.normalize(workdir, allow_root=True)
         files.check_dir(self.repo, cwd)
-        argv, host_cwd = self.jail_argv(command, cwd)
-        ids = {"user": self.owner[0], "group": self.owner[1], "extra_groups": []} if self.owner else {}
+        argv, host_cwd = self.jail_argv(self.limits.shell_prefix() + command, cwd)
+        # setpriv drops to the sandbox's uid; Python's own user= would make every spawn a full fork.
+        if self.owner:
+            argv = [SETPRIV, f"--reuid={self.owner[0]}", f"--regid={self.owner[1]}", "--clear-groups", "--", *argv]
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=self.env, cwd=host_cwd, start_new_session=True, **ids)
+            stderr=asyncio.subprocess.PIPE, env=self.env, cwd=host_cwd, start_new_session=True)
         self._groups.add(proc.pid)
         if self._destroyed:  # destroyed while we were starting it
             self._kill_group(proc.pid)
@@ -172,7 +193,9 @@ class HostSandbox:
 
     async def read_file(self, path: str, offset: int, limit: int) -> str:
         self._check_alive()
-        return await asyncio.to_thread(files.read_text, self.repo, path, offset, limit)
+        # Inline: a read is capped at a few MB and never blocks on a special file, and a thread hop would cost more
+        # than the read of a typical source file.
+        return files.read_text(self.repo, path, offset, limit)
 
     async def write_file(self, path: str, content: str) -> int:
         self._check_alive()
@@ -230,6 +253,13 @@ class HostSandbox:
         self._destroyed = True
         for pgid in list(self._groups):
             self._kill_group(pgid)
+        if self.owner:
+            # Everything running as the sandbox's own uid is the sandbox's, detached or not: wait until it is all
+            # gone, so nothing writes into the tree while we remove it.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    while _kill_uid(self.owner[0]):
+                        await asyncio.sleep(0.01)
         await remove_tree(self.home)
 
 

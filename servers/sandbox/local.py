@@ -38,7 +38,7 @@ class BwrapSandbox(HostSandbox):
                 "together with SANDBOX_ALLOW_UNSAFE=1 to run commands without isolation"
             )
 
-    def jail_argv(self, command: str, cwd: str) -> tuple[list[str], str | None]:
+    def jail_argv(self, script: str, cwd: str) -> tuple[list[str], str | None]:
         inside = WORKDIR if cwd == "." else f"{WORKDIR}/{cwd}"
         bwrap = [
             shutil.which("bwrap") or "bwrap",
@@ -54,5 +54,5 @@ class BwrapSandbox(HostSandbox):
         ]
         for key, value in SANDBOX_ENV.items():
             bwrap += ["--setenv", key, value]
-        bwrap += ["--chdir", inside, "--", "bash", "-lc", command]
-        return self.limits.prlimit_argv() + bwrap, None
+        bwrap += ["--chdir", inside, "--", "bash", "-c", script]
+        return bwrap, None

@@ -32,6 +32,5 @@ class ProcessSandbox(HostSandbox):
         scratch = str(self.home / "tmp")
         return SANDBOX_ENV | {"HOME": scratch, "TMPDIR": scratch}
 
-    def jail_argv(self, command: str, cwd: str) -> tuple[list[str], str | None]:
-        bash = shutil.which("bash") or "/bin/bash"
-        return self.limits.prlimit_argv() + [bash, "-lc", command], str(self.repo / cwd)
+    def jail_argv(self, script: str, cwd: str) -> tuple[list[str], str | None]:
+        return [shutil.which("bash") or "/bin/bash", "-c", script], str(self.repo / cwd)

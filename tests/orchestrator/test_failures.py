@@ -157,7 +157,7 @@ async def test_two_runs_at_once_on_one_repository_both_open_pull_requests(pool, 
     progress = {"first": 0, "second": 0}
 
     def step(body: dict) -> object:
-        which = "first" if "first" in body["messages"][0]["content"] else "second"
+        which = "first" if "(first)" in json.dumps(body["messages"][0]) else "second"
         progress[which] += 1
         return scripts[which][progress[which] - 1]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 
 import anyio
-import pytest
 
 from tests.conftest import git
 

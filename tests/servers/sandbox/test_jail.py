@@ -273,3 +273,10 @@ async def test_another_sandbox_is_not_a_clone_source(jailed, make_repo, sandbox_
     await sandbox(jailed, make_repo(REPO))
     (home,) = sandbox_root.iterdir()
     assert "inside the sandbox directory" in await call_error(jailed, "create_sandbox", repo_url=str(home / "repo"))
+
+
+async def test_resource_limits_bind_and_cannot_be_raised(client, make_repo):
+    sid = await sandbox(client, make_repo(REPO))
+    out = await sh(client, sid, "ulimit -u; ulimit -Hv; ulimit -Hf; ulimit -Hu 100000 && echo RAISED; true")
+    assert out["stdout"].split()[:3] == ["256", "8388608", "1048576"]
+    assert "RAISED" not in out["stdout"]

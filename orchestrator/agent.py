@@ -48,12 +48,14 @@ class AgentResult:
     turns: int = 0
     usage: Usage = field(default_factory=Usage)
     messages: list[dict[str, Any]] = field(default_factory=list)
+    submitted: dict[str, Any] | None = None  # what a role's submit tool handed over
 
 
 async def run_agent(model: Model, tools: ToolSet, system: str, brief: str, budget: Budget, events: EventLog,
-                    result: AgentResult, *, max_turns: int, redact: Redactor, agent: str = "agent"
-                    ) -> AsyncIterator[Event]:
-    """Run turns until the model asks for no tool; stream what happens; raise `LimitReached` at a bound."""
+                    result: AgentResult, *, max_turns: int, redact: Redactor, agent: str = "agent",
+                    must_call: str | None = None) -> AsyncIterator[Event]:
+    """Run turns until the model asks for no tool (or hands over with a final tool); stream what happens; raise
+    `LimitReached` at a bound. With `must_call`, stopping without that tool earns a reminder, not an ending."""
     messages = result.messages
     messages.append({"role": "user", "content": brief})
     while True:
@@ -93,7 +95,11 @@ async def run_agent(model: Model, tools: ToolSet, system: str, brief: str, budge
         if content:
             messages.append({"role": "assistant", "content": content})
         if not calls:
-            return
+            if must_call is None:
+                return
+            messages.append({"role": "user", "content": f"Finish by calling {must_call}; nothing is handed over "
+                                                        "until you do."})
+            continue
         for call in calls:
             yield events("tool_call", agent=agent, id=call["id"], name=call["name"], state="complete",
                          input=call["input"])
@@ -109,6 +115,8 @@ async def run_agent(model: Model, tools: ToolSet, system: str, brief: str, budge
             {"type": "tool_result", "tool_use_id": call["id"], "content": out.text or "(no output)",
              "is_error": out.is_error}
             for call, out in zip(calls, outputs)]})
+        if any(out.final for out in outputs):
+            return
 
 
 def _preview(text: str) -> str:

@@ -41,9 +41,12 @@ def validate(body: Any, services: Services, loopback: bool) -> RunRequest | web.
     if len(prompt) > limit:
         return bad_request(f"prompt is {len(prompt)} characters, over the limit of {limit} (TB_MAX_PROMPT_CHARS)",
                            413)
+    mode = body.get("mode", "team")
+    if mode not in ("team", "single"):
+        return bad_request('mode must be "team" (planner, coder, reviewer) or "single" (one agent)')
     repo = repo.strip()
     if GITHUB_REPO.match(repo):
-        return RunRequest(repo_url=repo, prompt=prompt)
+        return RunRequest(repo_url=repo, prompt=prompt, mode=mode)
     local = _local_path(repo)
     if local is None:
         return bad_request("repoUrl must be https://github.com/owner/name, owner/name, or an absolute path or "
@@ -54,7 +57,7 @@ def validate(body: Any, services: Services, loopback: bool) -> RunRequest | web.
                            "a root listed in TB_LOCAL_ROOTS", 403)
     if not (local / ".git").exists() and not (local / "HEAD").is_file():
         return bad_request(f"{local} is not a git repository")
-    return RunRequest(repo_url=str(local), prompt=prompt)
+    return RunRequest(repo_url=str(local), prompt=prompt, mode=mode)
 
 
 def _local_path(repo: str) -> Path | None:

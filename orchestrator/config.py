@@ -53,6 +53,8 @@ class Settings:
     ping_seconds: float = 15.0
     tool_result_chars: int = 30_000  # a longer tool result is cut to its head and tail before the model sees it
     branch_prefix: str = "tb/"
+    review_rounds: int = 2  # coder-reviewer rounds before a draft pull request
+    role_models: dict[str, str] = field(default_factory=dict)  # role -> model, from TB_<ROLE>_MODEL
 
     @classmethod
     def from_env(cls, env: typing.Mapping[str, str] | None = None) -> Settings:
@@ -88,4 +90,7 @@ class Settings:
             local_roots=roots,
             ping_seconds=num("TB_PING_S", cls.ping_seconds, float),
             branch_prefix=env.get("GITHUB_BRANCH_PREFIX", cls.branch_prefix),
+            review_rounds=num("TB_REVIEW_ROUNDS", cls.review_rounds),
+            role_models={role: env[f"TB_{role.upper()}_MODEL"] for role in ("planner", "coder", "reviewer")
+                         if env.get(f"TB_{role.upper()}_MODEL")},
         )

@@ -9,7 +9,6 @@ Errors:
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import re
 import secrets
@@ -20,14 +19,15 @@ from typing import Any
 
 import anthropic
 
-from .agent import AgentResult, Budget, LimitReached, run_agent
+from .agent import Budget, LimitReached
 from .config import Settings
 from .events import Event, EventLog
 from .mcp_pool import ServerUnavailable, ToolPool
 from .model import Model
-from .prompts import brief, system_prompt
+from .prompts import format_plan
 from .redact import Redactor
-from .tools import RunTools, result_text
+from .team import Crew, Work, single, team
+from .tools import RunTools, ToolFailed, result_text
 
 log = logging.getLogger(__name__)
 CLEANUP_SECONDS = 30
@@ -37,6 +37,7 @@ CLEANUP_SECONDS = 30
 class RunRequest:
     repo_url: str
     prompt: str
+    mode: str = "team"  # "team": planner, coder, reviewer; "single": one agent that publishes itself
 
 
 @dataclass
@@ -65,7 +66,7 @@ async def execute(request: RunRequest, services: Services, run_id: str | None = 
     started = time.monotonic()
     sandbox_id: str | None = None
     outcome: dict[str, Any] = {"status": "error"}
-    yield events("run", repo=request.repo_url, prompt=request.prompt, model=services.model.name)
+    yield events("run", repo=request.repo_url, prompt=request.prompt, model=services.model.name, mode=request.mode)
     try:
         yield events("status", stage="sandbox", message="cloning the repository into a sandbox")
         info = await _call(pool, "sandbox", "create_sandbox", {"repo_url": request.repo_url}, limits.tool_seconds)
@@ -73,27 +74,26 @@ async def execute(request: RunRequest, services: Services, run_id: str | None = 
         yield events("sandbox", **info)
         tools = RunTools(pool, sandbox_id, request.repo_url, info["base_commit"], limits.tool_seconds,
                          settings.tool_result_chars)
-        result = AgentResult()
+        crew = Crew(services.model, tools, budget, events, Redactor(), settings.role_models)
+        work = Work()
         stopped: LimitReached | None = None
-        yield events("agent", agent="agent", state="start")
+        args = (crew, work, request.prompt, request.repo_url, info["default_branch"], limits.max_turns)
+        flow = single(*args, settings.branch_prefix) if request.mode == "single" else team(*args, settings.review_rounds)
         try:
-            async for event in run_agent(services.model, tools, system_prompt(settings.branch_prefix),
-                                         brief(request.prompt, request.repo_url, info["default_branch"]), budget,
-                                         events, result, max_turns=limits.max_turns, redact=Redactor()):
+            async for event in flow:
                 yield event
         except LimitReached as exc:
             stopped = exc
-            yield events("error", agent="agent", reason="limit", limit=exc.limit, message=str(exc))
-        yield events("agent", agent="agent", state="end", turns=result.turns, usage=result.usage.as_dict())
-        async for event in _publish(request, tools, result, events, stopped, settings):
+            yield events("error", reason="limit", limit=exc.limit, message=str(exc))
+        async for event in _publish(request, tools, work, events, stopped, settings):
             yield event
+        status = "limit" if stopped else "success" if tools.pull_request else "no_changes"
+        outcome = {"status": status}
         if tools.pull_request:
-            outcome = {"status": "limit" if stopped else "success", "pull_request_url": tools.pull_request.url}
-        else:
-            outcome = {"status": "limit" if stopped else "no_changes"}
+            outcome["pull_request_url"] = tools.pull_request.url
         if stopped:
             outcome["limit"] = stopped.limit
-    except (RunFailed, ServerUnavailable) as exc:
+    except (RunFailed, ServerUnavailable, ToolFailed) as exc:
         yield events("error", reason="failed", message=str(exc))
     except anthropic.APIError as exc:
         yield events("error", reason="model", message=f"the model API failed: {_api_message(exc)}")
@@ -107,29 +107,33 @@ async def execute(request: RunRequest, services: Services, run_id: str | None = 
     yield events("completion", **outcome, duration_s=round(time.monotonic() - started, 3))
 
 
-async def _publish(request: RunRequest, tools: RunTools, result: AgentResult, events: EventLog,
-                   stopped: LimitReached | None, settings: Settings) -> AsyncIterator[Event]:
-    """Show the diff; open a pull request for changes the model left unpublished (a draft after a limit)."""
-    exported = await _call(tools.pool, "sandbox", "export_changes", {"sandbox_id": tools.sandbox_id},
-                           settings.limits.tool_seconds)
+async def _publish(request: RunRequest, tools: RunTools, work: Work, events: EventLog, stopped: LimitReached | None,
+                   settings: Settings) -> AsyncIterator[Event]:
+    """Show the diff; open a pull request for changes no agent published: a draft when a limit stopped the run or
+    the reviewer did not approve, saying why."""
+    exported = await tools.export()
     changeset, diff = exported["changeset"], exported["diff"]
     if not changeset["files"] and not changeset["deleted"]:
         if not tools.pull_request:
-            yield events("status", stage="publish", message="the agent made no changes; nothing to publish")
+            yield events("status", stage="publish", message="the agents made no changes; nothing to publish")
         return
     yield events("diff", diff=diff, files=[f["path"] for f in changeset["files"]], deleted=changeset["deleted"])
     if tools.pull_request is None:
-        yield events("status", stage="publish", message="opening a pull request for the agent's changes")
+        draft_reason = (f"the run stopped before it finished: {stopped}" if stopped else
+                        f"the reviewer did not approve after {work.rounds} round(s)" if work.approved is False else
+                        None)
+        yield events("status", stage="publish", message="opening a pull request" + (" (draft)" if draft_reason
+                                                                                      else ""))
         branch = f"{settings.branch_prefix}{_slug(request.prompt)}-{events.run_id[-6:]}"
         title = _title(request.prompt)
-        body = _body(request, result, changeset, stopped, events.run_id)
+        body = _body(request, work, changeset, draft_reason, events.run_id)
         repo, timeout = request.repo_url, settings.limits.tool_seconds
         await _call(tools.pool, "github", "create_branch", {"repo": repo, "branch": branch,
                                                             "from_sha": tools.base_commit}, timeout)
         await _call(tools.pool, "github", "commit_changes", {"repo": repo, "branch": branch, "message": title,
                                                              "changes": changeset}, timeout)
         pr = await _call(tools.pool, "github", "open_pull_request", {"repo": repo, "head": branch, "title": title,
-                                                                     "body": body, "draft": stopped is not None},
+                                                                     "body": body, "draft": draft_reason is not None},
                          timeout)
         tools.saw_pull_request(pr, branch)
     pr = tools.pull_request
@@ -171,14 +175,19 @@ def _title(prompt: str) -> str:
     return line if len(line) <= 72 else line[:69].rstrip() + "..."
 
 
-def _body(request: RunRequest, result: AgentResult, changeset: dict[str, Any], stopped: LimitReached | None,
-          run_id: str) -> str:
-    files = [f"- `{f['path']}` ({len(base64.b64decode(f['content_base64']))} bytes)" for f in changeset["files"]]
-    files += [f"- `{p}` (deleted)" for p in changeset["deleted"]]
-    parts = []
-    if stopped:
-        parts.append(f"> **Draft:** the run stopped before it finished: {stopped}.\n")
-    parts += ["## Request", "\n".join(f"> {line}" for line in request.prompt.strip().splitlines()), "",
-              "## Summary", result.final_text.strip() or "(the agent wrote no summary)", "",
-              "## Files", *files, "", f"_Opened by Tiny Backspace, run `{run_id}`._"]
+def _body(request: RunRequest, work: Work, changeset: dict[str, Any], draft_reason: str | None, run_id: str) -> str:
+    files = [f"- `{f['path']}`" for f in changeset["files"]] + [f"- `{p}` (deleted)" for p in changeset["deleted"]]
+    parts = [f"> **Draft:** {draft_reason}.\n"] if draft_reason else []
+    parts += ["## Summary", work.summary.strip() or "(the agent wrote no summary)", "",
+              "## Request", "\n".join(f"> {line}" for line in request.prompt.strip().splitlines()), ""]
+    if work.plan:
+        parts += ["## Plan", format_plan(work.plan), ""]
+    if work.review:
+        findings = work.review.get("findings") or []
+        parts += ["## Review", f"Verdict: **{work.review.get('verdict')}** after {work.rounds} round(s).",
+                  *(f"- {f}" for f in findings), ""]
+        tests = work.review.get("tests_run") or []
+        if tests:
+            parts += ["## Tests run", *(f"- `{t.get('command')}`: {t.get('result')}" for t in tests), ""]
+    parts += ["## Files", *files, "", f"_Opened by Tiny Backspace, run `{run_id}`._"]
     return "\n".join(parts)

@@ -27,6 +27,7 @@ class ToolOutput:
     text: str
     is_error: bool = False
     data: Any = None
+    final: bool = False  # the agent's work is handed over: its loop ends after this turn
 
 
 class ToolSet(Protocol):
@@ -65,7 +66,6 @@ class RunTools:
     base_commit: str
     timeout_s: float
     result_chars: int = 30_000
-    allow: frozenset[str] | None = None  # tool names this toolset offers; all when None
     pull_request: PullRequestSeen | None = None
     _commits: dict[str, str] = field(default_factory=dict)  # branch -> the last commit this run made on it
     _specs: list[dict[str, Any]] | None = None
@@ -81,8 +81,6 @@ class RunTools:
                 for tool in tools:
                     name = f"{server}_{tool.name}"
                     if (server, tool.name) in HIDDEN or not NAME.match(name):
-                        continue
-                    if self.allow is not None and name not in self.allow:
                         continue
                     schema = copy.deepcopy(tool.input_schema)
                     props = schema.get("properties", {})
@@ -120,12 +118,16 @@ class RunTools:
         self._observe(server, tool, args, result)
         return ToolOutput(cut(result_text(result), self.result_chars), result.is_error, result.structured_content)
 
-    async def changes_for(self, branch: str) -> dict[str, Any]:
-        """The sandbox's changes, based on this run's last commit to `branch` when there is one."""
+    async def export(self) -> dict[str, Any]:
+        """The sandbox's changes since the base commit: `changeset` and `diff`."""
         exported = await self.pool.call("sandbox", "export_changes", {"sandbox_id": self.sandbox_id}, self.timeout_s)
         if exported.is_error:
             raise ToolFailed(f"could not export the sandbox's changes: {result_text(exported)}")
-        changeset = exported.structured_content["changeset"]
+        return exported.structured_content
+
+    async def changes_for(self, branch: str) -> dict[str, Any]:
+        """The sandbox's changes, based on this run's last commit to `branch` when there is one."""
+        changeset = (await self.export())["changeset"]
         # Full contents of every changed file apply as well on top of our own earlier commit as on the base.
         changeset["base_commit"] = self._commits.get(branch, changeset["base_commit"])
         return changeset

@@ -133,17 +133,18 @@ class HostSandbox:
     def env(self) -> dict[str, str]:
         return SANDBOX_ENV
 
-    def jail_argv(self, script: str, cwd: str) -> tuple[list[str], str | None]:
+    def jail_argv(self, script: str, cwd: str, read_only: bool = False) -> tuple[list[str], str | None]:
         """The argv that runs the shell `script` in `cwd` (relative to the repository), and the host cwd to start it
         in."""
         raise NotImplementedError
 
-    async def run(self, command: str, timeout_s: float, workdir: str = ".", cap: int = OUTPUT_CAP) -> ExecResult:
+    async def run(self, command: str, timeout_s: float, workdir: str = ".", cap: int = OUTPUT_CAP,
+                  read_only: bool = False) -> ExecResult:
         """Run `command` in the jail; kill everything it started when it ends or times out."""
         self._check_alive()
         cwd = files.normalize(workdir, allow_root=True)
         files.check_dir(self.repo, cwd)
-        argv, host_cwd = self.jail_argv(self.limits.shell_prefix() + command, cwd)
+        argv, host_cwd = self.jail_argv(self.limits.shell_prefix() + command, cwd, read_only)
         # setpriv drops to the sandbox's uid; Python's own user= would make every spawn a full fork.
         if self.owner:
             argv = [SETPRIV, f"--reuid={self.owner[0]}", f"--regid={self.owner[1]}", "--clear-groups", "--", *argv]
@@ -188,8 +189,8 @@ class HostSandbox:
         if self._destroyed:
             raise SandboxError(f"sandbox {self.info.sandbox_id} was destroyed; create a new one")
 
-    async def exec(self, command: str, timeout_s: float, workdir: str) -> ExecResult:
-        return await self.run(command, timeout_s, workdir)
+    async def exec(self, command: str, timeout_s: float, workdir: str, read_only: bool = False) -> ExecResult:
+        return await self.run(command, timeout_s, workdir, read_only=read_only)
 
     async def read_file(self, path: str, offset: int, limit: int) -> str:
         self._check_alive()

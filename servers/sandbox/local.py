@@ -38,12 +38,12 @@ class BwrapSandbox(HostSandbox):
                 "together with SANDBOX_ALLOW_UNSAFE=1 to run commands without isolation"
             )
 
-    def jail_argv(self, script: str, cwd: str) -> tuple[list[str], str | None]:
+    def jail_argv(self, script: str, cwd: str, read_only: bool = False) -> tuple[list[str], str | None]:
         inside = WORKDIR if cwd == "." else f"{WORKDIR}/{cwd}"
         bwrap = [
             shutil.which("bwrap") or "bwrap",
             *_system_binds(),
-            "--bind", str(self.repo), WORKDIR,
+            "--ro-bind" if read_only else "--bind", str(self.repo), WORKDIR,
             "--proc", "/proc", "--dev", "/dev",
             "--size", TMPFS_BYTES, "--tmpfs", "/tmp", "--size", TMPFS_BYTES, "--tmpfs", "/var/tmp",
             "--size", "1048576", "--tmpfs", "/run",

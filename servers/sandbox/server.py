@@ -112,6 +112,8 @@ def build_server(settings: Settings | None = None) -> MCPServer:
                                                       "killed when it passes.", gt=0, le=600)] = 120,
         workdir: Annotated[str, Field(description="Directory to run in, relative to the repository root.",
                                       max_length=4096)] = ".",
+        read_only: Annotated[bool, Field(description="Mount the repository read-only for this command, for "
+                                                     "inspection that must change nothing.")] = False,
     ) -> ExecResult:
         """Run a shell command in the sandbox (no network); a non-zero exit code is a normal result.
 
@@ -120,7 +122,7 @@ def build_server(settings: Settings | None = None) -> MCPServer:
         """
         if not command.strip():
             raise SandboxError("command is empty; give a shell command such as 'ls -la' or 'pytest -q'")
-        return await manager.get(sandbox_id).exec(command, timeout_s, workdir)
+        return await manager.get(sandbox_id).exec(command, timeout_s, workdir, read_only)
 
     @mcp.tool(annotations=READ_ONLY)
     @_tool_errors

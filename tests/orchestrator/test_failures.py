@@ -35,7 +35,7 @@ async def test_an_unknown_tool_and_a_failing_tool_are_results_the_model_reads(po
         turn(text("Nothing I can do.")),
     ]
     async with stack(pool, script) as s:
-        _, events, _ = await post_code(s.url, {"repoUrl": str(repo), "prompt": "Try things."})
+        _, events, _ = await post_code(s.url, {"repoUrl": str(repo), "prompt": "Try things.", "mode": "single"})
     results = of_type(events, "tool_result")
     assert [r["is_error"] for r in results] == [True, True]
     assert "unknown tool 'sandbox_teleport'" in results[0]["content"] and "not found" in results[1]["content"]
@@ -52,7 +52,7 @@ async def test_changes_left_unpublished_are_published_by_the_run(pool, make_repo
         turn(text("Fixed the sign in add().")),
     ]
     async with stack(pool, script) as s:
-        _, events, _ = await post_code(s.url, {"repoUrl": str(repo), "prompt": "Fix add() in calc.py"})
+        _, events, _ = await post_code(s.url, {"repoUrl": str(repo), "prompt": "Fix add() in calc.py", "mode": "single"})
     pr = of_type(events, "pull_request")[0]
     assert events[-1]["status"] == "success" and pr["draft"] is False
     assert pr["head"].startswith("tb/fix-add-in-calc-py-")
@@ -66,7 +66,7 @@ async def test_the_turn_limit_stops_the_run_and_publishes_a_draft(pool, make_rep
     script = [turn(tool_use("sandbox_edit_file", {"path": "calc.py", "old_text": "a - b", "new_text": "a + b"})),
               turn(tool_use("sandbox_exec", {"command": "true"}))]
     async with stack(pool, script, limits=replace(FAST, max_turns=2)) as s:
-        _, events, _ = await post_code(s.url, {"repoUrl": str(repo), "prompt": "Fix add()"})
+        _, events, _ = await post_code(s.url, {"repoUrl": str(repo), "prompt": "Fix add()", "mode": "single"})
     error = of_type(events, "error")[0]
     assert error["limit"] == "turns" and "TB_MAX_TURNS" in error["message"]
     assert of_type(events, "pull_request")[0]["draft"] is True
@@ -76,7 +76,7 @@ async def test_the_turn_limit_stops_the_run_and_publishes_a_draft(pool, make_rep
 async def test_the_token_limit_stops_the_run(pool, make_repo):
     script = [turn(tool_use("sandbox_exec", {"command": "true"}), input_tokens=900, output_tokens=200)]
     async with stack(pool, script, limits=replace(FAST, max_tokens=1000)) as s:
-        _, events, _ = await post_code(s.url, {"repoUrl": str(make_repo(BUGGY)), "prompt": "Go"})
+        _, events, _ = await post_code(s.url, {"repoUrl": str(make_repo(BUGGY)), "prompt": "Go", "mode": "single"})
     assert of_type(events, "error")[0]["limit"] == "tokens"
     assert events[-1]["status"] == "limit"
 
@@ -85,7 +85,7 @@ async def test_the_wall_clock_limit_interrupts_a_long_tool_call(pool, make_repo,
     script = [turn(tool_use("sandbox_exec", {"command": "sleep 120"}))]
     async with stack(pool, script, limits=replace(FAST, run_seconds=3)) as s:
         async with asyncio.timeout(30):
-            _, events, _ = await post_code(s.url, {"repoUrl": str(make_repo(BUGGY)), "prompt": "Go"})
+            _, events, _ = await post_code(s.url, {"repoUrl": str(make_repo(BUGGY)), "prompt": "Go", "mode": "single"})
     assert of_type(events, "error")[0]["limit"] == "run_seconds"
     assert events[-1]["status"] == "limit"
     assert sandboxes(sandbox_root) == []
@@ -94,7 +94,7 @@ async def test_the_wall_clock_limit_interrupts_a_long_tool_call(pool, make_repo,
 async def test_a_tool_call_past_its_time_limit_is_an_error_result(pool, make_repo):
     script = [turn(tool_use("sandbox_exec", {"command": "sleep 60"})), turn(text("It hung."))]
     async with stack(pool, script, limits=replace(FAST, tool_seconds=1)) as s:
-        _, events, _ = await post_code(s.url, {"repoUrl": str(make_repo(BUGGY)), "prompt": "Go"})
+        _, events, _ = await post_code(s.url, {"repoUrl": str(make_repo(BUGGY)), "prompt": "Go", "mode": "single"})
     result = of_type(events, "tool_result")[0]
     assert result["is_error"] and "within 1 s" in result["content"]
     assert events[-1]["status"] == "no_changes"
@@ -104,7 +104,7 @@ async def test_an_overloaded_api_is_retried_by_the_sdk_and_in_the_stream(pool, m
     script = [http_error(529), turn(tool_use("sandbox_exec", {"command": "true"})),
               stream_error("overloaded_error", partial_text="Let me"), turn(text("Done."))]
     async with stack(pool, script) as s:
-        _, events, _ = await post_code(s.url, {"repoUrl": str(make_repo(BUGGY)), "prompt": "Go"})
+        _, events, _ = await post_code(s.url, {"repoUrl": str(make_repo(BUGGY)), "prompt": "Go", "mode": "single"})
     retry = [e for e in of_type(events, "status") if e.get("stage") == "retry"]
     assert len(retry) == 1 and "overloaded" in retry[0]["message"]
     assert events[-1]["status"] == "no_changes"
@@ -117,7 +117,7 @@ async def test_a_model_api_that_is_down_ends_the_run_with_an_error(pool, make_re
     async with stack(pool, []) as s:
         services = Services(s.services.settings, pool, AnthropicModel(client, "claude-sonnet-test", 1000))
         async with serve(services) as url:
-            _, events, _ = await post_code(url, {"repoUrl": str(make_repo(BUGGY)), "prompt": "Go"})
+            _, events, _ = await post_code(url, {"repoUrl": str(make_repo(BUGGY)), "prompt": "Go", "mode": "single"})
     error = of_type(events, "error")[0]
     assert error["reason"] == "model" and "model API" in error["message"]
     assert events[-1]["type"] == "completion" and events[-1]["status"] == "error"
@@ -128,7 +128,7 @@ async def test_a_client_that_disconnects_cancels_its_run_and_its_sandbox(pool, m
     script = [turn(tool_use("sandbox_exec", {"command": "sleep 313131"}))]
     async with stack(pool, script) as s:
         async with aiohttp.ClientSession() as http:
-            async with http.post(s.url + "/code", json={"repoUrl": str(make_repo(BUGGY)), "prompt": "Go"}) as resp:
+            async with http.post(s.url + "/code", json={"repoUrl": str(make_repo(BUGGY)), "prompt": "Go", "mode": "single"}) as resp:
                 async with asyncio.timeout(30):
                     async for line in resp.content:
                         if b'"state":"complete"' in line:
@@ -162,7 +162,8 @@ async def test_two_runs_at_once_on_one_repository_both_open_pull_requests(pool, 
         return scripts[which][progress[which] - 1]
 
     async with stack(pool, [step] * 14) as s:
-        runs = await asyncio.gather(*(post_code(s.url, {"repoUrl": str(repo), "prompt": f"Fix add() ({name})"})
+        runs = await asyncio.gather(*(post_code(s.url, {"repoUrl": str(repo), "prompt": f"Fix add() ({name})",
+                                                           "mode": "single"})
                                       for name in scripts))
     assert [r[1][-1]["status"] for r in runs] == ["success", "success"]
     assert git(repo, "show", "tb/first:calc.py") == git(repo, "show", "tb/second:calc.py")
@@ -174,7 +175,7 @@ async def test_secrets_are_redacted_even_when_the_model_writes_them(pool, make_r
     monkeypatch.setenv("GITHUB_TOKEN", GITHUB_TOKEN)
     script = [turn(text(f"The key is {API_KEY} and the token {GITHUB_TOKEN}; also ghp_{'z' * 36}."))]
     async with stack(pool, script) as s:
-        _, events, raw = await post_code(s.url, {"repoUrl": str(make_repo(BUGGY)), "prompt": "Leak"})
+        _, events, raw = await post_code(s.url, {"repoUrl": str(make_repo(BUGGY)), "prompt": "Leak", "mode": "single"})
     streamed = "".join(e["text"] for e in of_type(events, "text"))
     assert streamed == "The key is [redacted] and the token [redacted]; also [redacted]."
     assert API_KEY[:20] not in raw and GITHUB_TOKEN[:20] not in raw and "z" * 20 not in raw
@@ -212,7 +213,7 @@ async def test_a_crashed_server_ends_its_run_and_is_restarted(pool, make_repo, s
     conn = pool.connections["sandbox"]
     restarts = conn.restarts
     async with stack(pool, script) as s:
-        run = asyncio.create_task(post_code(s.url, {"repoUrl": str(make_repo(BUGGY)), "prompt": "Go"}))
+        run = asyncio.create_task(post_code(s.url, {"repoUrl": str(make_repo(BUGGY)), "prompt": "Go", "mode": "single"}))
         async with asyncio.timeout(30):
             while not _processes("717171"):
                 await asyncio.sleep(0.05)

@@ -41,7 +41,7 @@ async def test_a_run_fixes_the_bug_and_opens_a_pull_request(pool, make_repo):
     (repo / "notes.txt").write_text("uncommitted work in progress\n")
     head, status = git(repo, "rev-parse", "HEAD"), git(repo, "status", "--porcelain")
     async with stack(pool, fix_script()) as s:
-        code, events, raw = await post_code(s.url, {"repoUrl": str(repo), "prompt": "Fix add(); its test fails."})
+        code, events, raw = await post_code(s.url, {"repoUrl": str(repo), "prompt": "Fix add(); its test fails.", "mode": "single"})
     assert code == 200
     kinds = [e["type"] for e in events]
     assert kinds[0] == "run" and kinds[1] == "status" and kinds[2] == "sandbox"
@@ -75,7 +75,7 @@ async def test_a_run_fixes_the_bug_and_opens_a_pull_request(pool, make_repo):
 async def test_the_model_never_sees_bound_arguments_or_lifecycle_tools(pool, make_repo):
     repo = make_repo(BUGGY)
     async with stack(pool, fix_script()) as s:
-        await post_code(s.url, {"repoUrl": str(repo), "prompt": "Fix add()."})
+        await post_code(s.url, {"repoUrl": str(repo), "prompt": "Fix add().", "mode": "single"})
     first = s.api.requests[0]
     tools = {t["name"]: t for t in first["tools"]}
     assert "sandbox_create_sandbox" not in tools and "sandbox_destroy_sandbox" not in tools

@@ -280,3 +280,12 @@ async def test_resource_limits_bind_and_cannot_be_raised(client, make_repo):
     out = await sh(client, sid, "ulimit -u; ulimit -Hv; ulimit -Hf; ulimit -Hu 100000 && echo RAISED; true")
     assert out["stdout"].split()[:3] == ["256", "8388608", "1048576"]
     assert "RAISED" not in out["stdout"]
+
+
+async def test_a_read_only_command_can_read_but_not_change_the_repository(jailed, make_repo):
+    sid = await sandbox(jailed, make_repo(REPO))
+    out = await call(jailed, "exec", sandbox_id=sid, read_only=True,
+                     command="cat README.md; echo x > README.md; touch new.txt; echo scratch > /tmp/ok && cat /tmp/ok")
+    assert "# demo" in out["stdout"] and "scratch" in out["stdout"]
+    assert out["stderr"].count("Read-only file system") == 2
+    assert (await call(jailed, "export_changes", sandbox_id=sid))["diff"] == ""

@@ -1,0 +1,117 @@
+"""Roles are data: a system prompt, the tools a role may use, its turn limit, and the tool that ends its work.
+
+`RoleTools` wraps a run's tools for one role: it filters them (a tool outside the role is refused by the filter,
+whatever the prompt says), makes `exec` read-only for roles that must not change the repository, and adds the
+role's own `submit_*` tool, which the orchestrator answers itself.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import prompts
+from .tools import RunTools, ToolOutput
+
+READ_TOOLS = frozenset({"sandbox_read_file", "sandbox_list_files", "sandbox_search", "sandbox_exec"})
+WRITE_TOOLS = READ_TOOLS | {"sandbox_write_file", "sandbox_edit_file", "sandbox_export_changes"}
+PUBLISH_TOOLS = frozenset({"github_create_branch", "github_commit_changes", "github_open_pull_request",
+                           "github_get_repository", "github_get_issue", "github_list_pull_requests"})
+
+SUBMIT_PLAN = {
+    "name": "submit_plan",
+    "description": "Hand over the plan: the changes to make (file, what, why) and how to verify them. Ends planning.",
+    "input_schema": {
+        "type": "object",
+        "properties": {
+            "summary": {"type": "string", "description": "The approach in two or three sentences."},
+            "changes": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["file", "what", "why"],
+                "properties": {"file": {"type": "string"}, "what": {"type": "string"}, "why": {"type": "string"}}}},
+            "verification": {"type": "string", "description": "The commands that show the change works."},
+        },
+        "required": ["summary", "changes", "verification"],
+    },
+}
+SUBMIT_REVIEW = {
+    "name": "submit_review",
+    "description": "Hand over the review: approve, or request changes with findings the coder can act on.",
+    "input_schema": {
+        "type": "object",
+        "properties": {
+            "verdict": {"type": "string", "enum": ["approve", "request_changes"]},
+            "findings": {"type": "array", "items": {"type": "string"},
+                         "description": "Each problem found, specific enough to fix; empty when approving."},
+            "tests_run": {"type": "array", "items": {
+                "type": "object", "required": ["command", "result"],
+                "properties": {"command": {"type": "string"}, "result": {"type": "string"}}}},
+        },
+        "required": ["verdict", "findings", "tests_run"],
+    },
+}
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    system: str
+    tools: frozenset[str]
+    max_turns: int
+    submit: dict[str, Any] | None = None  # the tool that ends this role's work
+    read_only: bool = False  # exec runs with the repository mounted read-only
+    model: str | None = None  # another model than the run's
+
+
+def team_roles(max_turns: int) -> dict[str, Role]:
+    return {
+        "planner": Role("planner", prompts.PLANNER, READ_TOOLS, max(1, max_turns // 2), SUBMIT_PLAN, read_only=True),
+        "coder": Role("coder", prompts.CODER, WRITE_TOOLS, max_turns),
+        "reviewer": Role("reviewer", prompts.REVIEWER, READ_TOOLS, max(1, max_turns // 2), SUBMIT_REVIEW,
+                         read_only=True),
+    }
+
+
+def single_role(max_turns: int, branch_prefix: str) -> Role:
+    return Role("agent", prompts.system_prompt(branch_prefix), WRITE_TOOLS | PUBLISH_TOOLS, max_turns)
+
+
+@dataclass
+class RoleTools:
+    """The run's tools as one role sees them."""
+
+    base: RunTools
+    role: Role
+    submitted: dict[str, Any] | None = None
+    _specs: list[dict[str, Any]] | None = field(default=None, repr=False)
+
+    def specs(self) -> list[dict[str, Any]]:
+        if self._specs is None:
+            self._specs = []
+            for spec in self.base.specs():
+                if spec["name"] not in self.role.tools:
+                    continue
+                if spec["name"] == "sandbox_exec":  # the role decides, not the model
+                    spec = copy.deepcopy(spec)
+                    spec["input_schema"]["properties"].pop("read_only", None)
+                self._specs.append(spec)
+            if self.role.submit:
+                self._specs.append(self.role.submit)
+        return self._specs
+
+    async def call(self, name: str, arguments: dict[str, Any]) -> ToolOutput:
+        submit = self.role.submit
+        if submit and name == submit["name"]:
+            missing = [k for k in submit["input_schema"]["required"] if k not in arguments]
+            if missing:
+                return ToolOutput(f"{name} needs {', '.join(missing)}", is_error=True)
+            self.submitted = arguments
+            return ToolOutput(f"{name} recorded.", final=True)
+        if name not in self.role.tools:
+            known = ", ".join(s["name"] for s in self.specs())
+            exists = any(s["name"] == name for s in self.base.specs())
+            problem = f"{name} is not available to the {self.role.name}" if exists else f"unknown tool {name!r}"
+            return ToolOutput(f"{problem}; the tools are: {known}", is_error=True)
+        if name == "sandbox_exec":
+            arguments = {**arguments, "read_only": self.role.read_only}
+        return await self.base.call(name, arguments)

@@ -46,6 +46,8 @@ class SandboxInfo(BaseModel):
     default_branch: str
     backend: str
     workdir: str = Field(description="Where the repository sits for commands run with exec.")
+    note: str | None = Field(default=None, description="Why the sandbox runs on another backend than the one "
+                                                       "configured, e.g. a fallback from Modal to the local backend.")
 
 
 class Sandbox(Protocol):

@@ -134,6 +134,26 @@ def read_bytes(root: Path, rel: str, limit: int = MAX_READ_BYTES) -> bytes:
         return f.read(limit + 1)
 
 
+def read_changed(root: Path, changed: list[tuple[str, str]], limit: int) -> list[bytes]:
+    """The new content of each (path, mode) `git diff --raw` listed: a link's target for a link, a regular file's
+    bytes otherwise; refused when they add up to more than `limit` bytes."""
+    out: list[bytes] = []
+    total = 0
+    for rel, mode in changed:
+        if mode == "120000":
+            parent, name = posixpath.split(rel)
+            with _open_dir(root, parent.split("/") if parent else []) as dfd:
+                data = os.readlink(name, dir_fd=dfd).encode()
+        else:
+            data = read_bytes(root, rel, limit)
+        total += len(data)
+        if total > limit:
+            raise SandboxError(f"the changes exceed {limit // 1_048_576} MB; remove large generated files or add "
+                               "them to .gitignore")
+        out.append(data)
+    return out
+
+
 def read_text(root: Path, rel: str, offset: int, limit: int) -> str:
     """Lines `offset`.. of a text file, numbered from 1, with a note when more remain."""
     if offset < 1:

@@ -11,10 +11,10 @@ import asyncio
 import base64
 import contextlib
 import os
-import posixpath
 import re
 import shutil
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,37 +216,9 @@ class HostSandbox:
 
     async def export_changes(self) -> tuple[Changeset, str]:
         """Everything that differs from the base commit: untracked files included, ignored ones not."""
-        base = self.info.base_commit
-        # A throwaway index, so the sandbox's own staging area is left as the agent left it.
-        git = "GIT_INDEX_FILE=.git/tb-export-index git -c core.hooksPath=/dev/null -c core.fsmonitor=false"
-        listed = await self.run(f"set -e; {git} read-tree {base}; {git} add -A .; "
-                                f"{git} diff --cached --raw -z --no-renames --abbrev=40 {base}", 120, ".", EXPORT_CAP)
-        shown = await self.run(f"{git} diff --cached --no-renames --no-color --no-ext-diff --no-textconv {base}; "
-                               "rm -f .git/tb-export-index", 120, ".", EXPORT_CAP)
-        for result in (listed, shown):
-            if result.exit_code != 0 or result.truncated:
-                raise SandboxError(f"could not compute the changes: {result.stderr.strip()[-1000:]}")
-        raw, diff = listed.stdout, shown.stdout
-        changed, deleted = _parse_raw(raw)
-        out: list[ChangedFile] = []
-        total = 0
-        for path, mode in changed:
-            data = await asyncio.to_thread(self._content, path, mode)
-            total += len(data)
-            if total > MAX_CHANGESET_BYTES:
-                raise SandboxError(f"the changes exceed {MAX_CHANGESET_BYTES // 1_048_576} MB; remove large "
-                                   "generated files or add them to .gitignore")
-            out.append(ChangedFile(path=path, mode=mode, content_base64=base64.b64encode(data).decode()))
-        if len(diff) > DIFF_CAP:
-            diff = diff[:DIFF_CAP] + f"\n… [diff cut: {len(diff) - DIFF_CAP} more characters]\n"
-        return Changeset(base_commit=base, files=out, deleted=deleted), diff
-
-    def _content(self, path: str, mode: str) -> bytes:
-        if mode == "120000":
-            parent, name = posixpath.split(path)
-            with files._open_dir(self.repo, parent.split("/") if parent else []) as dfd:
-                return os.readlink(name, dir_fd=dfd).encode()
-        return files.read_bytes(self.repo, path, MAX_CHANGESET_BYTES)
+        return await collect_changes(
+            self.info.base_commit, lambda script: self.run(script, 120, ".", EXPORT_CAP),
+            lambda changed: asyncio.to_thread(files.read_changed, self.repo, changed, MAX_CHANGESET_BYTES))
 
     async def destroy(self) -> None:
         if self._destroyed:
@@ -262,6 +234,32 @@ class HostSandbox:
                     while _kill_uid(self.owner[0]):
                         await asyncio.sleep(0.01)
         await remove_tree(self.home)
+
+
+async def collect_changes(base: str, run: Callable[[str], Awaitable[ExecResult]],
+                          read_changed: Callable[[list[tuple[str, str]]], Awaitable[list[bytes]]]
+                          ) -> tuple[Changeset, str]:
+    """The changeset and diff against `base`, with git run by `run` where the repository lives (never on the host:
+    git executes what the sandbox's `.git/config` names) and contents read by `read_changed`."""
+    # A throwaway index, so the sandbox's own staging area is left as the agent left it.
+    git = "GIT_INDEX_FILE=.git/tb-export-index git -c core.hooksPath=/dev/null -c core.fsmonitor=false"
+    listed = await run(f"set -e; {git} read-tree {base}; {git} add -A .; "
+                       f"{git} diff --cached --raw -z --no-renames --abbrev=40 {base}")
+    shown = await run(f"{git} diff --cached --no-renames --no-color --no-ext-diff --no-textconv {base}; "
+                      "rm -f .git/tb-export-index")
+    for result in (listed, shown):
+        if result.exit_code != 0 or result.truncated:
+            raise SandboxError(f"could not compute the changes: {result.stderr.strip()[-1000:]}")
+    changed, deleted = _parse_raw(listed.stdout)
+    contents = await read_changed(changed) if changed else []
+    if len(contents) != len(changed):
+        raise SandboxError("could not compute the changes: the sandbox returned the wrong number of files")
+    out = [ChangedFile(path=path, mode=mode, content_base64=base64.b64encode(data).decode())
+           for (path, mode), data in zip(changed, contents)]
+    diff = shown.stdout
+    if len(diff) > DIFF_CAP:
+        diff = diff[:DIFF_CAP] + f"\n… [diff cut: {len(diff) - DIFF_CAP} more characters]\n"
+    return Changeset(base_commit=base, files=out, deleted=deleted), diff
 
 
 async def run_tool(*argv: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import importlib
 import logging
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 from .base import BackendUnavailable, Sandbox, SandboxError, SandboxInfo
 from .clone import clone, refuse_under
 from .host import Limits, remove_tree, run_tool
+from .modal_setup import ModalSettings, ModalUnavailable, has_credentials
 
 log = logging.getLogger(__name__)
 
@@ -23,27 +25,31 @@ log = logging.getLogger(__name__)
 BACKENDS = {
     "local": "servers.sandbox.local:BwrapSandbox",
     "process": "servers.sandbox.process:ProcessSandbox",
+    "modal": "servers.sandbox.modal_backend:ModalSandbox",
 }
+# `auto`: Modal when credentials exist, the local backend otherwise or when Modal fails at create.
+CHOICES = [*BACKENDS, "auto"]
 
 
 @dataclass(frozen=True)
 class Settings:
     """Read once from SANDBOX_* environment variables."""
 
-    backend: str = "local"
+    backend: str = "auto"
     root: Path = Path(tempfile.gettempdir()) / "tiny-backspace-sandboxes"
     allow_unsafe: bool = False
     uid_base: int = 200_000  # sandboxes run as uids in [uid_base, uid_base + 65536) when the server is root
     idle_ttl_s: float = 1800
     max_sandboxes: int = 32
     limits: Limits = field(default_factory=Limits)
+    modal: ModalSettings = field(default_factory=ModalSettings)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        backend = env.get("SANDBOX_BACKEND", "local")
-        if backend not in BACKENDS:
-            raise BackendUnavailable(f"SANDBOX_BACKEND={backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
+        backend = env.get("SANDBOX_BACKEND") or "auto"
+        if backend not in CHOICES:
+            raise BackendUnavailable(f"SANDBOX_BACKEND={backend!r} is unknown; choose one of {', '.join(CHOICES)}")
         return cls(
             backend=backend,
             allow_unsafe=env.get("SANDBOX_ALLOW_UNSAFE") == "1",
@@ -51,6 +57,7 @@ class Settings:
             root=Path(env.get("SANDBOX_ROOT") or cls.root),
             idle_ttl_s=float(env.get("SANDBOX_IDLE_TTL_S", cls.idle_ttl_s)),
             max_sandboxes=int(env.get("SANDBOX_MAX", cls.max_sandboxes)),
+            modal=ModalSettings.from_env(env),
         )
 
 
@@ -94,17 +101,28 @@ def _own_root(root: Path) -> Path:
     return root
 
 
+def _load(backend: str) -> type:
+    module, _, name = BACKENDS[backend].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _reason(exc: Exception) -> str:
+    return "no credentials" if isinstance(exc, BackendUnavailable) else str(exc)
+
+
 class SandboxManager:
     def __init__(self, settings: Settings):
         self.settings = settings
-        module, _, name = BACKENDS[settings.backend].partition(":")
-        self.backend_cls = getattr(importlib.import_module(module), name)
+        # The host backend runs what Modal does not: everything, or what `auto` falls back from.
+        self.backend_cls = _load("local" if settings.backend in ("auto", "modal") else settings.backend)
+        self.modal_cls = _load("modal") if settings.backend in ("auto", "modal") else None
         self._sandboxes: dict[str, Sandbox] = {}
         self._last_used: dict[str, float] = {}
         self._pending = 0  # creates under way, counted against max_sandboxes
+        self._instance: tuple[Path, int] | None = None  # this server's folder under the root, and its lock
 
     async def create(self, repo_url: str, ref: str | None) -> SandboxInfo:
-        self.backend_cls.check(self.settings.allow_unsafe)
+        (self.modal_cls if self.settings.backend == "modal" else self.backend_cls).check(self.settings.allow_unsafe)
         if len(self._sandboxes) + self._pending >= self.settings.max_sandboxes:
             raise SandboxError(f"this server already holds {self.settings.max_sandboxes} sandboxes; "
                                "destroy one you no longer need")
@@ -120,24 +138,47 @@ class SandboxManager:
         _check_reachable(root, owner)
         refuse_under(repo_url, root)
         sandbox_id = "sbx_" + secrets.token_urlsafe(18)
-        home = Path(tempfile.mkdtemp(prefix="sbx-", dir=root))
+        home = Path(tempfile.mkdtemp(prefix="sbx-", dir=self._instance_dir(root)))
         try:
             os.chmod(home, 0o711)
             repo = home / "repo"
             cloned = await clone(repo_url, ref, repo)
+            info = SandboxInfo(sandbox_id=sandbox_id, base_commit=cloned.base_commit,
+                               default_branch=cloned.default_branch, backend=self.backend_cls.backend,
+                               workdir=self.backend_cls.workdir_for(repo))
+            if self.modal_cls is not None:
+                try:
+                    return await self._create_on_modal(info, home, repo_url)
+                except (ModalUnavailable, BackendUnavailable) as exc:
+                    if self.settings.backend == "modal":
+                        raise BackendUnavailable(f"Modal is unavailable ({exc}); check `modal token info` and "
+                                                 "Modal's status page, or set SANDBOX_BACKEND=local") from None
+                    info.note = f"Modal unavailable ({_reason(exc)}): using the local backend"
+                    log.log(logging.INFO if isinstance(exc, BackendUnavailable) else logging.WARNING,
+                            "sandbox %s: %s", sandbox_id, info.note)
+                    self.backend_cls.check(self.settings.allow_unsafe)
             (home / "tmp").mkdir()
             if owner:
                 await run_tool("chown", "-R", "-h", "-P", f"{owner[0]}:{owner[1]}", "--", str(repo), str(home / "tmp"))
         except BaseException:
             await asyncio.shield(remove_tree(home))
             raise
-        info = SandboxInfo(sandbox_id=sandbox_id, base_commit=cloned.base_commit,
-                           default_branch=cloned.default_branch, backend=self.backend_cls.backend,
-                           workdir=self.backend_cls.workdir_for(repo))
-        self._sandboxes[sandbox_id] = self.backend_cls(info, home, repo, owner, self.settings.limits)
-        self._last_used[sandbox_id] = time.monotonic()
-        log.info("created sandbox %s (%s) from %s", sandbox_id, info.backend, repo_url)
+        self._register(self.backend_cls(info, home, repo, owner, self.settings.limits), repo_url)
         return info
+
+    async def _create_on_modal(self, info: SandboxInfo, home: Path, repo_url: str) -> SandboxInfo:
+        """`info`'s sandbox on Modal, made from the clone in `home`, which is then removed."""
+        self.modal_cls.check(self.settings.allow_unsafe)
+        info = info.model_copy(update={"backend": "modal", "workdir": self.modal_cls.workdir_for(home / "repo")})
+        sandbox = await self.modal_cls.open(info, home / "repo", self.settings.modal, self.settings.limits)
+        await asyncio.shield(remove_tree(home))
+        self._register(sandbox, repo_url)
+        return info
+
+    def _register(self, sandbox: Sandbox, repo_url: str) -> None:
+        self._sandboxes[sandbox.info.sandbox_id] = sandbox
+        self._last_used[sandbox.info.sandbox_id] = time.monotonic()
+        log.info("created sandbox %s (%s) from %s", sandbox.info.sandbox_id, sandbox.info.backend, repo_url)
 
     def _uids(self) -> set[int]:
         return {owner[0] for s in self._sandboxes.values() if (owner := getattr(s, "owner", None))}
@@ -159,6 +200,42 @@ class SandboxManager:
 
     async def destroy_all(self) -> None:
         await asyncio.gather(*(self.destroy(i) for i in list(self._sandboxes)), return_exceptions=True)
+        if self._instance is not None:
+            await remove_tree(self._instance[0])
+            os.close(self._instance[1])
+            self._instance = None
+
+    def _instance_dir(self, root: Path) -> Path:
+        """This server's folder under the root, locked for as long as the server lives."""
+        if self._instance is None:
+            folder = Path(tempfile.mkdtemp(prefix="server-", dir=root))
+            os.chmod(folder, 0o711)
+            lock = os.open(folder / ".lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._instance = (folder, lock)
+        return self._instance[0]
+
+    async def reap_orphans(self) -> list[Path]:
+        """Remove the folders of servers that died without cleaning up: nobody holds their lock any more."""
+        root = self.settings.root
+        reaped = []
+        for folder in root.glob("server-*") if root.is_dir() else []:
+            if self._instance and folder == self._instance[0]:
+                continue
+            try:
+                lock = os.open(folder / ".lock", os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its server is alive
+            finally:
+                os.close(lock)
+            log.info("removing %s, left by a server that is gone", folder)
+            await remove_tree(folder)
+            reaped.append(folder)
+        return reaped
 
     async def reap_idle(self) -> list[str]:
         """Destroy the sandboxes unused for longer than the idle TTL; return their ids."""
@@ -178,5 +255,8 @@ class SandboxManager:
             await asyncio.sleep(interval)
             try:
                 await self.reap_idle()
+                if self.modal_cls is not None and has_credentials():
+                    async with asyncio.timeout(60):
+                        await self.modal_cls.reap_expired(self.settings.modal)
             except Exception:  # noqa: BLE001 - the reaper must outlive any one failure
-                log.exception("reaping idle sandboxes failed")
+                log.exception("reaping sandboxes failed")

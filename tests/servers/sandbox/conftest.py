@@ -16,17 +16,24 @@ import pytest
 from mcp import Client, StdioServerParameters
 
 from servers.sandbox.manager import Settings
+from servers.sandbox.modal_setup import has_credentials
 from servers.sandbox.server import build_server
 from tests.conftest import held_client
 
 ROOT = Path(__file__).resolve().parents[3]
 # Planted in every server's environment; no sandbox may ever see them.
 SECRETS = {"GITHUB_TOKEN": "ghp_" + "S3cr3tT0k3nFromTheServerEnv000000000", "ANTHROPIC_API_KEY": "sk-ant-api03-" + "x" * 40}
-CONNECTIONS = ["local", "process", "stdio", "http"]
+# Modal runs the same contract wherever a Modal token is configured; elsewhere the skip says why.
+MODAL = pytest.param("modal", marks=pytest.mark.skipif(
+    not has_credentials(), reason="no Modal credentials (MODAL_TOKEN_ID and MODAL_TOKEN_SECRET, or `modal token "
+                                  "new`): the Modal contract run is skipped"))
+CONNECTIONS = ["local", "process", "stdio", "http", MODAL]
 
 
 def server_env(**extra: str) -> dict[str, str]:
-    return {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), **SECRETS, **extra}
+    # The local backend unless a test asks for another: `auto` would pick Modal wherever a token is configured.
+    return {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "SANDBOX_BACKEND": "local",
+            **SECRETS, **extra}
 
 
 def free_port() -> int:
@@ -87,7 +94,7 @@ async def sandbox_client(request: pytest.FixtureRequest, sandbox_root: Path, mon
     kind = request.param
     for key, value in SECRETS.items():
         monkeypatch.setenv(key, value)
-    if kind in ("local", "process"):
+    if kind in ("local", "process", "modal"):
         server = build_server(Settings(backend=kind, allow_unsafe=True, root=sandbox_root))
         target = server
     elif kind == "stdio":

@@ -41,6 +41,10 @@ async def jailed(sandbox_root, monkeypatch):
         yield c
 
 
+def sandbox_dirs(root: Path) -> list[Path]:
+    return list(root.glob("*/sbx-*"))
+
+
 def host_processes(marker: str) -> list[str]:
     """Command lines of host processes that contain `marker`."""
     found = []
@@ -160,7 +164,7 @@ async def test_sandboxes_are_destroyed_when_the_stdio_server_exits(sandbox_root,
                                    cwd=str(ROOT), env=server_env(SANDBOX_ROOT=str(sandbox_root)))
     async with held_client(params) as c:
         await sandbox(c, make_repo(REPO))
-        assert len(list(sandbox_root.iterdir())) == 1
+        assert len(sandbox_dirs(sandbox_root)) == 1
     assert list(sandbox_root.iterdir()) == []
 
 
@@ -168,7 +172,7 @@ async def test_idle_sandboxes_are_reaped(sandbox_root, make_repo):
     manager = SandboxManager(Settings(root=sandbox_root, idle_ttl_s=0))
     info = await manager.create(str(make_repo(REPO)), None)
     assert await manager.reap_idle() == [info.sandbox_id]
-    assert list(sandbox_root.iterdir()) == []
+    assert sandbox_dirs(sandbox_root) == []
     with pytest.raises(Exception, match="create_sandbox"):
         manager.get(info.sandbox_id)
 
@@ -248,7 +252,7 @@ async def test_a_very_deep_tree_is_still_removed_with_its_sandbox(client, make_r
     sid = await sandbox(client, make_repo(REPO))
     await sh(client, sid, "python3 -c \"import os; os.makedirs('/'.join(['d'] * 3000))\"")
     await call(client, "destroy_sandbox", sandbox_id=sid)
-    assert list(sandbox_root.iterdir()) == []
+    assert sandbox_dirs(sandbox_root) == []
 
 
 async def test_concurrent_creates_respect_the_sandbox_limit(sandbox_root, make_repo):
@@ -271,7 +275,7 @@ async def test_a_sandbox_root_someone_else_can_write_is_refused(tmp_path, make_r
 
 async def test_another_sandbox_is_not_a_clone_source(jailed, make_repo, sandbox_root):
     await sandbox(jailed, make_repo(REPO))
-    (home,) = sandbox_root.iterdir()
+    (home,) = sandbox_dirs(sandbox_root)
     assert "inside the sandbox directory" in await call_error(jailed, "create_sandbox", repo_url=str(home / "repo"))
 
 
@@ -289,3 +293,13 @@ async def test_a_read_only_command_can_read_but_not_change_the_repository(jailed
     assert "# demo" in out["stdout"] and "scratch" in out["stdout"]
     assert out["stderr"].count("Read-only file system") == 2
     assert (await call(jailed, "export_changes", sandbox_id=sid))["diff"] == ""
+
+
+async def test_a_server_that_died_leaves_nothing_for_long(sandbox_root, make_repo):
+    dead = SandboxManager(Settings(root=sandbox_root))
+    await dead.create(str(make_repo(REPO)), None)
+    os.close(dead._instance[1])  # what the kernel does when a server process dies
+    async with held_client(build_server(Settings(root=sandbox_root))) as c:
+        assert sandbox_dirs(sandbox_root) == []
+        await sandbox(c, make_repo(REPO))
+        assert len(sandbox_dirs(sandbox_root)) == 1

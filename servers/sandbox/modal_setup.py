@@ -1,0 +1,84 @@
+"""What choosing Modal needs before any sandbox exists: its settings, whether a token is configured, the image,
+and why Modal could not give a sandbox, none of which imports `modal` until a sandbox is really asked of it."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ModalUnavailable(Exception):
+    """Modal could not give us a sandbox; the message says why, for the operator and the run's `sandbox` event."""
+
+
+@dataclass(frozen=True)
+class ModalSettings:
+    """Read once from SANDBOX_MODAL_* environment variables."""
+
+    app_name: str = "tiny-backspace-sandboxes"
+    image: str | None = None  # a registry image or a Dockerfile path; Debian slim with git, ripgrep, Python if None
+    create_timeout_s: float = 120  # a first start also builds the image
+    ttl_s: int = 3600  # Modal ends a sandbox this long after its start, and the reaper ends what outlived it
+    idle_timeout_s: int = 1800
+    cpu: float = 1.0
+    memory_mib: int = 2048
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ModalSettings:
+        return cls(
+            app_name=env.get("SANDBOX_MODAL_APP") or cls.app_name,
+            image=env.get("SANDBOX_MODAL_IMAGE") or None,
+            create_timeout_s=float(env.get("SANDBOX_MODAL_CREATE_TIMEOUT_S") or cls.create_timeout_s),
+            ttl_s=int(env.get("SANDBOX_MODAL_TTL_S") or cls.ttl_s),
+            idle_timeout_s=int(env.get("SANDBOX_MODAL_IDLE_TIMEOUT_S") or cls.idle_timeout_s),
+            cpu=float(env.get("SANDBOX_MODAL_CPU") or cls.cpu),
+            memory_mib=int(env.get("SANDBOX_MODAL_MEMORY_MIB") or cls.memory_mib),
+        )
+
+
+def has_credentials(env: Mapping[str, str] | None = None) -> bool:
+    """Whether a Modal token is configured (MODAL_TOKEN_ID/SECRET or the active profile of ~/.modal.toml), read
+    the way modal/config.py reads it but without importing `modal` or touching the network."""
+    env = os.environ if env is None else env
+    profile: dict[str, Any] = {}
+    path = Path(env.get("MODAL_CONFIG_PATH") or os.path.expanduser("~/.modal.toml"))
+    try:
+        profiles = tomllib.loads(path.read_text())
+    except (OSError, ValueError):
+        profiles = {}
+    active = next((name for name, p in profiles.items() if isinstance(p, dict) and p.get("active") is True), "default")
+    if isinstance(found := profiles.get(env.get("MODAL_PROFILE") or active), dict):
+        profile = found
+    return bool((env.get("MODAL_TOKEN_ID") or profile.get("token_id"))
+                and (env.get("MODAL_TOKEN_SECRET") or profile.get("token_secret")))
+
+
+def import_modal() -> Any:
+    # An mcp.json `${MODAL_TOKEN_ID}` with nothing behind it arrives as an empty variable, which modal would take
+    # over the profile's token.
+    for key in ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET"):
+        if os.environ.get(key) == "":
+            del os.environ[key]
+    import modal
+
+    return modal
+
+
+def image(modal: Any, spec: str | None) -> Any:
+    if not spec:
+        return modal.Image.debian_slim(python_version="3.12").apt_install("git", "ripgrep")
+    if spec.endswith("Dockerfile") or Path(spec).is_file():
+        return modal.Image.from_dockerfile(spec)
+    return modal.Image.from_registry(spec)
+
+
+def why_unavailable(exc: BaseException, modal: Any, seconds: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer from Modal within {seconds:g} s"
+    if isinstance(exc, modal.exception.AuthError):
+        return f"authentication failed: {str(exc)[:300]}"
+    return f"API error: {type(exc).__name__}: {str(exc)[:300]}"

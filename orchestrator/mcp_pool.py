@@ -19,6 +19,8 @@ from mcp import Client, StdioServerParameters
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, Tool
 
+from . import telemetry
+
 log = logging.getLogger(__name__)
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -70,10 +72,12 @@ def load_config(path: Path, env: dict[str, str] | None = None) -> list[ServerSpe
         if not command:
             raise ConfigError(f"server {name!r} in {path} has neither \"command\" nor \"url\"")
         if "/" in command and not os.path.isabs(command):
-            command = str((path.parent / command).resolve())
+            command = os.path.normpath(path.parent.absolute() / command)  # not resolve(): a venv python is a link
         args = [expand(str(a), env) for a in entry.get("args", [])]
-        server_env = {k: expand(str(v), env) for k, v in (entry.get("env") or {}).items()}
         # Only what the entry names reaches the server (on top of the SDK's PATH/HOME defaults): no secret of ours.
+        # OpenTelemetry's settings do too, so the server's spans join the run's trace; it names its own service.
+        server_env = {k: v for k, v in env.items() if k.startswith("OTEL_") and k != "OTEL_SERVICE_NAME"}
+        server_env.update({k: expand(str(v), env) for k, v in (entry.get("env") or {}).items()})
         specs.append(ServerSpec(name, StdioServerParameters(command=command, args=args, env=server_env,
                                                             cwd=str(path.parent))))
     return specs
@@ -92,6 +96,10 @@ class Connection:
     task: asyncio.Task | None = None
 
     async def supervise(self) -> None:
+        with telemetry.untraced():  # connecting and liveness listings belong to no run's trace
+            await self._supervise()
+
+    async def _supervise(self) -> None:
         delay = 0.5
         while True:
             try:
@@ -168,8 +176,11 @@ class ToolPool:
         if conn.client is None:
             raise ServerUnavailable(f"MCP server {server!r} is down ({conn.error or 'starting'})")
         try:
-            async with asyncio.timeout(timeout_s):
-                return await conn.client.call_tool(tool, arguments)
+            with telemetry.tool_span(server, tool, arguments) as traced:
+                async with asyncio.timeout(timeout_s):
+                    result = await conn.client.call_tool(tool, arguments)
+                traced.done(result.is_error, result.content)
+                return result
         except MCPError as exc:
             if exc.code == -32000:  # connection closed: the server process is gone
                 conn.lost.set()

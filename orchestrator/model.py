@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anthropic
+from opentelemetry.trace import Span
+
+from . import telemetry
 
 CACHE = {"type": "ephemeral"}
 # USD per million tokens: input, output, cache read, cache write (5 minutes). Sonnet's list price by default.
@@ -111,20 +114,22 @@ class AnthropicModel:
 
     async def turn(self, system: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
                    ) -> AsyncIterator[ModelEvent]:
-        system_blocks, messages, tools = with_cache_breakpoints(system, messages, tools)
-        for attempt in range(self.overloaded_retries + 1):
-            try:
-                async for event in self._stream(system_blocks, messages, tools):
-                    yield event
-                return
-            except anthropic.APIStatusError as exc:
-                # An overload reported inside a started stream is not retried by the SDK: retry the turn.
-                if not _is_overloaded(exc) or attempt == self.overloaded_retries:
-                    raise
-                yield Retrying(attempt + 1, "the model API is overloaded")
-                await asyncio.sleep(self.backoff_s * 2**attempt)
+        with telemetry.model_span(self.name, self.max_tokens, messages) as span:
+            system_blocks, messages, tools = with_cache_breakpoints(system, messages, tools)
+            for attempt in range(self.overloaded_retries + 1):
+                try:
+                    async for event in self._stream(system_blocks, messages, tools, span):
+                        yield event
+                    return
+                except anthropic.APIStatusError as exc:
+                    # An overload reported inside a started stream is not retried by the SDK: retry the turn.
+                    if not _is_overloaded(exc) or attempt == self.overloaded_retries:
+                        raise
+                    span.add_event("retry", {"attempt": attempt + 1, "error.type": "overloaded_error"})
+                    yield Retrying(attempt + 1, "the model API is overloaded")
+                    await asyncio.sleep(self.backoff_s * 2**attempt)
 
-    async def _stream(self, system: list[dict], messages: list[dict], tools: list[dict]
+    async def _stream(self, system: list[dict], messages: list[dict], tools: list[dict], span: Span
                       ) -> AsyncIterator[ModelEvent]:
         blocks: dict[int, tuple[str, str]] = {}
         async with self.client.messages.stream(model=self.name, max_tokens=self.max_tokens, system=system,
@@ -143,4 +148,5 @@ class AnthropicModel:
                       u.cache_creation_input_tokens or 0)
         content = [b.model_dump(mode="json", exclude_none=True, include={"type", "text", "id", "name", "input"})
                    for b in final.content if b.type in ("text", "tool_use")]
+        telemetry.record_response(span, self.name, usage.as_dict(), final.stop_reason, content, final.id, final.model)
         yield TurnDone(content, final.stop_reason, usage)

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import prompts
+from . import prompts, telemetry
 from .agent import AgentResult, Budget, LimitReached, run_agent
 from .events import Event, EventLog
 from .model import Model
@@ -51,15 +51,20 @@ async def run_role(crew: Crew, role: Role, brief: str, result: AgentResult) -> A
         model = copy.copy(model)
         model.name = crew.role_models[role.name]
     yield crew.events("agent", agent=role.name, state="start", model=model.name)
-    try:
-        async for event in run_agent(model, role_tools, role.system, brief, crew.budget, crew.events, result,
-                                     max_turns=role.max_turns, redact=crew.redact, agent=role.name,
-                                     must_call=role.submit["name"] if role.submit else None):
-            yield event
-    except LimitReached:
-        yield crew.events("agent", agent=role.name, state="stopped", turns=result.turns, usage=result.usage.as_dict())
-        raise
-    result.submitted = role_tools.submitted
+    with telemetry.agent_span(role.name, model.name, role.system, brief) as span:
+        try:
+            async for event in run_agent(model, role_tools, role.system, brief, crew.budget, crew.events, result,
+                                         max_turns=role.max_turns, redact=crew.redact, agent=role.name,
+                                         must_call=role.submit["name"] if role.submit else None):
+                yield event
+        except LimitReached:
+            yield crew.events("agent", agent=role.name, state="stopped", turns=result.turns,
+                              usage=result.usage.as_dict())
+            raise
+        finally:
+            span.set_attribute("tb.agent.turns", result.turns)
+        result.submitted = role_tools.submitted
+        telemetry.record_content(span, "tb.agent.submitted", result.submitted)
     yield crew.events("agent", agent=role.name, state="end", turns=result.turns, usage=result.usage.as_dict())
 
 

@@ -3,7 +3,7 @@
 import argparse
 import logging
 
-from .. import stdio
+from .. import stdio, telemetry
 from .config import RedactingFilter, Settings
 from .server import build_server
 
@@ -19,6 +19,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter(settings.secrets()))
+    telemetry.setup("tiny-backspace-github")
     server = build_server(settings)
     if args.transport == "stdio":
         stdio.run(server)

@@ -10,8 +10,10 @@ from typing import Annotated, ParamSpec, TypeVar
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
+from opentelemetry import trace
 from pydantic import BaseModel, Field
 
+from .. import telemetry
 from .config import Settings, redact
 from .forge import BranchRef, Changeset, CommitResult, Forge, ForgeError, Issue, PullRequest, RepositoryInfo
 from .local import LocalForge, local_path
@@ -40,6 +42,7 @@ def build_server(settings: Settings | None = None) -> MCPServer:
     def forge_for(repo: str) -> Forge:
         nonlocal clients
         path = local_path(repo.strip())
+        trace.get_current_span().set_attribute("tb.forge", "local" if path is not None else "github")
         if path is not None:
             return LocalForge(path, settings.branch_prefix)
         # PyGithub loads only when a GitHub repository is asked for.
@@ -54,12 +57,16 @@ def build_server(settings: Settings | None = None) -> MCPServer:
         return GitHubForge(full_name, clients)
 
     def tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-        """Turn failures the caller can act on into `isError` results, with every secret masked."""
+        """Turn failures the caller can act on into `isError` results, with every secret masked; trace each call."""
 
         @functools.wraps(fn)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            repo = kwargs.get("repo")
+            attributes = {"tb.repository": redact(repo, settings.secrets()) if isinstance(repo, str) else None,
+                          "tb.branch": kwargs.get("branch") or kwargs.get("head")}
             try:
-                return await fn(*args, **kwargs)
+                with telemetry.span(f"forge.{fn.__name__}", attributes):
+                    return await fn(*args, **kwargs)
             except ForgeError as exc:
                 raise ToolError(redact(str(exc), settings.secrets())) from None
             except OSError as exc:

@@ -3,7 +3,7 @@
 import argparse
 import logging
 
-from .. import stdio
+from .. import stdio, telemetry
 from .server import build_server
 
 
@@ -15,6 +15,7 @@ def main() -> None:
     args = parser.parse_args()
     # stdout belongs to the protocol on stdio: logs go to stderr.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    telemetry.setup("tiny-backspace-sandbox")
     server = build_server()
     if args.transport == "stdio":
         stdio.run(server)

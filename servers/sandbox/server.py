@@ -13,6 +13,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
 
+from .. import telemetry
 from .base import Changeset, ExecResult, SandboxError, SandboxInfo
 from .files import MAX_READ_LINES
 from .manager import SandboxManager, Settings
@@ -74,6 +75,7 @@ def build_server(settings: Settings | None = None) -> MCPServer:
 
     @asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[SandboxManager]:
+        await manager.reap_orphans()
         reaper = asyncio.create_task(manager.run_reaper())
         try:
             yield manager
@@ -122,7 +124,14 @@ def build_server(settings: Settings | None = None) -> MCPServer:
         """
         if not command.strip():
             raise SandboxError("command is empty; give a shell command such as 'ls -la' or 'pytest -q'")
-        return await manager.get(sandbox_id).exec(command, timeout_s, workdir, read_only)
+        sandbox = manager.get(sandbox_id)
+        attributes = {"tb.sandbox.backend": sandbox.info.backend, "tb.exec.timeout_s": timeout_s,
+                      "tb.exec.read_only": read_only}
+        with telemetry.span("sandbox.exec", attributes) as span:
+            result = await sandbox.exec(command, timeout_s, workdir, read_only)
+            span.set_attributes({"process.exit.code": result.exit_code, "tb.exec.timed_out": result.timed_out,
+                                 "tb.exec.truncated": result.truncated})
+        return result
 
     @mcp.tool(annotations=READ_ONLY)
     @_tool_errors

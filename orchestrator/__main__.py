@@ -13,9 +13,12 @@ from pathlib import Path
 import anthropic
 from aiohttp import web
 
+from . import telemetry
 from .app import build_app, is_loopback
 from .config import Settings
 from .mcp_pool import ConfigError, ToolPool, load_config
+from .runs import RunManager
+from .store import SQLiteRunStore, StoreError
 from .model import AnthropicModel
 from .redact import RedactingFilter, Redactor
 from .run import Services
@@ -40,6 +43,10 @@ def setup_logging() -> None:
 
 async def serve(args: argparse.Namespace) -> None:
     settings = Settings.from_env()
+    if not is_loopback(args.host) and not settings.api_token:
+        sys.exit(f"refusing to listen on {args.host} without authentication: set TB_API_TOKEN to a long random "
+                 "secret (e.g. `openssl rand -hex 32`) and send it as `Authorization: Bearer <token>`, or listen "
+                 "on 127.0.0.1")
     pool = ToolPool(load_config(args.mcp_config))
     # Built with the SDK's defaults: ANTHROPIC_API_KEY and ANTHROPIC_BASE_URL work as everywhere else.
     if os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN"):
@@ -50,12 +57,18 @@ async def serve(args: argparse.Namespace) -> None:
         client = anthropic.AsyncAnthropic(api_key="")
     model = AnthropicModel(client, settings.model, settings.limits.max_output_tokens,
                            settings.limits.overloaded_retries, settings.limits.overloaded_backoff_s)
+    store = SQLiteRunStore(settings.data_dir / "runs.sqlite3")
     await pool.start()
+    runs = RunManager(Services(settings, pool, model), store)
+    interrupted = await runs.recover()
+    if interrupted:
+        log.warning("marked %d run(s) left in flight by the previous process as interrupted", len(interrupted))
 
-    async def close_pool(_: web.Application) -> None:
+    async def close(_: web.Application) -> None:
         await pool.close()
+        store.close()
 
-    app = build_app(Services(settings, pool, model), is_loopback(args.host), on_cleanup=close_pool)
+    app = build_app(runs, is_loopback(args.host), on_cleanup=close, shutdown_grace_s=settings.shutdown_grace_s)
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
@@ -73,10 +86,13 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging()
+    telemetry.setup()
     try:
         asyncio.run(serve(args))
     except ConfigError as exc:
         sys.exit(f"mcp.json: {exc}")
+    except StoreError as exc:
+        sys.exit(str(exc))
 
 
 if __name__ == "__main__":

@@ -15,12 +15,16 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from .events import PING, sse
+from .guard import Admission, TokenBucket, auth_middleware, client_key
 from .redact import Redactor
-from .run import RunRequest, Services, execute, new_run_id
+from .run import RunRequest, Services
+from .runs import RunManager
 
-GITHUB_REPO = re.compile(r"^(?:https://github\.com/)?([A-Za-z0-9-]{1,39})/([A-Za-z0-9._-]{1,100}?)(?:\.git)?/?$")
-SERVICES = web.AppKey("services", Services)
+OWNER_NAME = re.compile(r"^[A-Za-z0-9-]{1,39}/[A-Za-z0-9._-]{1,100}$")
+RUNS = web.AppKey("runs", RunManager)
+REDACT = web.AppKey("redact", Redactor)
 LOOPBACK = web.AppKey("loopback", bool)
+ADMISSION = web.AppKey("admission", Admission)
 MAX_BODY = 256 * 1024
 
 
@@ -45,8 +49,10 @@ def validate(body: Any, services: Services, loopback: bool) -> RunRequest | web.
     if mode not in ("team", "single"):
         return bad_request('mode must be "team" (planner, coder, reviewer) or "single" (one agent)')
     repo = repo.strip()
-    if GITHUB_REPO.match(repo):
+    if OWNER_NAME.match(repo):
         return RunRequest(repo_url=repo, prompt=prompt, mode=mode)
+    if repo.startswith(("https://", "http://")):
+        return _remote(repo, prompt, mode, services.settings.github_hosts)
     local = _local_path(repo)
     if local is None:
         return bad_request("repoUrl must be https://github.com/owner/name, owner/name, or an absolute path or "
@@ -60,6 +66,18 @@ def validate(body: Any, services: Services, loopback: bool) -> RunRequest | web.
     return RunRequest(repo_url=str(local), prompt=prompt, mode=mode)
 
 
+def _remote(repo: str, prompt: str, mode: str, hosts: tuple[str, ...]) -> RunRequest | web.Response:
+    parts = urlsplit(repo)
+    if parts.username or parts.password:
+        return bad_request("repoUrl must not carry credentials; the github server holds the token")
+    path = parts.path.strip("/").removesuffix(".git")
+    if parts.scheme != "https" or (parts.hostname or "") not in hosts or not OWNER_NAME.match(path) \
+            or parts.query or parts.fragment or parts.port:
+        return bad_request(f"repoUrl must be https://HOST/owner/name with HOST one of {', '.join(hosts)} "
+                           "(TB_GITHUB_HOSTS), owner/name, or a local repository path")
+    return RunRequest(repo_url=f"https://{parts.hostname}/{path}", prompt=prompt, mode=mode)
+
+
 def _local_path(repo: str) -> Path | None:
     if repo.startswith("file://"):
         repo = urlsplit(repo).path
@@ -69,7 +87,7 @@ def _local_path(repo: str) -> Path | None:
 
 
 async def post_code(request: web.Request) -> web.StreamResponse:
-    services = request.app[SERVICES]
+    runs = request.app[RUNS]
     if request.content_length is not None and request.content_length > MAX_BODY:
         return bad_request(f"the body is over {MAX_BODY} bytes", 413)
     try:
@@ -78,15 +96,72 @@ async def post_code(request: web.Request) -> web.StreamResponse:
         return bad_request('the body is not JSON; send {"repoUrl": "...", "prompt": "..."}')
     except web.HTTPRequestEntityTooLarge:
         return bad_request(f"the body is over {MAX_BODY} bytes", 413)
-    run = validate(body, services, request.app[LOOPBACK])
+    run = validate(body, runs.services, request.app[LOOPBACK])
     if isinstance(run, web.Response):
         return run
+    on_disconnect = body.get("on_disconnect", "continue")
+    if on_disconnect not in ("continue", "cancel"):
+        return bad_request('on_disconnect must be "continue" (the run goes on) or "cancel"')
+    refused = request.app[ADMISSION].check(client_key(request), runs.clients())
+    if refused is not None:
+        return refused
+    run_id = runs.start(run, client_key(request))
+    try:
+        return await sse_response(request, runs.follow(run_id))
+    except asyncio.CancelledError:
+        if on_disconnect == "cancel":
+            await asyncio.shield(runs.cancel(run_id))
+        raise
+
+
+async def run_events(request: web.Request) -> web.StreamResponse:
+    """A run's events as SSE: those after `Last-Event-ID` (or `?after=`), then live ones until it completes."""
+    runs, run_id = request.app[RUNS], request.match_info["run_id"]
+    if runs.store.get(run_id) is None:
+        return bad_request(f"no run {run_id!r}", 404)
+    raw = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
+    if not raw.isdigit():
+        return bad_request("Last-Event-ID (or after) must be the number of the last event you received")
+    return await sse_response(request, runs.follow(run_id, int(raw)))
+
+
+async def sse_response(request: web.Request, events: Any) -> web.StreamResponse:
+    runs = request.app[RUNS]
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)
-    await stream_events(response, execute(run, services, new_run_id()), services.settings.ping_seconds,
-                        Redactor())
+    await stream_events(response, events, runs.services.settings.ping_seconds, request.app[REDACT])
     return response
+
+
+async def list_runs(request: web.Request) -> web.Response:
+    try:
+        limit = min(100, max(1, int(request.query.get("limit", "20"))))
+        before = float(request.query["before"]) if "before" in request.query else None
+    except ValueError:
+        return bad_request("limit must be a whole number and before a timestamp (the `created` of a run)")
+    records = request.app[RUNS].store.list(limit, before)
+    page = {"runs": records}
+    if len(records) == limit:
+        page["next"] = f"/runs?limit={limit}&before={records[-1]['created']}"
+    return web.json_response(page)
+
+
+async def get_run(request: web.Request) -> web.Response:
+    record = request.app[RUNS].store.get(request.match_info["run_id"])
+    if record is None:
+        return bad_request(f"no run {request.match_info['run_id']!r}", 404)
+    return web.json_response({**record, "events_url": f"/runs/{record['id']}/events"})
+
+
+async def cancel_run(request: web.Request) -> web.Response:
+    runs, run_id = request.app[RUNS], request.match_info["run_id"]
+    record = runs.store.get(run_id)
+    if record is None:
+        return bad_request(f"no run {run_id!r}", 404)
+    if not await runs.cancel(run_id):
+        return bad_request(f"run {run_id} is not running (it is {record['status']})", 409)
+    return web.json_response({"id": run_id, "status": "cancelled"})
 
 
 async def stream_events(response: web.StreamResponse, events: Any, ping_seconds: float, redact: Redactor) -> None:
@@ -126,19 +201,36 @@ async def stream_events(response: web.StreamResponse, events: Any, ping_seconds:
 
 
 async def health(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+    services = request.app[RUNS].services
     servers = services.pool.health()
     status = "healthy" if all(s["state"] == "up" for s in servers.values()) else "degraded"
-    return web.json_response({"status": status, "model": services.model.name, "servers": servers})
+    return web.json_response({"status": status, "model": services.model.name, "servers": servers,
+                              "runs_in_flight": len(request.app[RUNS].live)})
 
 
-def build_app(services: Services, loopback: bool = True,
-              on_cleanup: Callable[[web.Application], Awaitable[None]] | None = None) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY)
-    app[SERVICES] = services
+def build_app(runs: RunManager, loopback: bool = True,
+              on_cleanup: Callable[[web.Application], Awaitable[None]] | None = None,
+              shutdown_grace_s: float = 0.0) -> web.Application:
+    settings = runs.services.settings
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[auth_middleware(settings.api_token)])
+    app[ADMISSION] = Admission(TokenBucket(settings.rate_burst, settings.rate_per_minute), settings.max_runs,
+                               settings.max_runs_per_client)
+    app[RUNS] = runs
     app[LOOPBACK] = loopback
+    app[REDACT] = Redactor()
     app.router.add_post("/code", post_code)
+    app.router.add_get("/runs", list_runs)
+    app.router.add_get("/runs/{run_id}", get_run)
+    app.router.add_get("/runs/{run_id}/events", run_events)
+    app.router.add_post("/runs/{run_id}/cancel", cancel_run)
     app.router.add_get("/health", health)
+
+
+    async def finish_runs(_: web.Application) -> None:
+        # Before aiohttp waits for open handlers: theirs are the streams of these runs.
+        await runs.shutdown(shutdown_grace_s)
+
+    app.on_shutdown.append(finish_runs)
     if on_cleanup:
         app.on_cleanup.append(on_cleanup)
     return app

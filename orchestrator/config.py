@@ -53,7 +53,15 @@ class Settings:
     ping_seconds: float = 15.0
     tool_result_chars: int = 30_000  # a longer tool result is cut to its head and tail before the model sees it
     branch_prefix: str = "tb/"
+    data_dir: Path = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "tiny-backspace"
+    shutdown_grace_s: float = 30.0  # on SIGTERM, running runs get this long to finish
     review_rounds: int = 2  # coder-reviewer rounds before a draft pull request
+    api_token: str | None = field(default=None, repr=False)  # TB_API_TOKEN: bearer token for every endpoint
+    github_hosts: tuple[str, ...] = ("github.com",)  # hosts whose repository URLs are accepted
+    max_runs: int = 20  # runs in flight, in all
+    max_runs_per_client: int = 5
+    rate_per_minute: float = 30.0  # runs started per client, refilled continuously
+    rate_burst: int = 10
     role_models: dict[str, str] = field(default_factory=dict)  # role -> model, from TB_<ROLE>_MODEL
 
     @classmethod
@@ -91,6 +99,15 @@ class Settings:
             ping_seconds=num("TB_PING_S", cls.ping_seconds, float),
             branch_prefix=env.get("GITHUB_BRANCH_PREFIX", cls.branch_prefix),
             review_rounds=num("TB_REVIEW_ROUNDS", cls.review_rounds),
+            data_dir=Path(env["TB_DATA_DIR"]) if env.get("TB_DATA_DIR") else cls.data_dir,
+            api_token=env.get("TB_API_TOKEN") or None,
+            github_hosts=tuple(h.strip().lower() for h in env.get("TB_GITHUB_HOSTS", "github.com").split(",")
+                               if h.strip()),
+            max_runs=num("TB_MAX_RUNS", cls.max_runs),
+            max_runs_per_client=num("TB_MAX_RUNS_PER_CLIENT", cls.max_runs_per_client),
+            rate_per_minute=num("TB_RATE_PER_MINUTE", cls.rate_per_minute, float),
+            rate_burst=num("TB_RATE_BURST", cls.rate_burst),
+            shutdown_grace_s=num("TB_SHUTDOWN_GRACE_S", cls.shutdown_grace_s, float),
             role_models={role: env[f"TB_{role.upper()}_MODEL"] for role in ("planner", "coder", "reviewer")
                          if env.get(f"TB_{role.upper()}_MODEL")},
         )

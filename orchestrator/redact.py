@@ -7,7 +7,8 @@ import os
 import re
 from collections.abc import Mapping
 
-TOKEN_PATTERN = re.compile(r"(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}|sk-ant-[A-Za-z0-9_-]{20,})")
+TOKEN_PATTERN = re.compile(r"(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}|sk-ant-[A-Za-z0-9_-]{20,}"
+                           r"|(?<=Bearer )[A-Za-z0-9._~+/=-]{16,})")
 MASK = "[redacted]"
 
 

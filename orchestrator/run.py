@@ -9,6 +9,7 @@ Errors:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import secrets
@@ -19,6 +20,7 @@ from typing import Any
 
 import anthropic
 
+from . import telemetry
 from .agent import Budget, LimitReached
 from .config import Settings
 from .events import Event, EventLog
@@ -57,19 +59,33 @@ def new_run_id() -> str:
     return "run_" + secrets.token_hex(8)
 
 
-async def execute(request: RunRequest, services: Services, run_id: str | None = None) -> AsyncIterator[Event]:
-    """Stream the events of one run. The sandbox is destroyed on every way out, cancellation included."""
+async def execute(request: RunRequest, services: Services, events: EventLog) -> AsyncIterator[Event]:
+    """Stream the events of one run, all in one trace. The sandbox is destroyed on every way out, cancellation
+    included."""
+    with telemetry.run_span(events.run_id, request.repo_url, mode=request.mode,
+                            model=services.model.name) as run_trace:
+        async with contextlib.aclosing(_execute(request, services, events, run_trace.trace_id)) as run:
+            async for event in run:
+                if event["type"] == "completion":
+                    run_trace.outcome = event["status"]
+                yield event
+
+
+async def _execute(request: RunRequest, services: Services, events: EventLog, trace_id: str | None
+                   ) -> AsyncIterator[Event]:
     settings, pool = services.settings, services.pool
     limits = settings.limits
-    events = EventLog(run_id or new_run_id())
     budget = Budget(limits.max_tokens, time.monotonic() + limits.run_seconds)
     started = time.monotonic()
     sandbox_id: str | None = None
     outcome: dict[str, Any] = {"status": "error"}
-    yield events("run", repo=request.repo_url, prompt=request.prompt, model=services.model.name, mode=request.mode)
+    yield events("run", repo=request.repo_url, prompt=request.prompt, model=services.model.name, mode=request.mode,
+                 events_url=f"/runs/{events.run_id}/events", trace_id=trace_id)
     try:
         yield events("status", stage="sandbox", message="cloning the repository into a sandbox")
-        info = await _call(pool, "sandbox", "create_sandbox", {"repo_url": request.repo_url}, limits.tool_seconds)
+        with telemetry.sandbox_span("create"):
+            info = await _call(pool, "sandbox", "create_sandbox", {"repo_url": request.repo_url},
+                               limits.tool_seconds)
         sandbox_id = info["sandbox_id"]
         yield events("sandbox", **info)
         tools = RunTools(pool, sandbox_id, request.repo_url, info["base_commit"], limits.tool_seconds,
@@ -127,14 +143,15 @@ async def _publish(request: RunRequest, tools: RunTools, work: Work, events: Eve
         branch = f"{settings.branch_prefix}{_slug(request.prompt)}-{events.run_id[-6:]}"
         title = _title(request.prompt)
         body = _body(request, work, changeset, draft_reason, events.run_id)
-        repo, timeout = request.repo_url, settings.limits.tool_seconds
-        await _call(tools.pool, "github", "create_branch", {"repo": repo, "branch": branch,
-                                                            "from_sha": tools.base_commit}, timeout)
-        await _call(tools.pool, "github", "commit_changes", {"repo": repo, "branch": branch, "message": title,
-                                                             "changes": changeset}, timeout)
-        pr = await _call(tools.pool, "github", "open_pull_request", {"repo": repo, "head": branch, "title": title,
-                                                                     "body": body, "draft": draft_reason is not None},
-                         timeout)
+        repo, timeout, draft = request.repo_url, settings.limits.tool_seconds, draft_reason is not None
+        with telemetry.span("publish", {"tb.branch": branch, "tb.draft": draft}):
+            await _call(tools.pool, "github", "create_branch", {"repo": repo, "branch": branch,
+                                                                "from_sha": tools.base_commit}, timeout)
+            await _call(tools.pool, "github", "commit_changes", {"repo": repo, "branch": branch, "message": title,
+                                                                 "changes": changeset}, timeout)
+            pr = await _call(tools.pool, "github", "open_pull_request", {"repo": repo, "head": branch,
+                                                                         "title": title, "body": body,
+                                                                         "draft": draft}, timeout)
         tools.saw_pull_request(pr, branch)
     pr = tools.pull_request
     yield events("pull_request", number=pr.number, url=pr.url, head=pr.head, draft=pr.draft)
@@ -152,11 +169,17 @@ async def _call(pool: ToolPool, server: str, tool: str, args: dict[str, Any], ti
 
 
 async def _destroy(pool: ToolPool, sandbox_id: str) -> None:
-    # Shielded: a cancelled run (its client went away) must still remove its sandbox.
-    try:
-        await asyncio.shield(pool.call("sandbox", "destroy_sandbox", {"sandbox_id": sandbox_id}, CLEANUP_SECONDS))
-    except (asyncio.CancelledError, Exception) as exc:  # noqa: BLE001 - the server's reaper is the backstop
-        log.warning("could not destroy sandbox %s: %r", sandbox_id, exc)
+    """Destroy the run's sandbox, even when the run is being cancelled: then wait for it before going on."""
+    with telemetry.sandbox_span("destroy"):
+        call = asyncio.ensure_future(pool.call("sandbox", "destroy_sandbox", {"sandbox_id": sandbox_id},
+                                               CLEANUP_SECONDS))
+        try:
+            await asyncio.shield(call)
+        except asyncio.CancelledError:
+            await asyncio.wait([call], timeout=CLEANUP_SECONDS)
+            raise
+        except Exception as exc:  # noqa: BLE001 - the server's idle reaper is the backstop
+            log.warning("could not destroy sandbox %s: %r", sandbox_id, exc)
 
 
 def _api_message(exc: anthropic.APIError) -> str:

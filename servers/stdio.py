@@ -67,6 +67,8 @@ async def serve_stdio(server: MCPServer) -> None:
     try:
         async with stdio_server(stdin=_Lines(reader), stdout=_Writer(writer)) as (read, write):  # type: ignore[arg-type]
             await lowlevel.run(read, write, lowlevel.create_initialization_options())
+    except* (ConnectionResetError, BrokenPipeError):
+        pass  # the client went away without closing our stdin first: there is no one left to answer
     finally:
         transport.close()
 

@@ -26,6 +26,8 @@ from orchestrator.config import RunLimits, Settings
 from orchestrator.mcp_pool import ToolPool, load_config
 from orchestrator.model import AnthropicModel
 from orchestrator.run import Services
+from orchestrator.runs import RunManager
+from orchestrator.store import SQLiteRunStore
 from tests.fakes.messages_api import MessagesAPI, messages_api
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,16 +85,20 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def serve(services: Services) -> AsyncIterator[str]:
+async def serve(services: Services, store: SQLiteRunStore | None = None) -> AsyncIterator[str]:
     """The service on a loopback port, as `python -m orchestrator` runs it."""
-    runner = web.AppRunner(build_app(services), handler_cancellation=True)
+    store = store or SQLiteRunStore(Path(tempfile.mkdtemp(prefix="tb-test-store-")) / "runs.sqlite3")
+    runs = RunManager(services, store)
+    runner = web.AppRunner(build_app(runs), handler_cancellation=True)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
+        await runs.shutdown(0)
         await runner.cleanup()
+        store.close()
 
 
 @asynccontextmanager

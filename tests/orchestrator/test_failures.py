@@ -24,7 +24,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 def sandboxes(root) -> list:
-    return list(root.iterdir())
+    return list(root.glob("*/sbx-*"))
 
 
 async def test_an_unknown_tool_and_a_failing_tool_are_results_the_model_reads(pool, make_repo, sandbox_root):
@@ -124,11 +124,12 @@ async def test_a_model_api_that_is_down_ends_the_run_with_an_error(pool, make_re
     assert sandboxes(sandbox_root) == []
 
 
-async def test_a_client_that_disconnects_cancels_its_run_and_its_sandbox(pool, make_repo, sandbox_root):
+async def test_a_client_that_disconnects_with_on_disconnect_cancel_cancels_its_run(pool, make_repo, sandbox_root):
     script = [turn(tool_use("sandbox_exec", {"command": "sleep 313131"}))]
     async with stack(pool, script) as s:
         async with aiohttp.ClientSession() as http:
-            async with http.post(s.url + "/code", json={"repoUrl": str(make_repo(BUGGY)), "prompt": "Go", "mode": "single"}) as resp:
+            body = {"repoUrl": str(make_repo(BUGGY)), "prompt": "Go", "mode": "single", "on_disconnect": "cancel"}
+            async with http.post(s.url + "/code", json=body) as resp:
                 async with asyncio.timeout(30):
                     async for line in resp.content:
                         if b'"state":"complete"' in line:

@@ -1,0 +1,135 @@
+"""Runs as background tasks that outlive their connections: start, follow (replay, then live), cancel.
+
+Every event is stored as it happens; readers replay from the store or from the live run's memory, so any number
+of readers can follow one run and a reader that reconnects continues after the last event it saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from .events import Event, EventLog
+from .mcp_pool import ServerUnavailable
+from .run import RunRequest, Services, execute, new_run_id
+from .store import RunStore
+
+log = logging.getLogger(__name__)
+FLUSH_SECONDS = 0.05  # events reach the store in batches at most this old; readers of a live run see them at once
+
+
+@dataclass
+class LiveRun:
+    events: list[Event] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    done: bool = False
+    task: asyncio.Task | None = None
+    client: str = ""  # who started it, for the per-client cap
+
+
+class RunManager:
+    def __init__(self, services: Services, store: RunStore):
+        self.services = services
+        self.store = store
+        self.live: dict[str, LiveRun] = {}
+        self._unstored: list[Event] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
+
+    def start(self, request: RunRequest, client: str = "") -> str:
+        """Start a run in the background; its events can be followed at once."""
+        run_id = new_run_id()
+        self.store.create(run_id, request.repo_url, request.prompt, request.mode)
+        live = self.live[run_id] = LiveRun(client=client)
+        live.task = asyncio.create_task(self._drive(run_id, request, live), name=run_id)
+        return run_id
+
+    async def _drive(self, run_id: str, request: RunRequest, live: LiveRun) -> None:
+        events = EventLog(run_id)
+        try:
+            async for event in execute(request, self.services, events):
+                self._keep(live, event)
+        except asyncio.CancelledError:
+            # The run's own cleanup (its sandbox) has run; say how it ended.
+            self._keep(live, events("error", reason="cancelled", message="the run was cancelled"))
+            self._keep(live, events("completion", status="cancelled"))
+        finally:
+            self.flush()
+            live.done = True
+            live.changed.set()
+            self.live.pop(run_id, None)
+
+    def _keep(self, live: LiveRun, event: Event) -> None:
+        live.events.append(event)
+        live.changed.set()
+        live.changed = asyncio.Event()
+        self._unstored.append(event)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        """Store the events kept since the last flush, in one transaction."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        events, self._unstored = self._unstored, []
+        if events:
+            self.store.append(*events)
+
+    def clients(self) -> list[str]:
+        """Who started each run in flight, once per run."""
+        return [r.client for r in self.live.values()]
+
+    async def follow(self, run_id: str, after: int = 0) -> AsyncIterator[Event]:
+        """The run's events after `after`: stored ones first, then live ones until the run completes."""
+        live = self.live.get(run_id)
+        if live is None:
+            for event in self.store.events(run_id, after):
+                yield event
+            return
+        index = after  # live runs keep every event in memory, seq n at index n - 1
+        while True:
+            while index < len(live.events):
+                index += 1
+                yield live.events[index - 1]
+            if live.done:
+                return
+            await live.changed.wait()
+
+    async def cancel(self, run_id: str) -> bool:
+        """Stop a live run promptly; False when it is not running."""
+        live = self.live.get(run_id)
+        if live is None or live.task is None or live.done:
+            return False
+        live.task.cancel()
+        await asyncio.gather(live.task, return_exceptions=True)
+        return True
+
+    async def recover(self) -> list[str]:
+        """Mark the runs a previous process left unfinished as interrupted, and remove their sandboxes."""
+        interrupted = []
+        for record in self.store.unfinished():
+            run_id = record["id"]
+            events = EventLog(run_id)
+            events.seq = self.store.last_seq(run_id)
+            self.store.append(events("error", reason="interrupted",
+                                     message="the service restarted while this run was in flight"))
+            self.store.append(events("completion", status="interrupted"))
+            if record.get("sandbox_id"):
+                try:
+                    await self.services.pool.call("sandbox", "destroy_sandbox", {"sandbox_id": record["sandbox_id"]},
+                                                  30)
+                except (ServerUnavailable, TimeoutError) as exc:
+                    log.warning("could not remove sandbox %s of run %s: %s", record["sandbox_id"], run_id, exc)
+            interrupted.append(run_id)
+        return interrupted
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Let live runs finish for up to `grace_s` seconds, then cancel the rest."""
+        tasks = [r.task for r in self.live.values() if r.task]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)

@@ -1,0 +1,117 @@
+"""Where runs and their events are kept: a `RunStore` protocol and its embedded SQLite implementation.
+
+SQLite in WAL mode, one file under the data directory. Calls are short and run on the event loop: a commit in WAL
+mode with `synchronous=NORMAL` costs tens of microseconds and no fsync.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from .events import Event
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY, repo TEXT NOT NULL, prompt TEXT NOT NULL, mode TEXT NOT NULL, status TEXT NOT NULL,
+    created REAL NOT NULL, finished REAL, pull_request_url TEXT, usage TEXT, sandbox_id TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_created ON runs (created DESC);
+CREATE TABLE IF NOT EXISTS events (
+    run_id TEXT NOT NULL, seq INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY (run_id, seq)
+) WITHOUT ROWID;
+"""
+
+
+class StoreError(Exception):
+    """The store cannot be used; the message says what to do."""
+
+
+class RunStore(Protocol):
+    def create(self, run_id: str, repo: str, prompt: str, mode: str) -> None: ...
+    def append(self, *events: Event) -> None: ...
+    def events(self, run_id: str, after: int = 0) -> list[Event]: ...
+    def get(self, run_id: str) -> dict[str, Any] | None: ...
+    def list(self, limit: int, before: float | None) -> list[dict[str, Any]]: ...
+    def unfinished(self) -> list[dict[str, Any]]: ...
+    def last_seq(self, run_id: str) -> int: ...
+
+
+class SQLiteRunStore:
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+            self.db.execute("PRAGMA quick_check").fetchone()
+            # A read-only file opens and reads fine: find out now, not at the first run.
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("ROLLBACK")
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot use the run store {path}: {exc}. Check that it is a writable SQLite file, "
+                             "or move it aside (runs history starts afresh), or set TB_DATA_DIR elsewhere") from None
+
+    def create(self, run_id: str, repo: str, prompt: str, mode: str) -> None:
+        self.db.execute("INSERT INTO runs (id, repo, prompt, mode, status, created) VALUES (?, ?, ?, ?, 'running', ?)",
+                        (run_id, repo, prompt, mode, time.time()))
+
+    def append(self, *events: Event) -> None:
+        """Keep events, in one transaction; those that change a run's record update it in the same one."""
+        with self.db:
+            self.db.execute("BEGIN")
+            for event in events:
+                self._append(event)
+
+    def _append(self, event: Event) -> None:
+        run_id = event["run_id"]
+        self.db.execute("INSERT INTO events (run_id, seq, data) VALUES (?, ?, ?)",
+                        (run_id, event["seq"], json.dumps(event, ensure_ascii=False)))
+        kind = event["type"]
+        if kind == "sandbox":
+            self.db.execute("UPDATE runs SET sandbox_id = ? WHERE id = ?", (event.get("sandbox_id"), run_id))
+        elif kind == "pull_request":
+            self.db.execute("UPDATE runs SET pull_request_url = ? WHERE id = ?", (event.get("url"), run_id))
+        elif kind == "usage":
+            usage = {k: v for k, v in event.items() if k not in ("type", "run_id", "seq", "ts")}
+            self.db.execute("UPDATE runs SET usage = ? WHERE id = ?", (json.dumps(usage), run_id))
+        elif kind == "completion":
+            self.db.execute("UPDATE runs SET status = ?, finished = ? WHERE id = ?",
+                            (event.get("status", "error"), event["ts"], run_id))
+
+    def events(self, run_id: str, after: int = 0) -> list[Event]:
+        rows = self.db.execute("SELECT data FROM events WHERE run_id = ? AND seq > ? ORDER BY seq", (run_id, after))
+        return [json.loads(r["data"]) for r in rows]
+
+    def get(self, run_id: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return _record(row) if row else None
+
+    def list(self, limit: int, before: float | None) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT * FROM runs WHERE created < ? ORDER BY created DESC LIMIT ?",
+                               (before if before is not None else float("inf"), limit))
+        return [_record(r) for r in rows]
+
+    def unfinished(self) -> list[dict[str, Any]]:
+        return [_record(r) for r in self.db.execute("SELECT * FROM runs WHERE status = 'running'")]
+
+    def last_seq(self, run_id: str) -> int:
+        row = self.db.execute("SELECT MAX(seq) AS seq FROM events WHERE run_id = ?", (run_id,)).fetchone()
+        return row["seq"] or 0
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _record(row: sqlite3.Row) -> dict[str, Any]:
+    record = dict(row)
+    record["usage"] = json.loads(record["usage"]) if record["usage"] else None
+    if record["finished"]:
+        record["duration_s"] = round(record["finished"] - record["created"], 3)
+    return record

@@ -1,0 +1,166 @@
+"""Durable runs: a run outlives its connection; readers resume, several follow one run, runs can be cancelled and
+survive a restart of the service as `interrupted`."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import tempfile
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from orchestrator.events import EventLog
+from orchestrator.runs import RunManager
+from orchestrator.store import SQLiteRunStore, StoreError
+from tests.fakes.messages_api import text, tool_use, turn
+
+from .conftest import of_type, parse_sse, post_code, serve, stack
+from .test_failures import _processes, sandboxes
+from .test_run import BUGGY, fix_script
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def body(repo, **extra) -> dict:
+    return {"repoUrl": str(repo), "prompt": "Fix add()", "mode": "single", **extra}
+
+
+async def read_until(resp: aiohttp.ClientResponse, stop: str) -> list[dict]:
+    """Events of an open stream up to and including the first whose JSON contains `stop`."""
+    raw, block = "", ""
+    async with asyncio.timeout(30):
+        async for line in resp.content:
+            block += line.decode()
+            if line == b"\n":
+                raw, block = raw + block, ""
+                if stop in raw.rsplit("data: ", 1)[-1]:
+                    break
+    return parse_sse(raw)
+
+
+async def get_json(url: str) -> dict:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as resp:
+            return {"status": resp.status, **await resp.json()}
+
+
+async def events_after(url: str, run_id: str, last: int) -> list[dict]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/runs/{run_id}/events", headers={"Last-Event-ID": str(last)}) as resp:
+            return parse_sse(await resp.text())
+
+
+async def test_a_reader_that_reconnects_with_last_event_id_misses_nothing_and_sees_nothing_twice(pool, make_repo):
+    async with stack(pool, fix_script()) as s:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(s.url + "/code", json=body(make_repo(BUGGY))) as resp:
+                first = await read_until(resp, '"type":"tool_result"')
+        run = first[0]
+        assert run["events_url"] == f"/runs/{run['run_id']}/events"
+        rest = await events_after(s.url, run["run_id"], first[-1]["seq"])
+        record = await get_json(f"{s.url}/runs/{run['run_id']}")
+    seqs = [e["seq"] for e in first + rest]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert rest[-1]["type"] == "completion" and rest[-1]["status"] == "success"
+    assert record["status"] == "success" and record["pull_request_url"] == of_type(rest, "pull_request")[0]["url"]
+    assert record["usage"]["input_tokens"] > 0 and record["duration_s"] > 0
+
+
+async def test_two_readers_of_one_run_see_the_same_events(pool, make_repo):
+    async with stack(pool, fix_script()) as s:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(s.url + "/code", json=body(make_repo(BUGGY))) as resp:
+                head = await read_until(resp, '"type":"sandbox"')
+                second = asyncio.create_task(events_after(s.url, head[0]["run_id"], 0))
+                first = parse_sse((await resp.text()))
+        other = await second
+    assert head + first == other
+    assert other[-1]["type"] == "completion"
+
+
+async def test_cancel_during_a_tool_call_stops_the_run_and_removes_its_sandbox(pool, make_repo, sandbox_root):
+    script = [turn(tool_use("sandbox_exec", {"command": "sleep 454545"}))]
+    async with stack(pool, script) as s:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(s.url + "/code", json=body(make_repo(BUGGY))) as resp:
+                head = await read_until(resp, '"state":"complete"')
+                run_id = head[0]["run_id"]
+                async with asyncio.timeout(30):
+                    while not _processes("454545"):
+                        await asyncio.sleep(0.05)
+                async with asyncio.timeout(15):
+                    async with http.post(f"{s.url}/runs/{run_id}/cancel") as cancelled:
+                        assert cancelled.status == 200
+                    tail = parse_sse(await resp.text())
+            async with http.post(f"{s.url}/runs/{run_id}/cancel") as again:
+                assert again.status == 409
+        record = await get_json(f"{s.url}/runs/{run_id}")
+    assert tail[-1] == {**tail[-1], "type": "completion", "status": "cancelled"}
+    assert record["status"] == "cancelled"
+    assert sandboxes(sandbox_root) == [] and not _processes("454545")
+
+
+async def test_a_client_that_goes_away_does_not_stop_its_run(pool, make_repo):
+    async with stack(pool, fix_script()) as s:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(s.url + "/code", json=body(make_repo(BUGGY))) as resp:
+                head = await read_until(resp, '"type":"sandbox"')
+        rest = await events_after(s.url, head[0]["run_id"], head[-1]["seq"])
+    assert rest[-1]["status"] == "success"
+
+
+async def test_runs_are_listed_newest_first_in_pages(pool, make_repo):
+    repo = make_repo(BUGGY)
+    script = [turn(text("Nothing to do."))] * 3
+    async with stack(pool, script) as s:
+        ids = [(await post_code(s.url, body(repo)))[1][0]["run_id"] for _ in range(3)]
+        page = await get_json(f"{s.url}/runs?limit=2")
+        rest = await get_json(s.url + page["next"])
+        missing = await get_json(f"{s.url}/runs/run_nope")
+        bad = await get_json(f"{s.url}/runs?limit=x")
+    assert [r["id"] for r in page["runs"] + rest["runs"]] == ids[::-1]
+    assert page["runs"][0]["status"] == "no_changes" and page["runs"][0]["prompt"] == "Fix add()"
+    assert missing["status"] == 404 and bad["status"] == 400
+
+
+async def test_a_restart_marks_the_runs_in_flight_as_interrupted(pool):
+    path = Path(tempfile.mkdtemp()) / "runs.sqlite3"
+    store = SQLiteRunStore(path)
+    store.create("run_old", "/srv/repo", "Fix it", "team")
+    events = EventLog("run_old")
+    store.append(events("run", repo="/srv/repo"))
+    store.append(events("sandbox", sandbox_id="sbx_gone"))
+    store.close()
+    async with stack(pool, []) as s:
+        reopened = SQLiteRunStore(path)
+        manager = RunManager(s.services, reopened)
+        assert await manager.recover() == ["run_old"]
+        async with serve(s.services, reopened) as url:
+            replay = await events_after(url, "run_old", 0)
+            record = await get_json(f"{url}/runs/run_old")
+    assert [e["type"] for e in replay] == ["run", "sandbox", "error", "completion"]
+    assert replay[2]["reason"] == "interrupted" and replay[3]["status"] == "interrupted"
+    assert record["status"] == "interrupted"
+
+
+async def test_a_corrupt_store_is_a_clear_start_up_error(tmp_path):
+    corrupt = tmp_path / "corrupt.sqlite3"
+    corrupt.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match="writable SQLite file"):
+        SQLiteRunStore(corrupt)
+
+
+async def test_a_read_only_store_is_a_clear_start_up_error(tmp_path):
+    folder = tmp_path / "data"
+    SQLiteRunStore(folder / "runs.sqlite3").close()
+    # Root writes through permission bits; the immutable attribute stops even root.
+    made = subprocess.run(["chattr", "+i", str(folder / "runs.sqlite3"), str(folder)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot make a read-only file here: {made.stderr.decode().strip()}")
+    try:
+        with pytest.raises(StoreError, match="TB_DATA_DIR"):
+            SQLiteRunStore(folder / "runs.sqlite3")
+    finally:
+        subprocess.run(["chattr", "-i", str(folder / "runs.sqlite3"), str(folder)], check=True)

@@ -3,11 +3,16 @@
 import asyncio
 import sys
 
-from . import sandbox
+from . import orchestrator, sandbox
+from .sandbox import Result
+
+
+async def run_all() -> list[Result]:
+    return [*await sandbox.main(), *await orchestrator.main()]
 
 
 def main() -> None:
-    results = asyncio.run(sandbox.main())
+    results = asyncio.run(run_all())
     missed = [r.label for r in results if not r.ok]
     print(f"\n{len(results) - len(missed)} of {len(results)} targets met"
           + (f"; missed: {', '.join(missed)}" if missed else ""))

@@ -251,7 +251,7 @@ async def mcp_servers(root: Path, folder: Path) -> AsyncIterator[ToolPool]:
     for entry in config["mcpServers"].values():
         entry["command"] = sys.executable
         entry.setdefault("env", {})
-    config["mcpServers"]["sandbox"]["env"]["SANDBOX_ROOT"] = str(root)
+    config["mcpServers"]["sandbox"]["env"].update({"SANDBOX_ROOT": str(root), "SANDBOX_BACKEND": "local"})
     config["mcpServers"]["github"]["env"]["GITHUB_WRITE_INTERVAL_S"] = "0"
     (folder / "mcp.json").write_text(json.dumps(config))
     pool = ToolPool(load_config(folder / "mcp.json", env={"PATH": os.environ["PATH"]}))

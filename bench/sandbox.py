@@ -180,7 +180,7 @@ async def bench_exec(stdio: Client, manager: SandboxManager, repo: Path) -> Resu
 
 
 async def bench_read_file(stdio: Client, repo: Path, root: Path) -> list[Result]:
-    server = build_server(Settings(root=root))
+    server = build_server(Settings(backend="local", root=root))
     async with Client(server) as inproc:
         stdio_id, inproc_id = [(await call(c, "create_sandbox", repo_url=str(repo)))["sandbox_id"]
                                for c in (stdio, inproc)]
@@ -253,7 +253,7 @@ async def main() -> list[Result]:
           f"{os.getloadavg()[0]:.2f}; medians and p90s of interleaved rounds")
     try:
         repo = make_repo(source)
-        manager = SandboxManager(Settings(root=disk))
+        manager = SandboxManager(Settings(backend="local", root=disk))
         async with stdio_server(disk) as stdio:
             results = [await bench_exec(stdio, manager, repo), *await bench_read_file(stdio, repo, disk)]
         await manager.destroy_all()

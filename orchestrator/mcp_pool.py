@@ -11,11 +11,15 @@ import json
 import logging
 import os
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mcp import Client, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, Tool
 
@@ -45,6 +49,18 @@ def expand(value: str, env: dict[str, str]) -> str:
 class ServerSpec:
     name: str
     target: StdioServerParameters | str  # stdio parameters, or the URL of a streamable HTTP server
+    headers: dict[str, str] = field(default_factory=dict)  # sent to an HTTP server, e.g. its bearer token
+
+    @asynccontextmanager
+    async def connect(self) -> AsyncIterator[Client]:
+        """A connected client; a new transport each time, since a transport serves one connection."""
+        if isinstance(self.target, str) and self.headers:
+            async with create_mcp_http_client(headers=self.headers) as http:
+                async with Client(streamable_http_client(self.target, http_client=http)) as client:
+                    yield client
+        else:
+            async with Client(self.target) as client:
+                yield client
 
 
 def load_config(path: Path, env: dict[str, str] | None = None) -> list[ServerSpec]:
@@ -66,7 +82,8 @@ def load_config(path: Path, env: dict[str, str] | None = None) -> list[ServerSpe
         if not isinstance(entry, dict):
             raise ConfigError(f"server {name!r} in {path} is not an object")
         if entry.get("type") in ("http", "streamable-http") or "url" in entry:
-            specs.append(ServerSpec(name, expand(str(entry["url"]), env)))
+            headers = {k: expand(str(v), env) for k, v in (entry.get("headers") or {}).items()}
+            specs.append(ServerSpec(name, expand(str(entry["url"]), env), headers))
             continue
         command = expand(str(entry.get("command", "")), env)
         if not command:
@@ -103,7 +120,7 @@ class Connection:
         delay = 0.5
         while True:
             try:
-                async with Client(self.spec.target) as client:
+                async with self.spec.connect() as client:
                     self.tools = (await client.list_tools()).tools
                     self.client, self.state, self.error = client, "up", None
                     self.ready.set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import subprocess
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -16,6 +17,11 @@ from mcp import Client
 GIT_ENV = {"GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "Test",
            "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "Test",
            "GIT_COMMITTER_EMAIL": "test@example.com"}
+
+
+def unique_marker() -> str:
+    """A number to tag a test's processes with, so that tests running at the same time never see each other's."""
+    return str(secrets.randbelow(9 * 10**8) + 10**8)
 
 
 def git(repo: Path, *args: str) -> str:

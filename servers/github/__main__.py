@@ -4,6 +4,7 @@ import argparse
 import logging
 
 from .. import stdio, telemetry
+from ..http import serve_http
 from .config import RedactingFilter, Settings
 from .server import build_server
 
@@ -24,7 +25,7 @@ def main() -> None:
     if args.transport == "stdio":
         stdio.run(server)
     else:
-        server.run("streamable-http", host=args.host, port=args.port)
+        serve_http(server, args.host, args.port)
 
 
 if __name__ == "__main__":

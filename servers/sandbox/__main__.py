@@ -4,6 +4,7 @@ import argparse
 import logging
 
 from .. import stdio, telemetry
+from ..http import serve_http
 from .server import build_server
 
 
@@ -20,7 +21,7 @@ def main() -> None:
     if args.transport == "stdio":
         stdio.run(server)
     else:
-        server.run("streamable-http", host=args.host, port=args.port)
+        serve_http(server, args.host, args.port)
 
 
 if __name__ == "__main__":

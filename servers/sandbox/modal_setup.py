@@ -53,8 +53,12 @@ def has_credentials(env: Mapping[str, str] | None = None) -> bool:
     active = next((name for name, p in profiles.items() if isinstance(p, dict) and p.get("active") is True), "default")
     if isinstance(found := profiles.get(env.get("MODAL_PROFILE") or active), dict):
         profile = found
-    return bool((env.get("MODAL_TOKEN_ID") or profile.get("token_id"))
-                and (env.get("MODAL_TOKEN_SECRET") or profile.get("token_secret")))
+    def given(name: str) -> str:  # a client that does not expand variables passes mcp.json's placeholder through
+        value = env.get(name, "")
+        return "" if value.startswith("${") else value
+
+    return bool((given("MODAL_TOKEN_ID") or profile.get("token_id"))
+                and (given("MODAL_TOKEN_SECRET") or profile.get("token_secret")))
 
 
 def import_modal() -> Any:

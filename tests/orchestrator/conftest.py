@@ -61,7 +61,8 @@ def mcp_config(sandbox_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     for entry in config["mcpServers"].values():
         entry["command"] = sys.executable
         entry.setdefault("env", {})
-    config["mcpServers"]["sandbox"]["env"]["SANDBOX_ROOT"] = str(sandbox_root)
+    config["mcpServers"]["sandbox"]["env"].update({"SANDBOX_ROOT": str(sandbox_root),
+                                                  "SANDBOX_BACKEND": "local"})
     config["mcpServers"]["github"]["env"].update({"GITHUB_TOKEN": GITHUB_TOKEN, "GITHUB_WRITE_INTERVAL_S": "0"})
     path = tmp_path_factory.mktemp("config") / "mcp.json"
     path.write_text(json.dumps(config))

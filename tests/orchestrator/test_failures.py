@@ -14,12 +14,14 @@ import pytest
 
 from orchestrator.model import AnthropicModel
 from orchestrator.run import Services
-from tests.conftest import git
+from tests.conftest import git, unique_marker
 from tests.fakes.messages_api import http_error, stream_error, text, tool_use, turn
 
 from .conftest import API_KEY, FAST, GITHUB_TOKEN, free_port, of_type, post_code, serve, stack
 from .test_run import BUGGY, fix_script
 
+DISCONNECT_MARK = unique_marker()
+CRASH_MARK = unique_marker()
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
@@ -125,7 +127,7 @@ async def test_a_model_api_that_is_down_ends_the_run_with_an_error(pool, make_re
 
 
 async def test_a_client_that_disconnects_with_on_disconnect_cancel_cancels_its_run(pool, make_repo, sandbox_root):
-    script = [turn(tool_use("sandbox_exec", {"command": "sleep 313131"}))]
+    script = [turn(tool_use("sandbox_exec", {"command": f"sleep {DISCONNECT_MARK}"}))]
     async with stack(pool, script) as s:
         async with aiohttp.ClientSession() as http:
             body = {"repoUrl": str(make_repo(BUGGY)), "prompt": "Go", "mode": "single", "on_disconnect": "cancel"}
@@ -137,7 +139,7 @@ async def test_a_client_that_disconnects_with_on_disconnect_cancel_cancels_its_r
         # The unused steps are not this test's subject.
         s.api.problems.clear()
         async with asyncio.timeout(20):
-            while sandboxes(sandbox_root) or _processes("313131"):
+            while sandboxes(sandbox_root) or _processes(DISCONNECT_MARK):
                 await asyncio.sleep(0.05)
 
 
@@ -210,13 +212,13 @@ async def test_health_reports_each_mcp_server(pool):
 
 
 async def test_a_crashed_server_ends_its_run_and_is_restarted(pool, make_repo, sandbox_root):
-    script = [turn(tool_use("sandbox_exec", {"command": "sleep 717171"}))]
+    script = [turn(tool_use("sandbox_exec", {"command": f"sleep {CRASH_MARK}"}))]
     conn = pool.connections["sandbox"]
     restarts = conn.restarts
     async with stack(pool, script) as s:
         run = asyncio.create_task(post_code(s.url, {"repoUrl": str(make_repo(BUGGY)), "prompt": "Go", "mode": "single"}))
         async with asyncio.timeout(30):
-            while not _processes("717171"):
+            while not _processes(CRASH_MARK):
                 await asyncio.sleep(0.05)
         server_pid = next(p for p in _processes("servers.sandbox") if str(sandbox_root).encode()
                           in open(f"/proc/{p}/environ", "rb").read())

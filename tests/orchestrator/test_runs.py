@@ -14,12 +14,14 @@ import pytest
 from orchestrator.events import EventLog
 from orchestrator.runs import RunManager
 from orchestrator.store import SQLiteRunStore, StoreError
+from tests.conftest import unique_marker
 from tests.fakes.messages_api import text, tool_use, turn
 
 from .conftest import of_type, parse_sse, post_code, serve, stack
 from .test_failures import _processes, sandboxes
 from .test_run import BUGGY, fix_script
 
+CANCEL_MARK = unique_marker()
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
@@ -81,14 +83,14 @@ async def test_two_readers_of_one_run_see_the_same_events(pool, make_repo):
 
 
 async def test_cancel_during_a_tool_call_stops_the_run_and_removes_its_sandbox(pool, make_repo, sandbox_root):
-    script = [turn(tool_use("sandbox_exec", {"command": "sleep 454545"}))]
+    script = [turn(tool_use("sandbox_exec", {"command": f"sleep {CANCEL_MARK}"}))]
     async with stack(pool, script) as s:
         async with aiohttp.ClientSession() as http:
             async with http.post(s.url + "/code", json=body(make_repo(BUGGY))) as resp:
                 head = await read_until(resp, '"state":"complete"')
                 run_id = head[0]["run_id"]
                 async with asyncio.timeout(30):
-                    while not _processes("454545"):
+                    while not _processes(CANCEL_MARK):
                         await asyncio.sleep(0.05)
                 async with asyncio.timeout(15):
                     async with http.post(f"{s.url}/runs/{run_id}/cancel") as cancelled:
@@ -99,7 +101,7 @@ async def test_cancel_during_a_tool_call_stops_the_run_and_removes_its_sandbox(p
         record = await get_json(f"{s.url}/runs/{run_id}")
     assert tail[-1] == {**tail[-1], "type": "completion", "status": "cancelled"}
     assert record["status"] == "cancelled"
-    assert sandboxes(sandbox_root) == [] and not _processes("454545")
+    assert sandboxes(sandbox_root) == [] and not _processes(CANCEL_MARK)
 
 
 async def test_a_client_that_goes_away_does_not_stop_its_run(pool, make_repo):

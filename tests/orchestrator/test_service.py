@@ -14,12 +14,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.conftest import unique_marker
 from tests.fakes.messages_api import messages_api, tool_use, turn
 
 from .conftest import API_KEY, ROOT, free_port
 from .test_failures import _processes
 from .test_run import BUGGY
 
+SIGTERM_MARK = unique_marker()
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
@@ -30,7 +32,7 @@ async def test_sigterm_lets_runs_finish_within_the_grace_then_cancels_them_and_c
     config["mcpServers"]["sandbox"]["env"]["SANDBOX_ROOT"] = str(root)
     (data / "mcp.json").write_text(json.dumps(config))
     port = free_port()
-    script = [turn(tool_use("sandbox_exec", {"command": "sleep 383838"}))]
+    script = [turn(tool_use("sandbox_exec", {"command": f"sleep {SIGTERM_MARK}"}))]
     async with messages_api(script) as api:
         env = {"PATH": os.environ["PATH"], "HOME": str(data), "ANTHROPIC_API_KEY": API_KEY,
                "ANTHROPIC_BASE_URL": api.url, "TB_DATA_DIR": str(data), "TB_SHUTDOWN_GRACE_S": "1",
@@ -51,7 +53,7 @@ async def test_sigterm_lets_runs_finish_within_the_grace_then_cancels_them_and_c
                 async with http.post(f"http://127.0.0.1:{port}/code", json=body) as resp:
                     while b'"state":"complete"' not in await resp.content.readline():
                         pass
-                    while not _processes("383838"):
+                    while not _processes(SIGTERM_MARK):
                         await asyncio.sleep(0.05)
                     proc.send_signal(signal.SIGTERM)
                     tail = await resp.text()
@@ -65,4 +67,4 @@ async def test_sigterm_lets_runs_finish_within_the_grace_then_cancels_them_and_c
     assert '"reason":"cancelled"' in tail and '"status":"cancelled"' in tail
     status = sqlite3.connect(data / "runs.sqlite3").execute("SELECT status FROM runs").fetchall()
     assert status == [("cancelled",)]
-    assert not _processes("383838") and list(root.glob("*/sbx-*")) == []
+    assert not _processes(SIGTERM_MARK) and list(root.glob("*/sbx-*")) == []

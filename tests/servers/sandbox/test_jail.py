@@ -15,11 +15,14 @@ from mcp import StdioServerParameters
 
 from servers.sandbox.manager import SandboxManager, Settings
 from servers.sandbox.server import build_server
-from tests.conftest import git, held_client
+from tests.conftest import git, held_client, unique_marker
 
 from .conftest import ROOT, SECRETS, server_env
 from .helpers import call, call_error, sandbox, sh
 
+TIMEOUT_MARK = unique_marker()
+BACKGROUND_MARK = unique_marker()
+RUNNING_MARK = unique_marker()
 REPO = {"README.md": "# demo\n", "app.py": "print('hi')\n"}
 
 
@@ -105,24 +108,25 @@ async def test_a_fork_bomb_is_contained_and_the_server_keeps_answering(client, m
 async def test_a_sleep_past_its_timeout_leaves_no_process(client, make_repo):
     sid = await sandbox(client, make_repo(REPO))
     with anyio.fail_after(20):
-        out = await sh(client, sid, "sleep 424242", timeout_s=1)
+        out = await sh(client, sid, f"sleep {TIMEOUT_MARK}", timeout_s=1)
     assert out["timed_out"]
-    assert await gone("424242")
+    assert await gone(TIMEOUT_MARK)
 
 
 async def test_background_processes_die_with_their_command_and_their_sandbox(client, make_repo):
     sid = await sandbox(client, make_repo(REPO))
-    await sh(client, sid, "(sleep 515151 &) ; nohup sleep 515151 >/dev/null 2>&1 & echo started")
-    assert await gone("515151")
-    running = asyncio.create_task(call(client, "exec", sandbox_id=sid, command="sleep 626262", timeout_s=300))
+    await sh(client, sid, f"(sleep {BACKGROUND_MARK} &) ; nohup sleep {BACKGROUND_MARK} >/dev/null 2>&1 & echo started")
+    assert await gone(BACKGROUND_MARK)
+    running = asyncio.create_task(call(client, "exec", sandbox_id=sid, command=f"sleep {RUNNING_MARK}",
+                                       timeout_s=300))
     with anyio.fail_after(10):
-        while not host_processes("626262"):
+        while not host_processes(RUNNING_MARK):
             await asyncio.sleep(0.05)
     await call(client, "destroy_sandbox", sandbox_id=sid)
     with anyio.fail_after(15):
         result = await running
     assert result["exit_code"] != 0
-    assert await gone("626262")
+    assert await gone(RUNNING_MARK)
 
 
 async def test_two_sandboxes_do_not_see_each_other(jailed, make_repo):
@@ -169,7 +173,7 @@ async def test_sandboxes_are_destroyed_when_the_stdio_server_exits(sandbox_root,
 
 
 async def test_idle_sandboxes_are_reaped(sandbox_root, make_repo):
-    manager = SandboxManager(Settings(root=sandbox_root, idle_ttl_s=0))
+    manager = SandboxManager(Settings(backend="local", root=sandbox_root, idle_ttl_s=0))
     info = await manager.create(str(make_repo(REPO)), None)
     assert await manager.reap_idle() == [info.sandbox_id]
     assert sandbox_dirs(sandbox_root) == []
@@ -256,7 +260,7 @@ async def test_a_very_deep_tree_is_still_removed_with_its_sandbox(client, make_r
 
 
 async def test_concurrent_creates_respect_the_sandbox_limit(sandbox_root, make_repo):
-    manager = SandboxManager(Settings(root=sandbox_root, max_sandboxes=2))
+    manager = SandboxManager(Settings(backend="local", root=sandbox_root, max_sandboxes=2))
     repo = str(make_repo(REPO))
     results = await asyncio.gather(*(manager.create(repo, None) for _ in range(5)), return_exceptions=True)
     assert sum(not isinstance(r, Exception) for r in results) == 2
@@ -268,7 +272,7 @@ async def test_a_sandbox_root_someone_else_can_write_is_refused(tmp_path, make_r
     root = tmp_path / "shared"
     root.mkdir(mode=0o777)
     root.chmod(0o777)
-    manager = SandboxManager(Settings(root=root))
+    manager = SandboxManager(Settings(backend="local", root=root))
     with pytest.raises(Exception, match="writable by no one else"):
         await manager.create(str(make_repo(REPO)), None)
 
@@ -296,10 +300,42 @@ async def test_a_read_only_command_can_read_but_not_change_the_repository(jailed
 
 
 async def test_a_server_that_died_leaves_nothing_for_long(sandbox_root, make_repo):
-    dead = SandboxManager(Settings(root=sandbox_root))
+    dead = SandboxManager(Settings(backend="local", root=sandbox_root))
     await dead.create(str(make_repo(REPO)), None)
     os.close(dead._instance[1])  # what the kernel does when a server process dies
-    async with held_client(build_server(Settings(root=sandbox_root))) as c:
+    async with held_client(build_server(Settings(backend="local", root=sandbox_root))) as c:
         assert sandbox_dirs(sandbox_root) == []
         await sandbox(c, make_repo(REPO))
         assert len(sandbox_dirs(sandbox_root)) == 1
+
+
+async def test_mcp_over_http_off_loopback_needs_a_token_and_checks_it(make_repo):
+    from orchestrator.mcp_pool import ServerSpec
+
+    from .conftest import free_port
+
+    refused = subprocess.run([sys.executable, "-m", "servers.sandbox", "--transport", "http", "--host", "0.0.0.0"],
+                             cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "MCP_AUTH_TOKEN" in refused.stderr
+    port = free_port()
+    token = "mcp-test-token-" + "z" * 30
+    proc = subprocess.Popen([sys.executable, "-m", "servers.sandbox", "--transport", "http", "--port", str(port)],
+                            cwd=ROOT, env=server_env(MCP_AUTH_TOKEN=token, SANDBOX_BACKEND="local"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/mcp"
+    try:
+        import httpx
+
+        with anyio.fail_after(30):
+            while True:
+                try:
+                    status = httpx.post(url, json={}, timeout=1).status_code
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.1)
+        assert status == 401
+        async with ServerSpec("sandbox", url, {"Authorization": f"Bearer {token}"}).connect() as c:
+            assert len((await c.list_tools()).tools) == 9
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -1,0 +1,55 @@
+"""Serving an MCP server over streamable HTTP at /mcp: on loopback by default (with the SDK's Host and Origin
+checks against DNS rebinding), and never anywhere else without a bearer token."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import os
+import sys
+from typing import Any
+
+import uvicorn
+from mcp.server.mcpserver import MCPServer
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class BearerAuth:
+    """An ASGI wrapper that answers 401 to any HTTP request without `Authorization: Bearer <token>`."""
+
+    def __init__(self, app: Any, token: str):
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                body = json.dumps({"error": "send Authorization: Bearer <MCP_AUTH_TOKEN>"}).encode()
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"www-authenticate", b'Bearer realm="mcp"')]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def serve_http(server: MCPServer, host: str, port: int) -> None:
+    """Serve until interrupted; `MCP_AUTH_TOKEN` is required unless `host` is a loopback address."""
+    token = os.environ.get("MCP_AUTH_TOKEN") or None
+    if token is None and not is_loopback(host):
+        sys.exit(f"refusing to serve MCP on {host} without authentication: set MCP_AUTH_TOKEN to a long random "
+                 "secret (clients send it as `Authorization: Bearer <token>`), or listen on 127.0.0.1")
+    app: Any = server.streamable_http_app(host=host)
+    if token:
+        app = BearerAuth(app, token)
+    uvicorn.run(app, host=host, port=port, log_level="info")

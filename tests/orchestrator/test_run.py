@@ -90,3 +90,14 @@ async def test_the_model_never_sees_bound_arguments_or_lifecycle_tools(pool, mak
     assert "cache_control" in last["tools"][-1] and "cache_control" in last["system"][-1]
     assert "cache_control" in last["messages"][-1]["content"][-1]
     assert sum("cache_control" in m["content"][-1] for m in last["messages"] if isinstance(m["content"], list)) == 1
+
+
+async def test_idle_streams_get_ping_comments_and_long_results_are_cut_for_the_model(pool, make_repo):
+    script = [turn(tool_use("sandbox_exec", {"command": "sleep 1; seq 1 200000"})), turn(text("Long output."))]
+    async with stack(pool, script, ping_seconds=0.1, tool_result_chars=2000) as s:
+        _, events, raw = await post_code(s.url, {"repoUrl": str(make_repo(BUGGY)), "prompt": "Count",
+                                                 "mode": "single"})
+    assert "\n: ping\n" in "\n" + raw
+    fed = s.api.requests[1]["messages"][-1]["content"][0]["content"]
+    assert len(fed) < 2200 and "characters dropped" in fed
+    assert fed.lstrip().startswith("{") and fed.rstrip().endswith("}")

@@ -94,6 +94,14 @@ async def run_agent(model: Model, tools: ToolSet, system: str, brief: str, budge
         result.final_text = "\n".join(b["text"] for b in content if b["type"] == "text") or result.final_text
         if content:
             messages.append({"role": "assistant", "content": content})
+        if done.stop_reason == "max_tokens":
+            # A cut-off turn: its last tool call may be incomplete, so none of them runs; the model goes on instead.
+            messages.append({"role": "user", "content": [
+                *({"type": "tool_result", "tool_use_id": c["id"], "is_error": True,
+                   "content": "not run: your reply was cut off at the output limit; make this call again"}
+                  for c in calls),
+                {"type": "text", "text": "Your reply was cut off at the output limit. Continue, in smaller steps."}]})
+            continue
         if not calls:
             if must_call is None:
                 return
@@ -110,7 +118,7 @@ async def run_agent(model: Model, tools: ToolSet, system: str, brief: str, budge
             raise LimitReached("run_seconds", "the run's wall-clock limit was reached during a tool call") from None
         for call, out in zip(calls, outputs):
             yield events("tool_result", agent=agent, id=call["id"], name=call["name"], is_error=out.is_error,
-                         content=_preview(out.text))
+                         content=_preview(redact(out.text)))
         messages.append({"role": "user", "content": [
             {"type": "tool_result", "tool_use_id": call["id"], "content": out.text or "(no output)",
              "is_error": out.is_error}

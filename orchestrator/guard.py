@@ -32,12 +32,12 @@ class TokenBucket:
         now = time.monotonic()
         tokens, last = self.tokens.get(client, (float(self.burst), now))
         tokens = min(self.burst, tokens + (now - last) * self.per_minute / 60)
+        if len(self.tokens) > 10_000:  # forget the idle, so the table stays bounded
+            self.tokens = {k: v for k, v in self.tokens.items() if now - v[1] < 3600}
         if tokens >= 1:
             self.tokens[client] = (tokens - 1, now)
             return 0.0
         self.tokens[client] = (tokens, now)
-        if len(self.tokens) > 10_000:  # forget the idle, so the table stays bounded
-            self.tokens = {k: v for k, v in self.tokens.items() if now - v[1] < 3600}
         return (1 - tokens) * 60 / self.per_minute
 
 

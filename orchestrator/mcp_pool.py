@@ -82,6 +82,8 @@ def load_config(path: Path, env: dict[str, str] | None = None) -> list[ServerSpe
         if not isinstance(entry, dict):
             raise ConfigError(f"server {name!r} in {path} is not an object")
         if entry.get("type") in ("http", "streamable-http") or "url" in entry:
+            if not entry.get("url"):
+                raise ConfigError(f"server {name!r} in {path} is of type http but has no \"url\"")
             headers = {k: expand(str(v), env) for k, v in (entry.get("headers") or {}).items()}
             specs.append(ServerSpec(name, expand(str(entry["url"]), env), headers))
             continue

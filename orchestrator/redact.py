@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -21,7 +22,10 @@ def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
 
 class Redactor:
     def __init__(self, secrets: list[str] | None = None):
-        self.secrets = secret_values() if secrets is None else secrets
+        values = secret_values() if secrets is None else secrets
+        # Also as JSON escapes them, since events are redacted once encoded.
+        escaped = {json.dumps(v)[1:-1] for v in values} - set(values)
+        self.secrets = sorted([*values, *escaped], key=len, reverse=True)
 
     def __call__(self, text: str) -> str:
         for value in self.secrets:
@@ -30,8 +34,8 @@ class Redactor:
         return TOKEN_PATTERN.sub(MASK, text)
 
 
-PREFIXES = ("ghp_", "gho_", "ghs_", "ghu_", "ghr_", "github_pat_", "sk-ant-")
-_TOKEN_CHARS = re.compile(r"[A-Za-z0-9_-]*")
+PREFIXES = ("ghp_", "gho_", "ghs_", "ghu_", "ghr_", "github_pat_", "sk-ant-", "Bearer ")
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9._~+/=-]*")
 HOLD_MAX = 8192
 
 

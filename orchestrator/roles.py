@@ -11,6 +11,8 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+import jsonschema
+
 from . import prompts
 from .tools import RunTools, ToolOutput
 
@@ -102,9 +104,12 @@ class RoleTools:
     async def call(self, name: str, arguments: dict[str, Any]) -> ToolOutput:
         submit = self.role.submit
         if submit and name == submit["name"]:
-            missing = [k for k in submit["input_schema"]["required"] if k not in arguments]
-            if missing:
-                return ToolOutput(f"{name} needs {', '.join(missing)}", is_error=True)
+            problem = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(
+                submit["input_schema"]).iter_errors(arguments))
+            if problem is not None:
+                where = "/".join(str(p) for p in problem.absolute_path) or "the input"
+                return ToolOutput(f"{name} was not recorded: {where}: {problem.message}; call it again, fixed",
+                                  is_error=True)
             self.submitted = arguments
             return ToolOutput(f"{name} recorded.", final=True)
         if name not in self.role.tools:

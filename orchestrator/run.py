@@ -33,6 +33,7 @@ from .tools import RunTools, ToolFailed, result_text
 
 log = logging.getLogger(__name__)
 CLEANUP_SECONDS = 30
+PUBLISH_CALL_SECONDS = 120  # each publishing call; publishing also follows a run that hit its wall-clock limit
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,8 @@ async def _publish(request: RunRequest, tools: RunTools, work: Work, events: Eve
         branch = f"{settings.branch_prefix}{_slug(request.prompt)}-{events.run_id[-6:]}"
         title = _title(request.prompt)
         body = _body(request, work, changeset, draft_reason, events.run_id)
-        repo, timeout, draft = request.repo_url, settings.limits.tool_seconds, draft_reason is not None
+        repo, draft = request.repo_url, draft_reason is not None
+        timeout = min(settings.limits.tool_seconds, PUBLISH_CALL_SECONDS)
         with telemetry.span("publish", {"tb.branch": branch, "tb.draft": draft}):
             await _call(tools.pool, "github", "create_branch", {"repo": repo, "branch": branch,
                                                                 "from_sha": tools.base_commit}, timeout)

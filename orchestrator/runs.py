@@ -1,18 +1,19 @@
 """Runs as background tasks that outlive their connections: start, follow (replay, then live), cancel.
 
-Every event is stored as it happens; readers replay from the store or from the live run's memory, so any number
-of readers can follow one run and a reader that reconnects continues after the last event it saw.
+Readers of a live run read its events from memory as they happen; the store gets them in batches a few
+milliseconds later and serves finished runs. Any number of readers can follow one run, and a reader that reconnects
+continues after the last event it saw.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from .events import Event, EventLog
-from .mcp_pool import ServerUnavailable
 from .run import RunRequest, Services, execute, new_run_id
 from .store import RunStore
 
@@ -55,10 +56,12 @@ class RunManager:
             self._keep(live, events("error", reason="cancelled", message="the run was cancelled"))
             self._keep(live, events("completion", status="cancelled"))
         finally:
-            self.flush()
-            live.done = True
-            live.changed.set()
-            self.live.pop(run_id, None)
+            try:
+                self.flush()
+            finally:
+                live.done = True
+                live.changed.set()
+                self.live.pop(run_id, None)
 
     def _keep(self, live: LiveRun, event: Event) -> None:
         live.events.append(event)
@@ -74,8 +77,16 @@ class RunManager:
             self._flush_handle.cancel()
             self._flush_handle = None
         events, self._unstored = self._unstored, []
-        if events:
+        if not events:
+            return
+        try:
             self.store.append(*events)
+        except sqlite3.Error as exc:
+            # Readers of live runs have these events already; keep them for the next flush rather than lose them.
+            log.error("could not store %d run events (will retry): %s", len(events), exc)
+            self._unstored[:0] = events
+            if self._flush_handle is None:
+                self._flush_handle = asyncio.get_running_loop().call_later(1.0, self.flush)
 
     def clients(self) -> list[str]:
         """Who started each run in flight, once per run."""
@@ -107,7 +118,8 @@ class RunManager:
         return True
 
     async def recover(self) -> list[str]:
-        """Mark the runs a previous process left unfinished as interrupted, and remove their sandboxes."""
+        """Mark the runs a previous process left unfinished as interrupted. Their sandboxes went with the old
+        servers; a sandbox server that finds a dead server's folder removes it."""
         interrupted = []
         for record in self.store.unfinished():
             run_id = record["id"]
@@ -116,12 +128,6 @@ class RunManager:
             self.store.append(events("error", reason="interrupted",
                                      message="the service restarted while this run was in flight"))
             self.store.append(events("completion", status="interrupted"))
-            if record.get("sandbox_id"):
-                try:
-                    await self.services.pool.call("sandbox", "destroy_sandbox", {"sandbox_id": record["sandbox_id"]},
-                                                  30)
-                except (ServerUnavailable, TimeoutError) as exc:
-                    log.warning("could not remove sandbox %s of run %s: %s", record["sandbox_id"], run_id, exc)
             interrupted.append(run_id)
         return interrupted
 

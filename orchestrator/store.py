@@ -1,7 +1,8 @@
 """Where runs and their events are kept: a `RunStore` protocol and its embedded SQLite implementation.
 
-SQLite in WAL mode, one file under the data directory. Calls are short and run on the event loop: a commit in WAL
-mode with `synchronous=NORMAL` costs tens of microseconds and no fsync.
+SQLite in WAL mode, one file under the data directory. Calls run on the event loop: events arrive in batches (see
+runs.py), a commit in WAL mode with `synchronous=NORMAL` needs no fsync, and a lock held by another process is waited
+for at most half a second.
 """
 
 from __future__ import annotations
@@ -45,12 +46,14 @@ class SQLiteRunStore:
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            # A short lock wait: the store runs on the event loop, and a lock held elsewhere must not stall it long.
+            self.db = sqlite3.connect(path, isolation_level=None, timeout=0.5)
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
-            self.db.execute("PRAGMA quick_check").fetchone()
+            if (check := self.db.execute("PRAGMA quick_check").fetchone()[0]) != "ok":
+                raise sqlite3.DatabaseError(f"integrity check failed: {check}")
             # A read-only file opens and reads fine: find out now, not at the first run.
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute("ROLLBACK")

@@ -120,8 +120,12 @@ class RunTools:
 
     async def export(self) -> dict[str, Any]:
         """The sandbox's changes since the base commit: `changeset` and `diff`."""
-        exported = await self.pool.call("sandbox", "export_changes", {"sandbox_id": self.sandbox_id}, self.timeout_s)
-        if exported.is_error:
+        try:
+            exported = await self.pool.call("sandbox", "export_changes", {"sandbox_id": self.sandbox_id},
+                                            self.timeout_s)
+        except TimeoutError:
+            raise ToolFailed(f"exporting the sandbox's changes took longer than {self.timeout_s:g} s") from None
+        if exported.is_error or not exported.structured_content:
             raise ToolFailed(f"could not export the sandbox's changes: {result_text(exported)}")
         return exported.structured_content
 

@@ -52,6 +52,8 @@ class Settings:
         if token.startswith("${"):  # a client that does not expand variables passed mcp.json's placeholder through
             token = ""
         prefix = env.get("GITHUB_BRANCH_PREFIX", cls.branch_prefix)
+        if prefix.startswith("${"):  # mcp.json's placeholder, from a client that does not expand variables
+            prefix = cls.branch_prefix
         if prefix:
             check_branch_name(prefix.rstrip("/") or "x")
         return cls(

@@ -229,3 +229,15 @@ async def test_a_crashed_server_ends_its_run_and_is_restarted(pool, make_repo, s
     async with asyncio.timeout(30):
         while conn.state != "up" or conn.restarts == restarts:
             await asyncio.sleep(0.05)
+
+
+async def test_a_turn_cut_at_the_output_limit_runs_none_of_its_calls_and_the_model_goes_on(pool, make_repo):
+    repo = make_repo(BUGGY)
+    script = [turn(text("I will edit"), tool_use("sandbox_write_file", {"path": "calc.py", "content": "trunc"}),
+                   stop_reason="max_tokens"),
+              turn(text("Nothing more to do."))]
+    async with stack(pool, script) as s:
+        _, events, _ = await post_code(s.url, {"repoUrl": str(repo), "prompt": "Go", "mode": "single"})
+    told = s.api.requests[1]["messages"][-1]["content"]
+    assert told[0]["is_error"] and "cut off" in told[0]["content"] and "cut off" in told[-1]["text"]
+    assert not of_type(events, "tool_result") and events[-1]["status"] == "no_changes"

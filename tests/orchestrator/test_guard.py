@@ -75,6 +75,7 @@ async def test_runs_in_flight_are_capped_per_client_and_in_all(pool, make_repo):
     ("https://github.com.evil.example/o/r", "https://HOST/owner/name"),
     ("https://github.com/o/r/../../x", "https://HOST/owner/name"),
     ("https://ghe.example.com/o/r", "https://HOST/owner/name"),
+    ("https://github.com:99999/o/r", "https://HOST/owner/name"),
 ])
 async def test_repository_urls_outside_the_allowlist_are_refused(pool, repo_url, message):
     async with stack(pool, []) as s:
@@ -110,6 +111,7 @@ async def test_redaction_covers_named_secrets_token_shapes_and_bearer_values():
 
 async def test_a_secret_split_across_streamed_pieces_is_still_redacted():
     stream = StreamRedactor(Redactor(["my-own-secret-value"]))
-    pieces = ["the key is my-own", "-secret-", "value and ghp_", "Z" * 20, "Z" * 16, " done"]
+    pieces = ["the key is my-own", "-secret-", "value and ghp_", "Z" * 20, "Z" * 16, " done; Bearer abcd",
+              "efghijklmnop0123456789 end"]
     out = "".join(stream.feed(p) for p in pieces) + stream.flush()
-    assert out == "the key is [redacted] and [redacted] done"
+    assert out == "the key is [redacted] and [redacted] done; Bearer [redacted] end"

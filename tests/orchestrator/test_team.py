@@ -142,3 +142,18 @@ async def test_the_planner_and_the_reviewer_cannot_write(pool, make_repo):
     assert not any(n.startswith("github_") for n in names)
     pr = of_type(events, "pull_request")[0]
     assert git(repo, "show", f"{pr['head']}:calc.py") == "def add(a, b):\n    return a + b"
+
+
+async def test_a_malformed_hand_over_is_an_error_the_agent_can_fix(pool, make_repo):
+    repo = make_repo(BUGGY)
+    script = [turn(tool_use("submit_plan", {"summary": "x", "changes": "edit calc.py", "verification": "tests"})),
+              *planner()[1:], *coder(),
+              turn(tool_use("submit_review", {"verdict": "maybe", "findings": None, "tests_run": []})),
+              *reviewer("approve")[1:]]
+    async with stack(pool, script) as s:
+        _, events, _ = await post_code(s.url, request(repo))
+    errors = [r for r in of_type(events, "tool_result") if r["is_error"]]
+    assert [e["agent"] for e in errors] == ["planner", "reviewer"]
+    assert "changes" in errors[0]["content"] and "not recorded" in errors[0]["content"]
+    assert "verdict" in errors[1]["content"] or "findings" in errors[1]["content"]
+    assert events[-1]["status"] == "success" and of_type(events, "pull_request")[0]["draft"] is False

@@ -1,4 +1,5 @@
-"""`python -m orchestrator --host 127.0.0.1 --port 8002 --mcp-config mcp.json`"""
+"""`python -m orchestrator --host 127.0.0.1 --port 8002 --mcp-config mcp.json` serves;
+`python -m orchestrator run --repo URL_OR_PATH "instruction"` is the command line client (`cli.py`)."""
 
 from __future__ import annotations
 
@@ -27,11 +28,27 @@ log = logging.getLogger("orchestrator")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator", description="The Tiny Backspace service.")
+    parser = argparse.ArgumentParser(prog="python -m orchestrator", description="The Tiny Backspace service.",
+                                     epilog="python -m orchestrator run --help: run one job from the terminal")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8002)
     parser.add_argument("--mcp-config", type=Path, default=Path("mcp.json"))
     return parser.parse_args(argv)
+
+
+def build_services(settings: Settings, mcp_config: Path) -> Services:
+    """The MCP tool pool (not yet started) and the model, as every run shares them."""
+    pool = ToolPool(load_config(mcp_config))
+    # Built with the SDK's defaults: ANTHROPIC_API_KEY and ANTHROPIC_BASE_URL work as everywhere else.
+    if os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN"):
+        client = anthropic.AsyncAnthropic()
+    else:
+        log.warning("ANTHROPIC_API_KEY is not set: runs will fail until it is set (or until ANTHROPIC_BASE_URL "
+                    "points at a compatible server that needs no key)")
+        client = anthropic.AsyncAnthropic(api_key="")
+    model = AnthropicModel(client, settings.model, settings.limits.max_output_tokens,
+                           settings.limits.overloaded_retries, settings.limits.overloaded_backoff_s)
+    return Services(settings, pool, model)
 
 
 def setup_logging() -> None:
@@ -47,19 +64,11 @@ async def serve(args: argparse.Namespace) -> None:
         sys.exit(f"refusing to listen on {args.host} without authentication: set TB_API_TOKEN to a long random "
                  "secret (e.g. `openssl rand -hex 32`) and send it as `Authorization: Bearer <token>`, or listen "
                  "on 127.0.0.1")
-    pool = ToolPool(load_config(args.mcp_config))
-    # Built with the SDK's defaults: ANTHROPIC_API_KEY and ANTHROPIC_BASE_URL work as everywhere else.
-    if os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN"):
-        client = anthropic.AsyncAnthropic()
-    else:
-        log.warning("ANTHROPIC_API_KEY is not set: runs will fail until it is set (or until ANTHROPIC_BASE_URL "
-                    "points at a compatible server that needs no key)")
-        client = anthropic.AsyncAnthropic(api_key="")
-    model = AnthropicModel(client, settings.model, settings.limits.max_output_tokens,
-                           settings.limits.overloaded_retries, settings.limits.overloaded_backoff_s)
+    services = build_services(settings, args.mcp_config)
+    pool = services.pool
     store = SQLiteRunStore(settings.data_dir / "runs.sqlite3")
     await pool.start()
-    runs = RunManager(Services(settings, pool, model), store)
+    runs = RunManager(services, store)
     interrupted = await runs.recover()
     if interrupted:
         log.warning("marked %d run(s) left in flight by the previous process as interrupted", len(interrupted))
@@ -84,6 +93,11 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        from .cli import main as run_main  # the client needs none of the service's start-up
+
+        sys.exit(run_main(argv[1:]))
     args = parse_args(argv)
     setup_logging()
     telemetry.setup()

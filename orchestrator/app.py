@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import ipaddress
 import json
 import re
@@ -26,10 +28,17 @@ REDACT = web.AppKey("redact", Redactor)
 LOOPBACK = web.AppKey("loopback", bool)
 ADMISSION = web.AppKey("admission", Admission)
 MAX_BODY = 256 * 1024
+PAGE = Path(__file__).parent / "web" / "index.html"
 
 
 def bad_request(message: str, status: int = 400) -> web.Response:
     return web.json_response({"error": message}, status=status)
+
+
+def redacted_json(request: web.Request, data: Any) -> web.Response:
+    """A JSON answer that passes the same redaction as the event stream (a prompt may hold a secret)."""
+    redact = request.app[REDACT]
+    return web.json_response(data, dumps=lambda obj: redact(json.dumps(obj, ensure_ascii=False)))
 
 
 def validate(body: Any, services: Services, loopback: bool) -> RunRequest | web.Response:
@@ -68,11 +77,15 @@ def validate(body: Any, services: Services, loopback: bool) -> RunRequest | web.
 
 def _remote(repo: str, prompt: str, mode: str, hosts: tuple[str, ...]) -> RunRequest | web.Response:
     parts = urlsplit(repo)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
     if parts.username or parts.password:
         return bad_request("repoUrl must not carry credentials; the github server holds the token")
     path = parts.path.strip("/").removesuffix(".git")
     if parts.scheme != "https" or (parts.hostname or "") not in hosts or not OWNER_NAME.match(path) \
-            or parts.query or parts.fragment or parts.port:
+            or parts.query or parts.fragment or port is not None:
         return bad_request(f"repoUrl must be https://HOST/owner/name with HOST one of {', '.join(hosts)} "
                            "(TB_GITHUB_HOSTS), owner/name, or a local repository path")
     return RunRequest(repo_url=f"https://{parts.hostname}/{path}", prompt=prompt, mode=mode)
@@ -120,7 +133,7 @@ async def run_events(request: web.Request) -> web.StreamResponse:
     if runs.store.get(run_id) is None:
         return bad_request(f"no run {run_id!r}", 404)
     raw = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):
         return bad_request("Last-Event-ID (or after) must be the number of the last event you received")
     return await sse_response(request, runs.follow(run_id, int(raw)))
 
@@ -144,14 +157,14 @@ async def list_runs(request: web.Request) -> web.Response:
     page = {"runs": records}
     if len(records) == limit:
         page["next"] = f"/runs?limit={limit}&before={records[-1]['created']}"
-    return web.json_response(page)
+    return redacted_json(request, page)
 
 
 async def get_run(request: web.Request) -> web.Response:
     record = request.app[RUNS].store.get(request.match_info["run_id"])
     if record is None:
         return bad_request(f"no run {request.match_info['run_id']!r}", 404)
-    return web.json_response({**record, "events_url": f"/runs/{record['id']}/events"})
+    return redacted_json(request, {**record, "events_url": f"/runs/{record['id']}/events"})
 
 
 async def cancel_run(request: web.Request) -> web.Response:
@@ -167,8 +180,9 @@ async def cancel_run(request: web.Request) -> web.Response:
 async def stream_events(response: web.StreamResponse, events: Any, ping_seconds: float, redact: Redactor) -> None:
     """Write events as they come and a ping comment when none came for `ping_seconds`.
 
-    The run is produced by its own task, so a slow event (a long tool call) never holds back the pings; when the
-    client goes away this handler is cancelled, and so is the run, which then destroys its sandbox.
+    The events come from their own task, so a slow one (a long tool call) never holds back the pings; when the
+    client goes away this handler is cancelled, and so is that task (the run itself goes on unless the request
+    asked for `on_disconnect: cancel`).
     """
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
@@ -204,8 +218,23 @@ async def health(request: web.Request) -> web.Response:
     services = request.app[RUNS].services
     servers = services.pool.health()
     status = "healthy" if all(s["state"] == "up" for s in servers.values()) else "degraded"
-    return web.json_response({"status": status, "model": services.model.name, "servers": servers,
-                              "runs_in_flight": len(request.app[RUNS].live)})
+    return redacted_json(request, {"status": status, "model": services.model.name, "servers": servers,
+                                   "runs_in_flight": len(request.app[RUNS].live)})
+
+
+def page_handler() -> Callable[[web.Request], Awaitable[web.Response]]:
+    """`GET /`: the page, whose inline script alone may run (its hash is in the Content-Security-Policy)."""
+    html = PAGE.read_text()
+    script = html.split("<script>", 1)[1].split("</script>", 1)[0]
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    policy = (f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; connect-src 'self'; "
+              "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+    async def page(_: web.Request) -> web.Response:
+        return web.Response(text=html, content_type="text/html",
+                            headers={"Content-Security-Policy": policy, "Cache-Control": "no-cache"})
+
+    return page
 
 
 def build_app(runs: RunManager, loopback: bool = True,
@@ -224,7 +253,7 @@ def build_app(runs: RunManager, loopback: bool = True,
     app.router.add_get("/runs/{run_id}/events", run_events)
     app.router.add_post("/runs/{run_id}/cancel", cancel_run)
     app.router.add_get("/health", health)
-
+    app.router.add_get("/", page_handler())
 
     async def finish_runs(_: web.Application) -> None:
         # Before aiohttp waits for open handlers: theirs are the streams of these runs.

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-OPEN_PATHS = {"/health"}
+# The page holds no data and asks for the token itself (a browser cannot send one to load it).
+OPEN_PATHS = {"/health", "/"}
 
 
 def client_key(request: web.Request) -> str:

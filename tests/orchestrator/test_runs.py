@@ -4,6 +4,7 @@ survive a restart of the service as `interrupted`."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import tempfile
 from pathlib import Path
@@ -166,3 +167,15 @@ async def test_a_read_only_store_is_a_clear_start_up_error(tmp_path):
             SQLiteRunStore(folder / "runs.sqlite3")
     finally:
         subprocess.run(["chattr", "-i", str(folder / "runs.sqlite3"), str(folder)], check=True)
+
+
+async def test_the_run_records_are_redacted_like_the_stream(pool, make_repo):
+    secret = "ghp_" + "R" * 36
+    async with stack(pool, [turn(text("Nothing to do."))]) as s:
+        _, events, raw = await post_code(s.url, {"repoUrl": str(make_repo(BUGGY)), "prompt": f"use {secret}",
+                                                 "mode": "single"})
+        one = await get_json(f"{s.url}/runs/{events[0]['run_id']}")
+        page = await get_json(f"{s.url}/runs")
+        bad = await get_json(f"{s.url}/runs/{events[0]['run_id']}/events?after=%C2%B2")
+    assert one["prompt"] == "use [redacted]" and secret not in json.dumps(page) and secret not in raw
+    assert bad["status"] == 400

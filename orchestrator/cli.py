@@ -1,0 +1,276 @@
+"""`python -m orchestrator run --repo URL_OR_PATH "instruction"`: one run, rendered live in the terminal.
+
+The run goes through a service (`--service`, default http://127.0.0.1:8002) or, with `--in-process`, through the
+same app started inside this process on a loopback port, so both paths validate, redact and store alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+
+RECONNECTS = 5
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # a hostile repository's output must not drive the terminal
+COLOURS = {"+": "32", "-": "31", "@": "36", "ok": "32", "err": "31", "dim": "2", "bold": "1"}
+
+
+class Refused(Exception):
+    """The service answered with an error instead of a stream; the message says what to do."""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator run",
+                                     description="Run one job and watch it: exit code 0 when a pull request opened.")
+    parser.add_argument("instruction", help="what to change, in words")
+    parser.add_argument("--repo", required=True, help="https://github.com/owner/name, owner/name, or a local path")
+    parser.add_argument("--mode", choices=("team", "single"), default="team")
+    parser.add_argument("--service", default=os.environ.get("TB_SERVICE_URL", "http://127.0.0.1:8002"),
+                        help="the service to run through (TB_SERVICE_URL; default %(default)s)")
+    parser.add_argument("--token", default=os.environ.get("TB_API_TOKEN"), help="bearer token (TB_API_TOKEN)")
+    parser.add_argument("--json", action="store_true", help="print the raw events, one JSON object a line")
+    parser.add_argument("--in-process", action="store_true",
+                        help="start the MCP servers and the model here instead of using a service")
+    parser.add_argument("--mcp-config", type=Path, default=Path("mcp.json"), help="with --in-process")
+    return parser.parse_args(argv)
+
+
+def repo_argument(repo: str) -> str:
+    """A local path as the service wants it (absolute); anything else as given."""
+    return str(Path(repo).resolve()) if not repo.startswith(("http://", "https://")) and Path(repo).exists() else repo
+
+
+async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """The events of an SSE response, comments (pings) skipped."""
+    data: list[str] = []
+    async for raw in resp.content:
+        line = raw.decode().rstrip("\r\n")
+        if line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif not line and data:
+            yield json.loads("\n".join(data))
+            data = []
+
+
+async def follow(http: aiohttp.ClientSession, base: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """Start the run and yield its events to `completion`, resuming with Last-Event-ID if the connection drops."""
+    run_id, last, attempts = None, 0, 0
+    while True:
+        try:
+            if run_id is None:
+                request = http.post(f"{base}/code", json=body)
+            else:
+                request = http.get(f"{base}/runs/{run_id}/events", headers={"Last-Event-ID": str(last)})
+            async with request as resp:
+                if resp.content_type != "text/event-stream":
+                    raise Refused(await error_message(resp))
+                async for event in sse_events(resp):
+                    run_id, last, attempts = event["run_id"], event["seq"], 0
+                    yield event
+                    if event["type"] == "completion":
+                        return
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+            if run_id is None:
+                raise
+        attempts += 1
+        if attempts > RECONNECTS:
+            raise Refused(f"lost the stream of {run_id} after {RECONNECTS} reconnects; "
+                          f"follow it with GET {base}/runs/{run_id}/events")
+        await asyncio.sleep(min(8, 0.5 * 2 ** attempts))  # back off: the service may be restarting
+
+
+async def error_message(resp: aiohttp.ClientResponse) -> str:
+    try:
+        message = (await resp.json(content_type=None))["error"]
+    except (ValueError, KeyError, TypeError):
+        message = (await resp.text())[:300]
+    if resp.status == 401:
+        message += " (pass --token or set TB_API_TOKEN)"
+    return f"{resp.status}: {message}"
+
+
+class Terminal:
+    """Renders events as lines; on a terminal, keeps a status line at the bottom, rewritten in place."""
+
+    def __init__(self, out: TextIO, live: bool):
+        self.out, self.live = out, live
+        self.started = time.monotonic()
+        self.state = "starting"
+        self.agent = ""
+        self.text = ""  # the model's text since the last line printed, shown whole when something else happens
+
+    def paint(self, key: str, text: str) -> str:
+        return f"\x1b[{COLOURS[key]}m{text}\x1b[0m" if self.live else text
+
+    def line(self, text: str) -> None:
+        self.out.write(("\r\x1b[2K" if self.live else "") + text + "\n")
+
+    def status(self) -> None:
+        if self.live:
+            tail = clean(self.text.replace("\n", " "))[-60:]
+            who = f" {self.agent}" if self.agent else ""
+            self.out.write(f"\r\x1b[2K{self.paint('dim', f'[{time.monotonic() - self.started:5.1f}s{who}] ')}"
+                           f"{self.state} {self.paint('dim', tail)}")
+        self.out.flush()
+
+    def flush_text(self) -> None:
+        if self.text.strip():
+            for text_line in clean(self.text.strip()).splitlines():
+                self.line(f"  {text_line}")
+        self.text = ""
+
+    def show(self, e: dict[str, Any]) -> None:
+        """Render one event."""
+        kind = e["type"]
+        if kind == "text":
+            self.text += e["text"]
+            self.state = "writing"
+            return self.status()
+        if kind == "tool_call" and e.get("state") == "streaming":
+            self.state = f"calling {e['name']}"
+            return self.status()
+        self.flush_text()
+        if kind == "run":
+            self.line(f"{self.paint('bold', e['run_id'])} {clean(e.get('repo', ''))} ({e.get('mode')}, "
+                      f"{e.get('model')})")
+        elif kind == "status":
+            self.state = e.get("stage", "")
+            self.line(f"- {clean(e.get('message') or e.get('stage', ''))}")
+        elif kind == "sandbox":
+            self.line(f"- sandbox {e.get('sandbox_id')} ({e.get('backend')}) at {str(e.get('base_commit'))[:10]}"
+                      + (f": {clean(e['note'])}" if e.get("note") else ""))
+        elif kind == "agent":
+            self.agent = e["agent"] if e["state"] == "start" else ""
+            self.line(self.paint("bold", f"== {e['agent']} {e['state']}")
+                      + (f" ({e['turns']} turns)" if e.get("turns") else ""))
+        elif kind == "tool_call":
+            self.state = f"running {e['name']}"
+            self.line(f"  -> {e['name']} {clean(json.dumps(e.get('input', {}), ensure_ascii=False))[:300]}")
+        elif kind == "tool_result":
+            mark = self.paint("err", "  <- error") if e.get("is_error") else self.paint("ok", "  <- ok")
+            self.line(f"{mark} {preview(str(e.get('content', '')))}")
+        elif kind == "planned_change":
+            self.line(f"  plan: {clean(e.get('file', ''))}: {clean(e.get('what', ''))} ({clean(e.get('why', ''))})")
+        elif kind == "diff":
+            for diff_line in clean(e.get("diff", "")).splitlines():
+                key = diff_line[:1] if diff_line[:1] in "+-@" and not diff_line.startswith(("+++", "---")) else ""
+                self.line(self.paint(key, diff_line) if key else diff_line)
+        elif kind == "pull_request":
+            draft = " (draft)" if e.get("draft") else ""
+            self.line(self.paint("ok", f"pull request #{e.get('number')}{draft}: {clean(e.get('url', ''))}"))
+        elif kind == "usage":
+            self.line(f"- usage: {e.get('input_tokens', 0)} in, {e.get('output_tokens', 0)} out, "
+                      f"${e.get('cost_usd', 0):.4f}")
+        elif kind == "error":
+            self.line(self.paint("err", f"error ({e.get('reason')}): {clean(e.get('message', ''))}"))
+        elif kind == "completion":
+            self.state = e["status"]
+            self.line(self.paint("ok" if e.get("pull_request_url") else "err",
+                                 f"{e['status']} in {e.get('duration_s', 0)} s"))
+            return
+        self.status()
+
+
+def preview(content: str) -> str:
+    """One line for a tool's result: a command's exit code and last line, or the start of anything else."""
+    try:
+        result = json.loads(content)
+    except ValueError:
+        result = None
+    if isinstance(result, dict) and "exit_code" in result:
+        output = (str(result.get("stdout", "")) + str(result.get("stderr", ""))).strip().splitlines() or [""]
+        return f"exit {result['exit_code']}: {clean(output[-1])[:160]}"
+    if isinstance(result, (dict, list)):
+        content = json.dumps(result, ensure_ascii=False)
+    lines = clean(content).strip().splitlines() or [""]
+    return lines[0][:200] + (f" (+{len(lines) - 1} lines)" if len(lines) > 1 else "")
+
+
+def clean(text: str) -> str:
+    return CONTROL.sub("", text.replace("\t", "    "))
+
+
+async def watch(base: str, token: str | None, body: dict[str, Any], as_json: bool) -> int:
+    """Follow one run, rendering it; 0 when a pull request opened, 1 when not, 130 when interrupted."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    view = Terminal(sys.stdout, sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
+    opened, run_id = False, None
+    task, loop = asyncio.current_task(), asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, task.cancel)
+    # Idle streams carry a ping every TB_PING_S (15 s), so a read this long without one is a dead connection.
+    timeout = aiohttp.ClientTimeout(sock_connect=10, sock_read=120)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as http:
+        try:
+            async for event in follow(http, base.rstrip("/"), body):
+                run_id = event["run_id"]
+                opened = opened or event["type"] == "pull_request"
+                if as_json:
+                    print(json.dumps(event, ensure_ascii=False), flush=True)
+                else:
+                    view.show(event)
+        except asyncio.CancelledError:
+            task.uncancel()
+            if run_id:  # Ctrl-C stops the job, not only this view of it
+                async with http.post(f"{base.rstrip('/')}/runs/{run_id}/cancel") as resp:
+                    await resp.read()
+            print(f"\ncancelled {run_id or 'the run'}", file=sys.stderr)
+            return 130
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+    return 0 if opened else 1
+
+
+async def in_process(args: argparse.Namespace, body: dict[str, Any]) -> int:
+    """Start the service's app inside this process on a free loopback port, and watch the run through it."""
+    from aiohttp import web
+
+    from .__main__ import build_services
+    from .app import build_app
+    from .config import Settings
+    from .runs import RunManager
+    from .store import SQLiteRunStore
+
+    settings = Settings.from_env()
+    services = build_services(settings, args.mcp_config)
+    store = SQLiteRunStore(settings.data_dir / "runs.sqlite3")
+    await services.pool.start()
+    # No `recover()`: a service may share this store, and its runs in flight are not ours to interrupt.
+    runner = web.AppRunner(build_app(RunManager(services, store)), handler_cancellation=True)
+    try:
+        await runner.setup()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        await web.SockSite(runner, sock).start()
+        return await watch(f"http://127.0.0.1:{sock.getsockname()[1]}", settings.api_token, body, args.json)
+    finally:
+        await runner.cleanup()
+        await services.pool.close()
+        store.close()
+
+
+def main(argv: list[str]) -> int:
+    """Run one job; the exit code says whether a pull request opened."""
+    args = parse_args(argv)
+    body = {"repoUrl": repo_argument(args.repo), "prompt": args.instruction, "mode": args.mode}
+    try:
+        if args.in_process:
+            return asyncio.run(in_process(args, body))
+        return asyncio.run(watch(args.service, args.token, body, args.json))
+    except Refused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except aiohttp.ClientConnectionError as exc:
+        print(f"error: no service answers at {args.service} ({exc}): start one with `./tb serve`, "
+              "or pass --in-process", file=sys.stderr)
+        return 2

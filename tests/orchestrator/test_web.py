@@ -1,0 +1,144 @@
+"""The page at `GET /`, in headless Chromium driven by Playwright, against the real service and the scripted model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import unique_marker
+from tests.fakes.messages_api import text, tool_use, turn
+
+from .conftest import ROOT, parse_sse, stack
+from .test_run import BUGGY, TESTS, fix_script
+from .test_team import coder, planner, reviewer
+
+CHROMIUM = Path("/usr/bin/chromium")
+try:
+    from playwright.async_api import Page, async_playwright, expect
+except ImportError:  # the skip below says what to install
+    async_playwright = None
+
+pytestmark = [
+    pytest.mark.asyncio(loop_scope="session"),
+    pytest.mark.skipif(async_playwright is None, reason="playwright is not installed: pip install -e '.[dev]'"),
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed: apt-get install chromium"),
+]
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+HOSTILE = '<img id="injected" src="x" onerror="document.title=\'owned\'"> Let me look at the code.'
+SLEEP_MARK = unique_marker()
+TOKEN = "tb-web-test-token-" + "x" * 24
+
+
+def hostile_fix_script() -> list:
+    """fix_script, whose first words are HTML a hostile repository could make the model write."""
+    first = turn(text(HOSTILE), tool_use("sandbox_read_file", {"path": "calc.py"}),
+                 tool_use("sandbox_exec", {"command": TESTS}))
+    return [first, *fix_script()[1:]]
+
+
+@asynccontextmanager
+async def browser_page(url: str) -> AsyncIterator[Page]:
+    """A fresh headless Chromium page on the service's front page; nothing is fetched from the internet."""
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, timeout=30_000)
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(30_000)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(url)
+            yield page
+            assert errors == []
+        finally:
+            await browser.close()
+
+
+async def start(page: Page, repo: Path, prompt: str, mode: str = "single") -> str:
+    """Fill in the form, start the run and return its id, once the page follows it."""
+    await page.fill("#repo", str(repo))
+    await page.fill("#prompt", prompt)
+    await page.select_option("#mode", mode)
+    old = await page.evaluate("location.hash")
+    await page.click("#go")
+    await page.wait_for_function("old => location.hash.length > 1 && location.hash !== old", arg=old)
+    return (await page.evaluate("location.hash"))[1:]
+
+
+async def stored_events(url: str, run_id: str, token: str | None = None) -> list[dict]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        async with http.get(f"{url}/runs/{run_id}/events") as resp:
+            return parse_sse(await resp.text())
+
+
+async def test_the_page_shows_a_run_live_to_its_pull_request_and_cancels_another(pool, make_repo, tmp_path):
+    script = hostile_fix_script() + [turn(tool_use("sandbox_exec", {"command": f"sleep {SLEEP_MARK}"}))]
+    async with stack(pool, script) as s, browser_page(s.url) as page:
+        repo = make_repo(BUGGY)
+        run_id = await start(page, repo, "Fix add(); its test fails.")
+        view = page.locator("#view")
+        await expect(page.locator("#run-status")).to_have_text("success")
+        events = await stored_events(s.url, run_id)
+        pr_url = next(e["url"] for e in events if e["type"] == "pull_request")
+        await expect(page.locator("#pr a")).to_have_attribute("href", pr_url)
+        # Every event arrived once, over EventSource, in the agent's part, tool calls with their results.
+        await expect(view).to_have_attribute("data-seq", str(events[-1]["seq"]))
+        await expect(view).to_have_attribute("data-transport", "eventsource")
+        calls = [e for e in events if e["type"] == "tool_call" and e["state"] == "complete"]
+        await expect(page.locator(".agent .tool.done")).to_have_count(len(calls))
+        exec_card = page.locator('.tool[data-tool="sandbox_exec"]').first
+        await exec_card.locator("summary").click()
+        await expect(exec_card.locator(".result")).to_contain_text("FAILED")
+        await expect(page.locator("#diff .add")).to_have_text("+    return a + b\n")
+        await expect(page.locator("#diff .del")).to_have_text("-    return a - b\n")
+        await expect(page.locator("#usage")).to_contain_text("cost $")
+        # The model's text is shown as text: the hostile markup is visible and inert.
+        await expect(page.locator(".say").first).to_contain_text(HOSTILE)
+        assert await page.locator("#injected").count() == 0 and await page.title() == "Tiny Backspace"
+        await expect(page.locator(f'#runs li[data-id="{run_id}"] .badge')).to_have_text("success")
+        await page.screenshot(path=tmp_path / "run.png", full_page=True)
+
+        second = await start(page, repo, "Sleep, then fix add().")
+        sleeping = page.locator('.tool[data-tool="sandbox_exec"]')
+        await expect(sleeping).to_have_count(1)
+        await expect(sleeping.locator(".input")).to_contain_text(SLEEP_MARK)
+        # A reload reconnects to the run from the page's address and shows each event once.
+        await page.reload()
+        await expect(page.locator("#run-id")).to_have_text(second)
+        await expect(sleeping.locator(".input")).to_contain_text(SLEEP_MARK)
+        await expect(sleeping).to_have_count(1)
+        await page.click("#cancel")
+        await expect(page.locator("#run-status")).to_have_text("cancelled")
+        await expect(page.locator("#cancel")).to_be_disabled()
+        await expect(page.locator(f'#runs li[data-id="{second}"] .badge')).to_have_text("cancelled")
+        await page.screenshot(path=tmp_path / "cancelled.png", full_page=True)
+        assert (await stored_events(s.url, second))[-1]["status"] == "cancelled"
+
+
+async def test_the_page_works_with_the_bearer_token_over_a_fetch_stream(pool, make_repo, tmp_path):
+    async with stack(pool, planner() + coder() + reviewer("approve"), api_token=TOKEN) as s, \
+            browser_page(s.url) as page:
+        await expect(page.locator("#runs-error")).to_contain_text("API token")
+        await page.fill("#token", TOKEN)
+        await page.dispatch_event("#token", "change")
+        await expect(page.locator("#runs-error")).to_have_text("")
+        run_id = await start(page, make_repo(BUGGY, name="calc"), "Fix add(); its test fails.", "team")
+        await expect(page.locator("#run-status")).to_have_text("success")
+        await expect(page.locator("#view")).to_have_attribute("data-transport", "fetch")
+        await expect(page.locator(".agent > summary")).to_have_text(["planner", "coder", "reviewer"])
+        await expect(page.locator("#plan li")).to_have_text("calc.py return a + b (add must add)")
+        events = await stored_events(s.url, run_id, TOKEN)
+        pr_url = next(e["url"] for e in events if e["type"] == "pull_request")
+        await expect(page.locator("#pr a")).to_have_attribute("href", pr_url)
+        await expect(page.locator("#view")).to_have_attribute("data-seq", str(events[-1]["seq"]))
+        assert await page.evaluate("sessionStorage.getItem('tb-token')") == TOKEN
+        await page.screenshot(path=tmp_path / "team.png", full_page=True)
+        (ROOT / "docs").mkdir(exist_ok=True)  # the README's picture of the page
+        if os.environ.get("TB_UPDATE_SCREENSHOT") == "1":  # the README's picture, refreshed on request
+            await page.screenshot(path=ROOT / "docs" / "page.png", full_page=True)

@@ -1,18 +1,27 @@
-"""`python -m bench`: run every benchmark; the exit status is 1 when a target was missed."""
+"""`python -m bench [sandbox|orchestrator|load ...]`: run every benchmark, or the named ones; the exit status is 1
+when a target was missed."""
 
 import asyncio
 import sys
 
-from . import orchestrator, sandbox
+from . import load, orchestrator, sandbox
 from .sandbox import Result
 
+BENCHMARKS = {"sandbox": sandbox.main, "orchestrator": orchestrator.main, "load": load.main}
 
-async def run_all() -> list[Result]:
-    return [*await sandbox.main(), *await orchestrator.main()]
+
+async def run_all(names: list[str]) -> list[Result]:
+    results: list[Result] = []
+    for name in names:
+        results += await BENCHMARKS[name]()
+    return results
 
 
 def main() -> None:
-    results = asyncio.run(run_all())
+    names = sys.argv[1:] or list(BENCHMARKS)
+    if unknown := [n for n in names if n not in BENCHMARKS]:
+        sys.exit(f"no benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    results = asyncio.run(run_all(names))
     missed = [r.label for r in results if not r.ok]
     print(f"\n{len(results) - len(missed)} of {len(results)} targets met"
           + (f"; missed: {', '.join(missed)}" if missed else ""))

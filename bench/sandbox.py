@@ -30,7 +30,7 @@ from mcp.server.mcpserver import MCPServer
 
 from servers.sandbox import files
 from servers.sandbox.clone import GIT_ENV
-from servers.sandbox.host import SETPRIV, HostSandbox
+from servers.sandbox.host import HostSandbox
 from servers.sandbox.manager import SandboxManager, Settings
 from servers.sandbox.server import build_server
 
@@ -167,9 +167,7 @@ async def bench_exec(stdio: Client, manager: SandboxManager, repo: Path) -> Resu
     local = manager.get((await manager.create(str(repo), None)).sandbox_id)
     assert isinstance(local, HostSandbox)
     # The baseline starts bubblewrap as the backend does: as the sandbox's user, with its environment and session.
-    setpriv = [SETPRIV, f"--reuid={local.owner[0]}", f"--regid={local.owner[1]}", "--clear-groups", "--"] \
-        if local.owner else []
-    bare = setpriv + bare_bwrap_argv(local)
+    bare = local.spawn_prefix() + bare_bwrap_argv(local)
     t = await race({
         "mcp": Case(lambda _: call(stdio, "exec", sandbox_id=sandbox_id, command="true")),
         "bare": Case(lambda _: spawn(bare, env=local.env, start_new_session=True)),

@@ -95,7 +95,8 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, tr
         work = Work()
         stopped: LimitReached | None = None
         args = (crew, work, request.prompt, request.repo_url, info["default_branch"], limits.max_turns)
-        flow = single(*args, settings.branch_prefix) if request.mode == "single" else team(*args, settings.review_rounds)
+        flow = (single(*args, settings.branch_prefix) if request.mode == "single"
+                else team(*args, settings.review_rounds))
         try:
             async for event in flow:
                 yield event

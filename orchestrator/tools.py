@@ -45,7 +45,9 @@ def cut(text: str, limit: int) -> str:
 
 def result_text(result: CallToolResult) -> str:
     parts = [getattr(block, "text", None) or f"[{block.type} content]" for block in result.content]
-    return "\n".join(parts) or ("(no output)" if not result.structured_content else json.dumps(result.structured_content))
+    if parts:
+        return "\n".join(parts)
+    return json.dumps(result.structured_content) if result.structured_content else "(no output)"
 
 
 @dataclass

@@ -65,7 +65,8 @@ async def serve_stdio(server: MCPServer) -> None:
     writer = asyncio.StreamWriter(transport, protocol, None, loop)
     lowlevel = server._lowlevel_server  # as MCPServer.run_stdio_async uses it
     try:
-        async with stdio_server(stdin=_Lines(reader), stdout=_Writer(writer)) as (read, write):  # type: ignore[arg-type]
+        streams = stdio_server(stdin=_Lines(reader), stdout=_Writer(writer))  # type: ignore[arg-type]
+        async with streams as (read, write):
             await lowlevel.run(read, write, lowlevel.create_initialization_options())
     except* (ConnectionResetError, BrokenPipeError):
         pass  # the client went away without closing our stdin first: there is no one left to answer

@@ -54,7 +54,8 @@ def source_of(repo_url: str) -> tuple[str, bool]:
             f"cannot clone {repo_url!r}: use an https:// URL, owner/name, a file:// URL or an absolute local path"
         )
     if parts.username or parts.password:
-        raise SandboxError("repo_url must not carry credentials; sandboxes clone public or locally reachable repositories")
+        raise SandboxError("repo_url must not carry credentials; sandboxes clone public or locally reachable "
+                           "repositories")
     return repo_url, False
 
 
@@ -89,7 +90,8 @@ async def clone(repo_url: str, ref: str | None, dest: Path) -> Cloned:
         raise SandboxError(f"ref {ref!r} is not a branch, tag or commit name")
     source, local = source_of(repo_url)
     # Local clones copy objects rather than hard-linking them: the sandbox must not share inodes with the source.
-    args = ["clone", "--quiet", "--no-hardlinks"] if local else ["clone", "--quiet", "--depth", "1", "--no-single-branch"]
+    args = (["clone", "--quiet", "--no-hardlinks"] if local
+            else ["clone", "--quiet", "--depth", "1", "--no-single-branch"])
     if ref and not local and not re.fullmatch(r"[0-9a-f]{7,40}", ref):
         args += ["--branch", ref]
         ref = None

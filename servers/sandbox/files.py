@@ -241,7 +241,8 @@ def edit_text(root: Path, rel: str, old_text: str, new_text: str, replace_all: b
         if old_text.strip() and before.count(old_text.strip()) > 0:
             hint = " (it does occur without its leading/trailing whitespace)"
         raise SandboxError(
-            f"old_text was not found in {rel!r}{hint}; read_file the exact current text and copy it, whitespace included"
+            f"old_text was not found in {rel!r}{hint}; read_file the exact current text and copy it, "
+            "whitespace included"
         )
     if count > 1 and not replace_all:
         raise SandboxError(

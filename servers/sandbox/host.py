@@ -133,6 +133,12 @@ class HostSandbox:
     def env(self) -> dict[str, str]:
         return SANDBOX_ENV
 
+    def spawn_prefix(self) -> list[str]:
+        """setpriv: the sandbox's own uid (Python's own user= would make every spawn a full fork), and death with
+        this server, since bubblewrap outlives its parent otherwise and its jail with it."""
+        ids = [f"--reuid={self.owner[0]}", f"--regid={self.owner[1]}", "--clear-groups"] if self.owner else []
+        return [SETPRIV, *ids, "--pdeathsig", "SIGKILL", "--"]
+
     def jail_argv(self, script: str, cwd: str, read_only: bool = False) -> tuple[list[str], str | None]:
         """The argv that runs the shell `script` in `cwd` (relative to the repository), and the host cwd to start it
         in."""
@@ -145,9 +151,7 @@ class HostSandbox:
         cwd = files.normalize(workdir, allow_root=True)
         files.check_dir(self.repo, cwd)
         argv, host_cwd = self.jail_argv(self.limits.shell_prefix() + command, cwd, read_only)
-        # setpriv drops to the sandbox's uid; Python's own user= would make every spawn a full fork.
-        if self.owner:
-            argv = [SETPRIV, f"--reuid={self.owner[0]}", f"--regid={self.owner[1]}", "--clear-groups", "--", *argv]
+        argv = self.spawn_prefix() + argv
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env=self.env, cwd=host_cwd, start_new_session=True)

@@ -1,4 +1,5 @@
-"""The default backend: each command runs in a bubblewrap jail with no network and nothing of the host but /usr and /etc."""
+"""The local backend: each command runs in a bubblewrap jail with no network and nothing of the host but /usr and
+/etc."""
 
 from __future__ import annotations
 

@@ -108,8 +108,8 @@ def build_server(settings: Settings | None = None) -> MCPServer:
     @_tool_errors
     async def run_command(
         sandbox_id: SandboxId,
-        command: Annotated[str, Field(description="A bash command line, run with bash -c in the repository root.", min_length=1,
-                                      max_length=100_000)],
+        command: Annotated[str, Field(description="A bash command line, run with bash -c in the repository root.",
+                                      min_length=1, max_length=100_000)],
         timeout_s: Annotated[float, Field(description="Wall-clock limit in seconds; the whole process tree is "
                                                       "killed when it passes.", gt=0, le=600)] = 120,
         workdir: Annotated[str, Field(description="Directory to run in, relative to the repository root.",

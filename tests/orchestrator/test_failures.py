@@ -229,6 +229,10 @@ async def test_a_crashed_server_ends_its_run_and_is_restarted(pool, make_repo, s
     async with asyncio.timeout(30):
         while conn.state != "up" or conn.restarts == restarts:
             await asyncio.sleep(0.05)
+    # The jail died with its server: nothing it ran is left behind.
+    async with asyncio.timeout(10):
+        while _processes(CRASH_MARK):
+            await asyncio.sleep(0.05)
 
 
 async def test_a_turn_cut_at_the_output_limit_runs_none_of_its_calls_and_the_model_goes_on(pool, make_repo):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -339,3 +340,29 @@ async def test_mcp_over_http_off_loopback_needs_a_token_and_checks_it(make_repo)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+async def test_a_server_killed_outright_takes_its_jails_with_it(sandbox_root, make_repo):
+    marker = unique_marker()
+    params = StdioServerParameters(command=sys.executable, args=["-m", "servers.sandbox"], cwd=str(ROOT),
+                                   env=server_env(SANDBOX_ROOT=str(sandbox_root), SANDBOX_BACKEND="local"))
+    async with held_client(params) as c:
+        sid = await sandbox(c, make_repo(REPO))
+        running = asyncio.create_task(c.call_tool("exec", {"sandbox_id": sid, "command": f"sleep {marker}"}))
+        with anyio.fail_after(10):
+            while not host_processes(marker):
+                await asyncio.sleep(0.05)
+        pids = [pid for pid in os.listdir("/proc") if pid.isdigit() and _is_server(pid, sandbox_root)]
+        assert len(pids) == 1
+        os.kill(int(pids[0]), signal.SIGKILL)
+        assert await gone(marker)
+        running.cancel()
+
+
+def _is_server(pid: str, root: Path) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return b"servers.sandbox" in cmdline and f"SANDBOX_ROOT={root}".encode() in environ

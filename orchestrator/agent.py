@@ -31,6 +31,7 @@ class Budget:
     max_tokens: int
     deadline: float  # time.monotonic() value
     usage: Usage = field(default_factory=Usage)
+    cost_usd: float = 0.0
 
     def remaining_s(self) -> float:
         return self.deadline - time.monotonic()
@@ -87,6 +88,7 @@ async def run_agent(model: Model, tools: ToolSet, system: str, brief: str, budge
         if piece := text_out.flush():
             yield events("text", agent=agent, text=piece)
         budget.usage.add(done.usage)
+        budget.cost_usd += done.usage.cost_usd(model.name)  # each agent at its own model's price
         result.usage.add(done.usage)
         # The API refuses empty text blocks in a transcript.
         content = [b for b in done.content if b["type"] != "text" or b["text"].strip()]

@@ -1,4 +1,5 @@
-"""Roles are data: a system prompt, the tools a role may use, its turn limit, and the tool that ends its work.
+"""Roles are data: a system prompt, the tools a role may use, its turn limit, and the tool that ends its work (a
+role's model comes from TB_<ROLE>_MODEL, see config.py).
 
 `RoleTools` wraps a run's tools for one role: it filters them (a tool outside the role is refused by the filter,
 whatever the prompt says), makes `exec` read-only for roles that must not change the repository, and adds the
@@ -62,7 +63,6 @@ class Role:
     max_turns: int
     submit: dict[str, Any] | None = None  # the tool that ends this role's work
     read_only: bool = False  # exec runs with the repository mounted read-only
-    model: str | None = None  # another model than the run's
 
 
 def team_roles(max_turns: int) -> dict[str, Role]:

@@ -121,7 +121,7 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, tr
     finally:
         if sandbox_id:
             await _destroy(pool, sandbox_id)
-    yield events("usage", **budget.usage.as_dict(), cost_usd=budget.usage.cost_usd(services.model.name))
+    yield events("usage", **budget.usage.as_dict(), cost_usd=round(budget.cost_usd, 6))
     yield events("completion", **outcome, duration_s=round(time.monotonic() - started, 3))
 
 

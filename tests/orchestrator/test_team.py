@@ -157,3 +157,16 @@ async def test_a_malformed_hand_over_is_an_error_the_agent_can_fix(pool, make_re
     assert "changes" in errors[0]["content"] and "not recorded" in errors[0]["content"]
     assert "verdict" in errors[1]["content"] or "findings" in errors[1]["content"]
     assert events[-1]["status"] == "success" and of_type(events, "pull_request")[0]["draft"] is False
+
+
+async def test_each_role_can_have_its_own_model_and_is_priced_at_it(pool, make_repo):
+    roles = {"planner": "claude-haiku-test", "reviewer": "claude-opus-test"}
+    async with stack(pool, planner() + coder() + reviewer("approve"), role_models=roles) as s:
+        _, events, _ = await post_code(s.url, request(make_repo(BUGGY)))
+    asked = [r["model"] for r in s.api.requests]
+    assert asked == ["claude-haiku-test"] * 2 + ["claude-sonnet-test"] * 3 + ["claude-opus-test"] * 2
+    starts = {e["agent"]: e["model"] for e in of_type(events, "agent") if e["state"] == "start"}
+    assert starts == {"planner": "claude-haiku-test", "coder": "claude-sonnet-test", "reviewer": "claude-opus-test"}
+    usage = of_type(events, "usage")[0]
+    all_sonnet = (usage["input_tokens"] * 3 + usage["output_tokens"] * 15) / 1e6
+    assert usage["cost_usd"] != round(all_sonnet, 6)

@@ -1,21 +1,22 @@
-"""File tools that run on the host, confined to one repository directory.
+"""File tools confined to one repository directory: read, write and edit, and the reads of `export_changes`.
 
-Every path is walked one component at a time with `O_NOFOLLOW` from a descriptor of the root, so neither `..` nor
-a symbolic link (even one swapped in while we walk) can lead outside it.
+The kernel does the confining: every path is opened with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` from a
+descriptor of the root, so neither `..`, nor a symbolic link, nor one swapped in while we resolve, can lead outside
+it. Where `openat2` is missing (Linux before 5.6, some container runtimes), each path is walked one component at a
+time with `O_NOFOLLOW` instead. On the host these run as the sandbox's own user (`host.as_user`), never with
+privileges the sandbox lacks. This module imports nothing of the project but `.base`: the Modal backend ships it
+into its containers as it is.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import difflib
 import errno
-import fnmatch
 import os
 import posixpath
-import re
-import shutil
 import stat
-import subprocess
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,11 +27,53 @@ MAX_READ_BYTES = 4 * 1024 * 1024
 MAX_WRITE_BYTES = 8 * 1024 * 1024
 MAX_READ_LINES = 5000
 MAX_LINE_CHARS = 2000
-MAX_LISTED = 2000
-MAX_MATCHES = 300
-SEARCH_TIMEOUT_S = 30
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_SYS_OPENAT2 = 437  # the same number on every architecture
+# RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
+_RESOLVE = 0x08 | 0x04 | 0x02 | 0x01
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_has_openat2: bool | None = None
+
+
+def _openat2(dir_fd: int, path: str, flags: int, mode: int = 0) -> int:
+    """`path` opened beneath `dir_fd` without following any link; OSError as from os.open."""
+    global _has_openat2
+    if _has_openat2 is not False:
+        how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & os.O_CREAT else 0, _RESOLVE)
+        fd = _libc.syscall(_SYS_OPENAT2, ctypes.c_int(dir_fd), os.fsencode(path), ctypes.byref(how),
+                           ctypes.c_size_t(ctypes.sizeof(how)))
+        if fd >= 0:
+            _has_openat2 = True
+            return fd
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EPERM) or _has_openat2:
+            if err == errno.EXDEV:  # what openat2 reports for a link out, or a mount point, on the way
+                err = errno.ELOOP
+            raise OSError(err, os.strerror(err), path)
+        _has_openat2 = False  # seccomp filters of some runtimes answer EPERM for syscalls they do not know
+    return _walk_open(dir_fd, path, flags, mode)
+
+
+def _walk_open(dir_fd: int, path: str, flags: int, mode: int) -> int:
+    """`_openat2` without openat2: one component at a time, none of them a link."""
+    *dirs, name = path.split("/")
+    fd = os.dup(dir_fd)
+    try:
+        for part in dirs:
+            nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
+    finally:
+        os.close(fd)
 
 
 def normalize(path: str, *, allow_root: bool = False) -> str:
@@ -51,70 +94,91 @@ def normalize(path: str, *, allow_root: bool = False) -> str:
     return clean
 
 
+def _why_refused(root_fd: int, rel: str) -> str:
+    """Which component of `rel` is a link or not a directory, for a message the caller can act on."""
+    parts = rel.split("/")
+    for i in range(1, len(parts) + 1):
+        shown = "/".join(parts[:i])
+        try:
+            st = os.stat(shown, dir_fd=root_fd, follow_symlinks=False)
+        except OSError:
+            break
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(shown, dir_fd=root_fd)
+            return f"{shown!r} is a symbolic link (to {target!r}); file tools do not follow links: use the real path"
+        if i < len(parts) and not stat.S_ISDIR(st.st_mode):
+            return f"{shown!r} is not a directory"
+    return f"{rel!r} could not be opened without leaving the repository"
+
+
 @contextmanager
-def _open_dir(root: Path, parts: list[str], *, create: bool = False, owner: tuple[int, int] | None = None
-              ) -> Iterator[int]:
-    """A descriptor of the directory `parts` under `root`, reached without following any link."""
-    fd = os.open(root, _DIR_FLAGS)
+def _open_dir(root: Path, rel: str, *, create: bool = False) -> Iterator[int]:
+    """A descriptor of the directory `rel` under `root`, reached without following any link; created when asked."""
+    root_fd = os.open(root, _DIR_FLAGS)
     try:
-        for i, name in enumerate(parts):
-            try:
-                nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
-            except FileNotFoundError:
-                if not create:
-                    raise SandboxError(f"directory {'/'.join(parts[:i + 1])!r} does not exist") from None
-                os.mkdir(name, 0o755, dir_fd=fd)
-                if owner:
-                    os.chown(name, *owner, dir_fd=fd, follow_symlinks=False)
-                nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise SandboxError(_not_a_plain_dir(fd, name, "/".join(parts[:i + 1]))) from None
-                raise
-            os.close(fd)
-            fd = nxt
+        if rel == ".":
+            fd = os.dup(root_fd)
+        else:
+            fd = _open_beneath_dir(root_fd, rel, create)
+    finally:
+        os.close(root_fd)
+    try:
         yield fd
     finally:
         os.close(fd)
 
 
-def _not_a_plain_dir(dir_fd: int, name: str, shown: str) -> str:
-    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    if stat.S_ISLNK(st.st_mode):
-        target = os.readlink(name, dir_fd=dir_fd)
-        return f"{shown!r} is a symbolic link (to {target!r}); file tools do not follow links: use the real path"
-    return f"{shown!r} is not a directory"
-
-
-def _split(rel: str) -> tuple[list[str], str]:
-    parts = rel.split("/")
-    return parts[:-1], parts[-1]
-
-
-def _open_file(root: Path, rel: str, flags: int, mode: int = 0o644, owner: tuple[int, int] | None = None) -> int:
-    dirs, name = _split(rel)
-    with _open_dir(root, dirs, create=bool(flags & os.O_CREAT), owner=owner) as dfd:
-        try:
-            created = False
-            if flags & os.O_CREAT:
+def _open_beneath_dir(root_fd: int, rel: str, create: bool) -> int:
+    try:
+        return _openat2(root_fd, rel, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        if not create:
+            raise SandboxError(f"directory {rel!r} does not exist") from None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise SandboxError(_why_refused(root_fd, rel)) from None
+        raise
+    fd = os.dup(root_fd)
+    try:
+        for i, part in enumerate(rel.split("/")):
+            try:
                 try:
-                    fd = os.open(name, flags | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
-                    created = True
-                except FileExistsError:
-                    fd = os.open(name, (flags & ~os.O_CREAT) | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-            else:
-                fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                    nxt = _openat2(fd, part, os.O_RDONLY | os.O_DIRECTORY)
+                except FileNotFoundError:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o755, dir_fd=fd)  # one component: nothing on the way to follow
+                    nxt = _openat2(fd, part, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise SandboxError(_why_refused(root_fd, "/".join(rel.split("/")[:i + 1]))) from None
+                raise
+            os.close(fd)
+            fd = nxt
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_dir(root: Path, rel: str) -> None:
+    """Refuse a `rel` that is not a directory of the repository reached without links."""
+    with _open_dir(root, rel):
+        pass
+
+
+def _open_file(root: Path, rel: str, flags: int, mode: int = 0o644) -> int:
+    parent, name = posixpath.split(rel)
+    with _open_dir(root, parent or ".", create=bool(flags & os.O_CREAT)) as dfd:
+        try:
+            return _openat2(dfd, name, flags, mode)
         except FileNotFoundError:
             raise SandboxError(f"file {rel!r} does not exist; list_files shows what is there") from None
         except IsADirectoryError:
             raise SandboxError(f"{rel!r} is a directory, not a file") from None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise SandboxError(_not_a_plain_dir(dfd, name, rel).replace("not a directory", "not a file")) from None
+                raise SandboxError(_why_refused(dfd, name).replace(repr(name), repr(rel), 1)) from None
             raise
-        if created and owner:
-            os.fchown(fd, *owner)
-        return fd
 
 
 def read_bytes(root: Path, rel: str, limit: int = MAX_READ_BYTES) -> bytes:
@@ -142,7 +206,7 @@ def read_changed(root: Path, changed: list[tuple[str, str]], limit: int) -> list
     for rel, mode in changed:
         if mode == "120000":
             parent, name = posixpath.split(rel)
-            with _open_dir(root, parent.split("/") if parent else []) as dfd:
+            with _open_dir(root, parent or ".") as dfd:
                 data = os.readlink(name, dir_fd=dfd).encode()
         else:
             data = read_bytes(root, rel, limit)
@@ -198,11 +262,11 @@ def _refuse_git_dir(rel: str) -> None:
         raise SandboxError("writing inside .git is refused; change the repository's files, not its metadata")
 
 
-def write_bytes(root: Path, rel: str, data: bytes, owner: tuple[int, int] | None) -> None:
+def write_bytes(root: Path, rel: str, data: bytes) -> None:
     """Create or replace a regular file (never through a link), creating parent directories."""
     # O_NONBLOCK: a FIFO planted at `rel` fails the open (no reader) instead of blocking this thread for ever.
     try:
-        fd = _open_file(root, rel, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK, owner=owner)
+        fd = _open_file(root, rel, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK)
     except OSError as exc:
         if exc.errno == errno.ENXIO:
             raise SandboxError(f"{rel!r} is not a regular file") from None
@@ -214,16 +278,15 @@ def write_bytes(root: Path, rel: str, data: bytes, owner: tuple[int, int] | None
         f.write(data)
 
 
-def write_text(root: Path, rel: str, content: str, owner: tuple[int, int] | None) -> int:
+def write_text(root: Path, rel: str, content: str) -> int:
     rel = normalize(rel)
     _refuse_git_dir(rel)
     data = _encode(content)
-    write_bytes(root, rel, data, owner)
+    write_bytes(root, rel, data)
     return len(data)
 
 
-def edit_text(root: Path, rel: str, old_text: str, new_text: str, replace_all: bool,
-              owner: tuple[int, int] | None) -> str:
+def edit_text(root: Path, rel: str, old_text: str, new_text: str, replace_all: bool) -> str:
     """Replace `old_text` (exactly once unless `replace_all`) and return a short diff of the edit."""
     rel = normalize(rel)
     _refuse_git_dir(rel)
@@ -253,146 +316,9 @@ def edit_text(root: Path, rel: str, old_text: str, new_text: str, replace_all: b
     if len(before.encode()) + grows > MAX_WRITE_BYTES:
         raise SandboxError(f"the edit would make {rel!r} larger than the {MAX_WRITE_BYTES} byte limit")
     after = before.replace(old_text, new_text) if replace_all else before.replace(old_text, new_text, 1)
-    write_bytes(root, rel, _encode(after), owner)
+    write_bytes(root, rel, _encode(after))
     diff = "".join(difflib.unified_diff(
         before.splitlines(keepends=True), after.splitlines(keepends=True), f"a/{rel}", f"b/{rel}", n=2))
     if len(diff) > 4000:
         diff = diff[:4000] + "\n… [diff cut]"
     return f"replaced {count if replace_all else 1} occurrence(s) in {rel}\n{diff}"
-
-
-def _rg_argv() -> list[str] | None:
-    rg = shutil.which("rg")
-    if rg is None:
-        return None
-    return [rg, "--no-config", "--hidden", "--glob", "!.git", "--no-ignore-parent", "--no-ignore-global",
-            "--color", "never", "--no-messages"]
-
-
-def _rg_lines(root: Path, rel: str, args: list[str], max_lines: int) -> tuple[int, list[str], str]:
-    """Run ripgrep in the directory `rel` and read at most `max_lines` lines of its output.
-
-    ripgrep starts in a directory we opened without following links and searches `.`, so a link swapped in after
-    our check cannot lead it anywhere else; it never follows links itself.
-    """
-    with _open_dir(root, [] if rel == "." else rel.split("/")) as dfd:
-        proc = subprocess.Popen(args + ["--", "."], cwd=f"/proc/self/fd/{dfd}", pass_fds=(dfd,),
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"})
-    timer = threading.Timer(SEARCH_TIMEOUT_S, proc.kill)
-    timer.start()
-    lines: list[str] = []
-    try:
-        for raw in proc.stdout:
-            lines.append(raw[:MAX_LINE_CHARS].decode("utf-8", "replace").rstrip("\n"))
-            if len(lines) > max_lines:
-                proc.kill()
-                break
-        err = proc.stderr.read(4096).decode("utf-8", "replace")
-        code = proc.wait()
-    finally:
-        timer.cancel()
-        proc.stdout.close()
-        proc.stderr.close()
-    prefix = "" if rel == "." else rel + "/"
-    return code, [prefix + ln.removeprefix("./") for ln in lines], err
-
-
-def check_dir(root: Path, rel: str) -> None:
-    if rel != ".":
-        with _open_dir(root, rel.split("/")):
-            pass
-
-
-def _glob_match(name: str, glob: str | None) -> bool:
-    return not glob or fnmatch.fnmatch(name, glob) or fnmatch.fnmatch(posixpath.basename(name), glob)
-
-
-def list_paths(root: Path, path: str, pattern: str | None) -> tuple[list[str], bool]:
-    """Files under `path` (not ignored, not under .git), sorted, at most `MAX_LISTED`."""
-    rel = normalize(path, allow_root=True)
-    check_dir(root, rel)
-    argv = _rg_argv()
-    if argv is not None:
-        code, files, err = _rg_lines(root, rel, argv + ["--files"] + (["--glob", pattern] if pattern else []),
-                                     MAX_LISTED)
-        if code == 2 and err.strip():
-            raise SandboxError(f"list_files failed: {err.strip()[:500]}")
-    else:
-        files = [p for p in _walk(root, rel) if _glob_match(p, pattern)]
-    files.sort()
-    return files[:MAX_LISTED], len(files) > MAX_LISTED
-
-
-def search_text(root: Path, pattern: str, path: str, glob: str | None) -> tuple[list[str], bool]:
-    """Lines matching the regular expression `pattern`, as `path:line: text`."""
-    if not pattern:
-        raise SandboxError("pattern is empty; give a regular expression such as 'def main'")
-    rel = normalize(path, allow_root=True)
-    check_dir(root, rel)
-    argv = _rg_argv()
-    matches: list[str] = []
-    if argv is not None:
-        args = argv + ["--line-number", "--null", "--max-columns", "300", "--max-columns-preview",
-                       "--max-count", str(MAX_MATCHES)] + (["--glob", glob] if glob else []) + ["-e", pattern]
-        code, lines, err = _rg_lines(root, rel, args, MAX_MATCHES)
-        if code == 2 and not lines:
-            raise SandboxError(f"invalid search: {err.strip()[:500] or 'ripgrep failed'}")
-        for line in lines:
-            name, _, rest = line.partition("\x00")
-            num, _, text = rest.partition(":")
-            matches.append(f"{name}:{num}: {text}")
-    else:
-        try:
-            rx = re.compile(pattern)
-        except re.error as exc:
-            raise SandboxError(f"invalid regular expression: {exc}") from None
-        for name in _walk(root, rel):
-            if not _glob_match(name, glob):
-                continue
-            try:
-                data = read_bytes(root, name)
-            except SandboxError:
-                continue
-            if b"\x00" in data[:8192]:
-                continue
-            for n, text in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
-                if rx.search(text):
-                    matches.append(f"{name}:{n}: {text[:300]}")
-            if len(matches) > MAX_MATCHES:
-                break
-    return matches[:MAX_MATCHES], len(matches) > MAX_MATCHES
-
-
-def _walk(root: Path, rel: str) -> list[str]:
-    """Files under `rel` without following links, skipping .git and what the top .gitignore names."""
-    ignored = _gitignore_patterns(root)
-    prefix = "" if rel == "." else rel + "/"
-    out = []
-    with _open_dir(root, [] if rel == "." else rel.split("/")) as dfd:
-        for dirpath, dirnames, filenames, _ in os.fwalk(".", dir_fd=dfd):
-            here = prefix + ("" if dirpath == "." else dirpath.removeprefix("./") + "/")
-            dirnames[:] = sorted(d for d in dirnames if d != ".git" and not _ignored(here + d, True, ignored))
-            out.extend(here + f for f in filenames if not _ignored(here + f, False, ignored))
-    return sorted(out)
-
-
-def _gitignore_patterns(root: Path) -> list[str]:
-    try:
-        text = read_bytes(root, ".gitignore", 1_048_576).decode("utf-8", "replace")
-    except SandboxError:
-        return []
-    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith(("#", "!"))]
-
-
-def _ignored(rel: str, is_dir: bool, patterns: list[str]) -> bool:
-    for pat in patterns:
-        if pat.endswith("/"):
-            if not is_dir:
-                continue
-            pat = pat.rstrip("/")
-        anchored = "/" in pat
-        pat = pat.lstrip("/")
-        if fnmatch.fnmatch(rel, pat) or (not anchored and fnmatch.fnmatch(posixpath.basename(rel), pat)):
-            return True
-    return False

@@ -1,8 +1,9 @@
 """A sandbox whose repository is a directory on this machine: the base of the bubblewrap and process backends.
 
-File tools run here, on the host, through `files`. Commands run through `jail_argv`, which each backend defines;
-`git` for `export_changes` runs there too, never on the host, because the repository's `.git/config` is the
-sandbox's to write and git executes what its config names.
+Commands run through `jail_argv`, which each backend defines, in the sandbox's control group when there is one;
+`git` for `export_changes` and ripgrep for `list_files` and `search` run there too, never on the host: the
+repository's `.git/config` is the sandbox's to write, and a walk on the host could be led astray by a link swapped
+in mid-walk. Reads, writes and edits run here through `files`, as the sandbox's own user (`as_user`).
 """
 
 from __future__ import annotations
@@ -10,16 +11,23 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ctypes
 import os
 import re
 import shutil
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
-from . import files
+from . import files, listing
 from .base import Changeset, ChangedFile, ExecResult, SandboxError, SandboxInfo
+from .cgroup import Cgroup
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 OUTPUT_CAP = 30_000
 EXPORT_CAP = 64 * 1024 * 1024
@@ -49,10 +57,15 @@ class Limits:
     cpu_seconds: int = 900
     open_files: int = 4096
 
-    def shell_prefix(self) -> str:
+    def shell_prefix(self, address_space: bool = True) -> str:
+        """`ulimit`s for the shell that runs a command; without the address-space limit when a memory cgroup
+        bounds the sandbox instead (a per-process address space cap breaks runtimes that reserve much, like Go's
+        or the JVM's, and does not add up across processes anyway)."""
         # Hard and soft, so the command cannot raise them again; one that fails was already lower, which holds too.
         limits = {"u": self.processes, "v": self.memory_kib, "f": self.file_kib, "t": self.cpu_seconds,
                   "n": self.open_files, "c": 0}
+        if not address_space:
+            del limits["v"]
         return "".join(f"ulimit -HS -{flag} {value} 2>/dev/null; " for flag, value in limits.items()) + "\n"
 
 
@@ -115,19 +128,58 @@ async def _exited(pid: int) -> None:
         os.close(fd)
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+for _name in ("setfsuid", "setfsgid"):
+    getattr(_libc, _name).argtypes = [ctypes.c_uint]
+
+
+@contextlib.contextmanager
+def as_user(owner: tuple[int, int] | None) -> Iterator[None]:
+    """Run the block's file system calls as `owner`, in this thread only.
+
+    The file system ids are per thread, and leaving uid 0 drops the thread's file capabilities (DAC override and
+    the rest), so what the block opens is exactly what the sandbox's own user could open. The server runs without
+    supplementary groups (`drop_groups`), so none of root's groups come along.
+    """
+    if owner is None:
+        yield
+        return
+    uid, gid = owner
+    old_gid, old_uid = _libc.setfsgid(gid), _libc.setfsuid(uid)
+    try:
+        if _libc.setfsuid(0xFFFFFFFF) != uid or _libc.setfsgid(0xFFFFFFFF) != gid:  # -1 changes nothing, answers
+            raise SandboxError("could not take the sandbox's user for a file operation")
+        yield
+    finally:
+        _libc.setfsuid(old_uid)
+        _libc.setfsgid(old_gid)
+
+
+def drop_groups() -> None:
+    """Leave root's supplementary groups, which file system ids do not replace; as root, nothing needs them."""
+    if os.geteuid() == 0 and os.getgroups():
+        os.setgroups([])
+
+
 class HostSandbox:
     """Shared behaviour of backends that keep the repository in a host directory."""
 
     backend = "host"
 
-    def __init__(self, info: SandboxInfo, home: Path, repo: Path, owner: tuple[int, int] | None, limits: Limits):
+    def __init__(self, info: SandboxInfo, home: Path, repo: Path, owner: tuple[int, int] | None, limits: Limits,
+                 cgroup: Cgroup | None = None, max_calls: int = 4):
         self.info = info
         self.home = home  # removed whole on destroy
         self.repo = repo
         self.owner = owner  # (uid, gid) that sandboxed processes run as, when the server runs as root
         self.limits = limits
+        self.cgroup = cgroup  # the budget all its processes share; None where the host gives no control group
         self._groups: set[int] = set()
         self._destroyed = False
+        # Its own thread and its own cap on commands in flight: one sandbox's slow calls never wait on another's.
+        self._files = ThreadPoolExecutor(1, thread_name_prefix=f"files-{info.sandbox_id[:12]}")
+        self._calls = asyncio.Semaphore(max_calls)
+        self.max_calls = max_calls
 
     @property
     def env(self) -> dict[str, str]:
@@ -137,7 +189,8 @@ class HostSandbox:
         """setpriv: the sandbox's own uid (Python's own user= would make every spawn a full fork), and death with
         this server, since bubblewrap outlives its parent otherwise and its jail with it."""
         ids = [f"--reuid={self.owner[0]}", f"--regid={self.owner[1]}", "--clear-groups"] if self.owner else []
-        return [SETPRIV, *ids, "--pdeathsig", "SIGKILL", "--"]
+        join = self.cgroup.join_argv() if self.cgroup else []
+        return [*join, SETPRIV, *ids, "--pdeathsig", "SIGKILL", "--"]
 
     def jail_argv(self, script: str, cwd: str, read_only: bool = False) -> tuple[list[str], str | None]:
         """The argv that runs the shell `script` in `cwd` (relative to the repository), and the host cwd to start it
@@ -149,8 +202,21 @@ class HostSandbox:
         """Run `command` in the jail; kill everything it started when it ends or times out."""
         self._check_alive()
         cwd = files.normalize(workdir, allow_root=True)
-        files.check_dir(self.repo, cwd)
-        argv, host_cwd = self.jail_argv(self.limits.shell_prefix() + command, cwd, read_only)
+        self._as_owner(files.check_dir, self.repo, cwd)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._calls.acquire()
+        except TimeoutError:
+            raise SandboxError(f"{self.max_calls} commands were already running in this sandbox for all of "
+                               f"{timeout_s:g} s; wait for them to finish, or run fewer at once") from None
+        try:
+            return await self._run(command, timeout_s, cwd, cap, read_only)
+        finally:
+            self._calls.release()
+
+    async def _run(self, command: str, timeout_s: float, cwd: str, cap: int, read_only: bool) -> ExecResult:
+        script = self.limits.shell_prefix(address_space=self.cgroup is None) + command
+        argv, host_cwd = self.jail_argv(script, cwd, read_only)
         argv = self.spawn_prefix() + argv
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
@@ -196,41 +262,51 @@ class HostSandbox:
     async def exec(self, command: str, timeout_s: float, workdir: str, read_only: bool = False) -> ExecResult:
         return await self.run(command, timeout_s, workdir, read_only=read_only)
 
+    def _as_owner(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        with as_user(self.owner):
+            return fn(*args, **kwargs)
+
+    async def _in_thread(self, fn: Callable[..., R], *args: object) -> R:
+        """`fn` as the sandbox's user, on the sandbox's own thread."""
+        self._check_alive()
+        return await asyncio.get_running_loop().run_in_executor(self._files, self._as_owner, fn, *args)
+
     async def read_file(self, path: str, offset: int, limit: int) -> str:
         self._check_alive()
         # Inline: a read is capped at a few MB and never blocks on a special file, and a thread hop would cost more
         # than the read of a typical source file.
-        return files.read_text(self.repo, path, offset, limit)
+        return self._as_owner(files.read_text, self.repo, path, offset, limit)
 
     async def write_file(self, path: str, content: str) -> int:
-        self._check_alive()
-        return await asyncio.to_thread(files.write_text, self.repo, path, content, self.owner)
+        return await self._in_thread(files.write_text, self.repo, path, content)
 
     async def edit_file(self, path: str, old_text: str, new_text: str, replace_all: bool) -> str:
-        self._check_alive()
-        return await asyncio.to_thread(files.edit_text, self.repo, path, old_text, new_text, replace_all, self.owner)
+        return await self._in_thread(files.edit_text, self.repo, path, old_text, new_text, replace_all)
 
     async def list_files(self, path: str, pattern: str | None) -> tuple[list[str], bool]:
-        self._check_alive()
-        return await asyncio.to_thread(files.list_paths, self.repo, path, pattern)
+        return await listing.list_files(self.run, path, pattern)
 
     async def search(self, pattern: str, path: str, glob: str | None) -> tuple[list[str], bool]:
-        self._check_alive()
-        return await asyncio.to_thread(files.search_text, self.repo, pattern, path, glob)
+        return await listing.search(self.run, pattern, path, glob)
 
     async def export_changes(self) -> tuple[Changeset, str]:
         """Everything that differs from the base commit: untracked files included, ignored ones not."""
         return await collect_changes(
             self.info.base_commit, lambda script: self.run(script, 120, ".", EXPORT_CAP),
-            lambda changed: asyncio.to_thread(files.read_changed, self.repo, changed, MAX_CHANGESET_BYTES))
+            lambda changed: self._in_thread(files.read_changed, self.repo, changed, MAX_CHANGESET_BYTES))
 
     async def destroy(self) -> None:
         if self._destroyed:
             return
         self._destroyed = True
+        self._files.shutdown(wait=False)
         for pgid in list(self._groups):
             self._kill_group(pgid)
-        if self.owner:
+        if self.cgroup is not None:
+            # Everything in its group is the sandbox's, detached or not; gone before we remove its files.
+            with contextlib.suppress(TimeoutError, OSError):
+                await self.cgroup.destroy()
+        elif self.owner:
             # Everything running as the sandbox's own uid is the sandbox's, detached or not: wait until it is all
             # gone, so nothing writes into the tree while we remove it.
             with contextlib.suppress(TimeoutError):

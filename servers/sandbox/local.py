@@ -10,7 +10,8 @@ from .base import BackendUnavailable
 from .host import SANDBOX_ENV, HostSandbox
 
 WORKDIR = "/workspace"
-TMPFS_BYTES = str(1024**3)  # each scratch tmpfs; memory-backed, so bounded
+TMPFS_BYTES = str(1024**3)  # each scratch tmpfs; memory-backed, so bounded (and charged to the sandbox's cgroup)
+SHM_BYTES = str(256 * 1024**2)
 
 
 def _system_binds() -> list[str]:
@@ -45,7 +46,9 @@ class BwrapSandbox(HostSandbox):
             shutil.which("bwrap") or "bwrap",
             *_system_binds(),
             "--ro-bind" if read_only else "--bind", str(self.repo), WORKDIR,
-            "--proc", "/proc", "--dev", "/dev",
+            # /dev is a tmpfs of half the host's memory that bubblewrap cannot size: read-only, but for a sized /dev/shm.
+            "--proc", "/proc", "--dev", "/dev", "--perms", "01777", "--size", SHM_BYTES, "--tmpfs", "/dev/shm",
+            "--remount-ro", "/dev",
             "--size", TMPFS_BYTES, "--tmpfs", "/tmp", "--size", TMPFS_BYTES, "--tmpfs", "/var/tmp",
             "--size", "1048576", "--tmpfs", "/run",
             "--unshare-all", "--unshare-user", "--disable-userns", "--uid", "1000", "--gid", "1000",

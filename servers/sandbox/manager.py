@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import importlib
 import logging
@@ -15,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .base import BackendUnavailable, Sandbox, SandboxError, SandboxInfo
+from .cgroup import Budget, Cgroup, Hierarchy
 from .clone import clone, refuse_under
-from .host import Limits, remove_tree, run_tool
+from .host import Limits, drop_groups, remove_tree, run_tool
 from .modal_setup import ModalSettings, ModalUnavailable, has_credentials
 
 log = logging.getLogger(__name__)
@@ -38,10 +40,13 @@ class Settings:
     backend: str = "auto"
     root: Path = Path(tempfile.gettempdir()) / "tiny-backspace-sandboxes"
     allow_unsafe: bool = False
-    uid_base: int = 200_000  # sandboxes run as uids in [uid_base, uid_base + 65536) when the server is root
+    uid_base: int = 200_000  # sandboxes run as uids in [uid_base, uid_base + uid_count) when the server is root
+    uid_count: int = 65536
     idle_ttl_s: float = 1800
     max_sandboxes: int = 32
+    max_calls: int = 4  # commands (exec, search, list_files, export) one sandbox runs at once; more wait their turn
     limits: Limits = field(default_factory=Limits)
+    budget: Budget = field(default_factory=Budget)
     modal: ModalSettings = field(default_factory=ModalSettings)
 
     @classmethod
@@ -54,25 +59,48 @@ class Settings:
             backend=backend,
             allow_unsafe=env.get("SANDBOX_ALLOW_UNSAFE") == "1",
             uid_base=int(env.get("SANDBOX_UID_BASE", cls.uid_base)),
+            uid_count=int(env.get("SANDBOX_UID_COUNT", cls.uid_count)),
             root=Path(env.get("SANDBOX_ROOT") or cls.root),
             idle_ttl_s=float(env.get("SANDBOX_IDLE_TTL_S", cls.idle_ttl_s)),
             max_sandboxes=int(env.get("SANDBOX_MAX", cls.max_sandboxes)),
+            max_calls=int(env.get("SANDBOX_MAX_CALLS", cls.max_calls)),
+            budget=Budget(pids=int(env.get("SANDBOX_PIDS_MAX", Budget.pids)),
+                          memory_mib=int(env.get("SANDBOX_MEMORY_MIB", Budget.memory_mib)),
+                          cpu_weight=int(env.get("SANDBOX_CPU_WEIGHT", Budget.cpu_weight))),
             modal=ModalSettings.from_env(env),
         )
 
 
-UID_SPAN = 1 << 16
-
-
-def _sandbox_owner(base: int, taken: set[int]) -> tuple[int, int] | None:
-    """A uid of its own for each sandbox when we are root: rlimits (processes above all) count per uid, so one
-    sandbox cannot use up another's, and host files stay out of reach. As a plain user we run as ourselves."""
+def _claim_uid(root: Path, base: int, count: int, holder: str) -> tuple[int, int] | None:
+    """A uid of its own for each sandbox when we are root: process limits count per uid, and host files stay out of
+    reach. Claimed by an exclusive create under the shared root, so two servers on one machine never share one; the
+    claim names its server's folder, so the uids of a server that died are freed with its folder. As a plain user we
+    run as ourselves."""
     if os.geteuid() != 0:
         return None
-    uid = base + secrets.randbelow(UID_SPAN)
-    while uid in taken:
-        uid = base + secrets.randbelow(UID_SPAN)
-    return uid, uid
+    start = secrets.randbelow(count)
+    for uid in (base + (start + i) % count for i in range(count)):
+        try:
+            fd = os.open(root / f"uid-{uid}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            continue
+        os.write(fd, holder.encode())
+        os.close(fd)
+        return uid, uid
+    raise SandboxError(f"all {count} sandbox uids from {base} are in use (SANDBOX_UID_BASE, SANDBOX_UID_COUNT); "
+                       "destroy sandboxes you no longer need")
+
+
+def _release_uid(root: Path, owner: tuple[int, int] | None) -> None:
+    if owner is not None:
+        (root / f"uid-{owner[0]}").unlink(missing_ok=True)
+
+
+def _release_uids_of(root: Path, holder: str) -> None:
+    for claim in root.glob("uid-*"):
+        with contextlib.suppress(OSError):
+            if claim.read_text() == holder:
+                claim.unlink()
 
 
 def _check_reachable(root: Path, owner: tuple[int, int] | None) -> None:
@@ -120,6 +148,9 @@ class SandboxManager:
         self._last_used: dict[str, float] = {}
         self._pending = 0  # creates under way, counted against max_sandboxes
         self._instance: tuple[Path, int] | None = None  # this server's folder under the root, and its lock
+        self._hierarchy: Hierarchy | str | None = None  # where sandboxes' control groups go, or why nowhere
+        self._owners: dict[str, tuple[int, int]] = {}
+        drop_groups()
 
     async def create(self, repo_url: str, ref: str | None) -> SandboxInfo:
         (self.modal_cls if self.settings.backend == "modal" else self.backend_cls).check(self.settings.allow_unsafe)
@@ -134,21 +165,26 @@ class SandboxManager:
 
     async def _create(self, repo_url: str, ref: str | None) -> SandboxInfo:
         root = _own_root(self.settings.root)
-        owner = _sandbox_owner(self.settings.uid_base, self._uids())
-        _check_reachable(root, owner)
         refuse_under(repo_url, root)
         sandbox_id = "sbx_" + secrets.token_urlsafe(18)
-        home = Path(tempfile.mkdtemp(prefix="sbx-", dir=self._instance_dir(root)))
+        instance = self._instance_dir(root)
+        owner = _claim_uid(root, self.settings.uid_base, self.settings.uid_count, instance.name)
+        home = Path(tempfile.mkdtemp(prefix="sbx-", dir=instance))
         try:
+            _check_reachable(root, owner)
             os.chmod(home, 0o711)
             repo = home / "repo"
+            # Only the server and the sandbox's own uid may read a clone: it may be a private repository.
+            repo.mkdir(mode=0o700)
             cloned = await clone(repo_url, ref, repo)
             info = SandboxInfo(sandbox_id=sandbox_id, base_commit=cloned.base_commit,
                                default_branch=cloned.default_branch, backend=self.backend_cls.backend,
                                workdir=self.backend_cls.workdir_for(repo))
             if self.modal_cls is not None:
                 try:
-                    return await self._create_on_modal(info, home, repo_url)
+                    modal_info = await self._create_on_modal(info, home, repo_url)
+                    _release_uid(root, owner)  # its commands run on Modal, not as a uid of this machine
+                    return modal_info
                 except (ModalUnavailable, BackendUnavailable) as exc:
                     if self.settings.backend == "modal":
                         raise BackendUnavailable(f"Modal is unavailable ({exc}); check `modal token info` and "
@@ -157,14 +193,44 @@ class SandboxManager:
                     log.log(logging.INFO if isinstance(exc, BackendUnavailable) else logging.WARNING,
                             "sandbox %s: %s", sandbox_id, info.note)
                     self.backend_cls.check(self.settings.allow_unsafe)
-            (home / "tmp").mkdir()
+            (home / "tmp").mkdir(mode=0o700)
             if owner:
                 await run_tool("chown", "-R", "-h", "-P", f"{owner[0]}:{owner[1]}", "--", str(repo), str(home / "tmp"))
+            cgroup = self._cgroup(f"{instance.name}.{home.name}")
         except BaseException:
             await asyncio.shield(remove_tree(home))
+            _release_uid(root, owner)
             raise
-        self._register(self.backend_cls(info, home, repo, owner, self.settings.limits), repo_url)
+        sandbox = self.backend_cls(info, home, repo, owner, self.settings.limits, cgroup, self.settings.max_calls)
+        if owner:
+            self._owners[sandbox_id] = owner
+        self._register(sandbox, repo_url)
         return info
+
+    def _cgroup(self, name: str) -> Cgroup | None:
+        """A control group with the sandbox budget, or None (said once) where the host gives none."""
+        if self._hierarchy is None:
+            self._hierarchy = Hierarchy.detect()
+            if isinstance(self._hierarchy, str):
+                log.warning("no control group per sandbox (%s): limits hold per command, not per sandbox",
+                            self._hierarchy)
+            else:
+                log.info("sandboxes get control groups (cgroup v%d): %s", self._hierarchy.version,
+                         self.settings.budget)
+        if isinstance(self._hierarchy, str):
+            return None
+        try:
+            return self._hierarchy.create(name, self.settings.budget)
+        except OSError as exc:
+            raise BackendUnavailable(f"could not create the sandbox's control group ({exc.strerror}: "
+                                     f"{exc.filename}); check that the server may write its cgroup") from None
+
+    @property
+    def isolation(self) -> str:
+        """What bounds a sandbox's processes together, for the operator."""
+        if isinstance(self._hierarchy, Hierarchy):
+            return f"cgroup v{self._hierarchy.version}"
+        return f"per command only: {self._hierarchy}" if self._hierarchy else "not known yet"
 
     async def _create_on_modal(self, info: SandboxInfo, home: Path, repo_url: str) -> SandboxInfo:
         """`info`'s sandbox on Modal, made from the clone in `home`, which is then removed."""
@@ -180,9 +246,6 @@ class SandboxManager:
         self._last_used[sandbox.info.sandbox_id] = time.monotonic()
         log.info("created sandbox %s (%s) from %s", sandbox.info.sandbox_id, sandbox.info.backend, repo_url)
 
-    def _uids(self) -> set[int]:
-        return {owner[0] for s in self._sandboxes.values() if (owner := getattr(s, "owner", None))}
-
     def get(self, sandbox_id: str) -> Sandbox:
         sandbox = self._sandboxes.get(sandbox_id)
         if sandbox is None:
@@ -195,7 +258,10 @@ class SandboxManager:
         sandbox = self.get(sandbox_id)
         self._sandboxes.pop(sandbox_id, None)
         self._last_used.pop(sandbox_id, None)
-        await sandbox.destroy()
+        try:
+            await sandbox.destroy()
+        finally:
+            _release_uid(self.settings.root, self._owners.pop(sandbox_id, None))
         log.info("destroyed sandbox %s", sandbox_id)
 
     async def destroy_all(self) -> None:
@@ -233,7 +299,12 @@ class SandboxManager:
             finally:
                 os.close(lock)
             log.info("removing %s, left by a server that is gone", folder)
+            if isinstance(hierarchy := self._hierarchy or Hierarchy.detect(), Hierarchy):
+                for group in hierarchy.stale(folder.name + "."):
+                    with contextlib.suppress(TimeoutError, OSError):
+                        await group.destroy()
             await remove_tree(folder)
+            _release_uids_of(root, folder.name)
             reaped.append(folder)
         return reaped
 

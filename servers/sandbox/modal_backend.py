@@ -3,8 +3,8 @@
 The repository gets in as it does for the local backend: `clone` fetches it on this machine (with its URL checks
 and no credentials), and it travels as one gzipped tarball through the sandbox's filesystem API. No sandbox ever
 has the network, local paths and file:// URLs work as they do locally, and a start costs one container, not a setup
-container plus a filesystem snapshot. File tools run `files` itself in the container (`remote_files`);
-`export_changes` runs host.py's git script there.
+container plus a filesystem snapshot. Reads, writes and edits run `files` itself in the container (`remote_files`);
+`list_files` and `search` run ripgrep there (`listing`), and `export_changes` runs host.py's git script there.
 
 `modal` is imported only when a Modal sandbox is created or reaped, so the other backends never pay for it.
 """
@@ -20,7 +20,7 @@ from collections.abc import AsyncIterable
 from pathlib import Path
 from typing import Any
 
-from . import files, remote_files
+from . import files, listing, remote_files
 from .base import BackendUnavailable, Changeset, ExecResult, SandboxError, SandboxInfo
 from .host import EXPORT_CAP, MAX_CHANGESET_BYTES, OUTPUT_CAP, SANDBOX_ENV, Limits, _capture, collect_changes, run_tool
 from .modal_setup import ModalSettings, ModalUnavailable, has_credentials, image, import_modal, why_unavailable
@@ -50,7 +50,9 @@ wait "$pid"; code=$?
 kill -KILL -- "-$pid" 2>/dev/null
 exit "$code"
 """
-UNPACK = 'mkdir -p -- "$1" && tar --no-same-owner -xzf "$2" -C "$1" && rm -f -- "$2"'
+# The clone's folder is private to its sandbox on this machine (0700); in the container, read-only commands run as
+# nobody and must enter it.
+UNPACK = 'mkdir -p -- "$1" && tar --no-same-owner -xzf "$2" -C "$1" && chmod 0755 -- "$1" && rm -f -- "$2"'
 
 
 async def _read_all(stream: AsyncIterable[bytes], cap: int) -> bytes:
@@ -188,19 +190,24 @@ class ModalSandbox:
         return remote_files.shaped(await self._files("read_text", files.normalize(path), offset, limit), "text")
 
     async def write_file(self, path: str, content: str) -> int:
-        return remote_files.shaped(await self._files("write_text", files.normalize(path), content, None), "count")
+        return remote_files.shaped(await self._files("write_text", files.normalize(path), content), "count")
 
     async def edit_file(self, path: str, old_text: str, new_text: str, replace_all: bool) -> str:
-        answer = await self._files("edit_text", files.normalize(path), old_text, new_text, replace_all, None)
+        answer = await self._files("edit_text", files.normalize(path), old_text, new_text, replace_all)
         return remote_files.shaped(answer, "text")
 
+    async def _run_in(self, script: str, timeout_s: float, workdir: str, cap: int) -> ExecResult:
+        result = await self._run(script, timeout_s, self.root if workdir == "." else f"{self.root}/{workdir}",
+                                 False, cap)
+        if result.exit_code == 97 and result.stderr == NOT_A_DIRECTORY.decode():
+            raise SandboxError(f"directory {workdir!r} does not exist or is a symbolic link")
+        return result
+
     async def list_files(self, path: str, pattern: str | None) -> tuple[list[str], bool]:
-        answer = await self._files("list_paths", files.normalize(path, allow_root=True), pattern)
-        return remote_files.shaped(answer, "listing")
+        return await listing.list_files(self._run_in, path, pattern)
 
     async def search(self, pattern: str, path: str, glob: str | None) -> tuple[list[str], bool]:
-        answer = await self._files("search_text", pattern, files.normalize(path, allow_root=True), glob)
-        return remote_files.shaped(answer, "listing")
+        return await listing.search(self._run_in, pattern, path, glob)
 
     async def export_changes(self) -> tuple[Changeset, str]:
         """Everything that differs from the base commit: untracked files included, ignored ones not."""

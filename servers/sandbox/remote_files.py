@@ -50,7 +50,7 @@ sys.stdout.write(json.dumps(reply))
 '''
 
 RUNNER = f"SOURCE = {Path(files.__file__).read_text()!r}\n{_BOOT}"
-OPS = {"read_text", "write_text", "edit_text", "list_paths", "search_text", "read_changed"}
+OPS = {"read_text", "write_text", "edit_text", "read_changed"}
 
 
 def request(root: str, op: str, *args: Any) -> bytes:

@@ -13,8 +13,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from common.redact import Redactor
 from orchestrator.events import EventLog, sse
-from orchestrator.redact import Redactor
 from servers.github.forge import Changeset, ForgeError, check_branch_name, decode_changeset
 from servers.sandbox import files
 from servers.sandbox.base import SandboxError
@@ -41,7 +41,7 @@ def test_no_path_reads_or_writes_outside_the_repository(path, absolute):
         text = ""
     assert "outside" not in text
     try:
-        files.write_text(REPO, path, "written", None)
+        files.write_text(REPO, path, "written")
     except (SandboxError, OSError):
         pass
     assert (ROOT / "secret.txt").read_text() == "outside\n"

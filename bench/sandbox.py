@@ -2,7 +2,8 @@
 
 - `exec("true")` over MCP stdio within 1.5x of a bare bubblewrap spawn of `true` with the backend's own arguments;
 - `read_file` of a small file under 1 ms median on the server side (the stdio round trip is printed beside it);
-- `create_sandbox` of a local 1 000-file repository under 200 ms median (`git clone --no-hardlinks` beside it).
+- `create_sandbox` of a local 1 000-file repository under 200 ms median (`git clone --no-hardlinks` beside it);
+- `search`, for reference: ripgrep in the jail against ripgrep started on the host, as it ran before.
 
 The cases of one benchmark run interleaved, in an order that rotates every round, so a noisy neighbour slows them
 alike and the ratios stay meaningful on a busy two-core machine. """
@@ -39,6 +40,8 @@ REPO_FILES = 1000
 SMALL_FILE = "pkg00/mod000.py"
 EXEC_ROUNDS = 100
 READ_ROUNDS = 300
+SEARCH_ROUNDS = 60
+SEARCH_PATTERN = r"return 99\d\b"
 CREATE_ROUNDS = 10
 WARMUP_ROUNDS = 3
 EXEC_TARGET_RATIO = 1.5
@@ -166,8 +169,10 @@ async def bench_exec(stdio: Client, manager: SandboxManager, repo: Path) -> Resu
     sandbox_id = (await call(stdio, "create_sandbox", repo_url=str(repo)))["sandbox_id"]
     local = manager.get((await manager.create(str(repo), None)).sandbox_id)
     assert isinstance(local, HostSandbox)
-    # The baseline starts bubblewrap as the backend does: as the sandbox's user, with its environment and session.
-    bare = local.spawn_prefix() + bare_bwrap_argv(local)
+    # The baseline starts bubblewrap as the backend does (as the sandbox's user, with its environment and session),
+    # but outside any control group, so the ratio includes what joining the sandbox's group costs.
+    prefix = local.spawn_prefix()
+    bare = prefix[len(local.cgroup.join_argv()) if local.cgroup else 0:] + bare_bwrap_argv(local)
     t = await race({
         "mcp": Case(lambda _: call(stdio, "exec", sandbox_id=sandbox_id, command="true")),
         "bare": Case(lambda _: spawn(bare, env=local.env, start_new_session=True)),
@@ -196,6 +201,17 @@ async def bench_read_file(stdio: Client, repo: Path, root: Path) -> list[Result]
         headline("read_file via MCP client in process", t["inproc"], base, t["direct"], "for reference", True),
         headline("read_file via MCP stdio (round trip)", t["stdio"], base, t["direct"], "for reference", True),
     ]
+
+
+async def bench_search(stdio: Client, repo: Path) -> Result:
+    sandbox_id = (await call(stdio, "create_sandbox", repo_url=str(repo)))["sandbox_id"]
+    rg = ["rg", "--no-config", "--hidden", "--line-number", "--null", "-e", SEARCH_PATTERN, "--", "."]
+    t = await race({
+        "mcp": Case(lambda _: call(stdio, "search", sandbox_id=sandbox_id, pattern=SEARCH_PATTERN)),
+        "host": Case(lambda _: spawn(rg, cwd=repo)),
+    }, SEARCH_ROUNDS)
+    return headline("search via MCP stdio, in the jail", t["mcp"], "rg on the host", t["host"],
+                    "for reference: the jail's start is the difference", True)
 
 
 async def bench_create(stdio: Client, repo: Path, roots: dict[str, Path]) -> list[Result]:
@@ -253,7 +269,8 @@ async def main() -> list[Result]:
         repo = make_repo(source)
         manager = SandboxManager(Settings(backend="local", root=disk))
         async with stdio_server(disk) as stdio:
-            results = [await bench_exec(stdio, manager, repo), *await bench_read_file(stdio, repo, disk)]
+            results = [await bench_exec(stdio, manager, repo), *await bench_read_file(stdio, repo, disk),
+                       await bench_search(stdio, repo)]
         await manager.destroy_all()
         results += await bench_create(stdio, repo, roots)
     finally:

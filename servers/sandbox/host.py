@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
-from . import files, listing
+from . import files, listing, volume
 from .base import Changeset, ChangedFile, ExecResult, SandboxError, SandboxInfo
 from .cgroup import Cgroup
 
@@ -352,8 +352,9 @@ async def run_tool(*argv: str) -> None:
 
 
 async def remove_tree(path: Path) -> None:
-    """Delete a sandbox's directory, however deep, never leaving its file system."""
+    """Delete a sandbox's directory, however deep, with the volumes mounted in it, never leaving its file system."""
     if path.exists():
+        await volume.unmount_under(path)
         await run_tool("rm", "-rf", "--one-file-system", "--", str(path))
 
 

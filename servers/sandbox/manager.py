@@ -18,6 +18,7 @@ from pathlib import Path
 from .base import BackendUnavailable, Sandbox, SandboxError, SandboxInfo
 from .cgroup import Budget, Cgroup, Hierarchy
 from .clone import clone, refuse_under
+from . import volume
 from .host import Limits, drop_groups, remove_tree, run_tool
 from .modal_setup import ModalSettings, ModalUnavailable, has_credentials
 
@@ -47,6 +48,7 @@ class Settings:
     max_calls: int = 4  # commands (exec, search, list_files, export) one sandbox runs at once; more wait their turn
     limits: Limits = field(default_factory=Limits)
     budget: Budget = field(default_factory=Budget)
+    disk_mib: int = 4096  # each repository's own file system; 0 leaves it on the sandbox root's
     modal: ModalSettings = field(default_factory=ModalSettings)
 
     @classmethod
@@ -64,6 +66,7 @@ class Settings:
             idle_ttl_s=float(env.get("SANDBOX_IDLE_TTL_S", cls.idle_ttl_s)),
             max_sandboxes=int(env.get("SANDBOX_MAX", cls.max_sandboxes)),
             max_calls=int(env.get("SANDBOX_MAX_CALLS", cls.max_calls)),
+            disk_mib=int(env.get("SANDBOX_DISK_MIB", cls.disk_mib)),
             budget=Budget(pids=int(env.get("SANDBOX_PIDS_MAX", Budget.pids)),
                           memory_mib=int(env.get("SANDBOX_MEMORY_MIB", Budget.memory_mib)),
                           cpu_weight=int(env.get("SANDBOX_CPU_WEIGHT", Budget.cpu_weight))),
@@ -150,6 +153,12 @@ class SandboxManager:
         self._instance: tuple[Path, int] | None = None  # this server's folder under the root, and its lock
         self._hierarchy: Hierarchy | str | None = None  # where sandboxes' control groups go, or why nowhere
         self._owners: dict[str, tuple[int, int]] = {}
+        # Why repositories get no volume of their own; None while volumes work (or are not yet tried).
+        self._no_volume: str | None = "SANDBOX_DISK_MIB=0" if settings.disk_mib <= 0 else volume.unavailable()
+        self._volumes_worked = False
+        if self._no_volume and settings.disk_mib > 0:
+            log.warning("no disk cap per sandbox (%s): a sandbox can fill the file system of SANDBOX_ROOT",
+                        self._no_volume)
         drop_groups()
 
     async def create(self, repo_url: str, ref: str | None) -> SandboxInfo:
@@ -173,7 +182,7 @@ class SandboxManager:
         try:
             _check_reachable(root, owner)
             os.chmod(home, 0o711)
-            repo = home / "repo"
+            repo = await self._volume(home) / "repo"
             # Only the server and the sandbox's own uid may read a clone: it may be a private repository.
             repo.mkdir(mode=0o700)
             cloned = await clone(repo_url, ref, repo)
@@ -207,6 +216,23 @@ class SandboxManager:
         self._register(sandbox, repo_url)
         return info
 
+    async def _volume(self, home: Path) -> Path:
+        """Where the repository goes: a volume of its own when the host allows one, else `home` itself."""
+        if self._no_volume:
+            return home
+        try:
+            point = await volume.make(home, self.settings.disk_mib)
+        except SandboxError as exc:
+            if self._volumes_worked:
+                raise SandboxError(f"could not make the sandbox's volume ({exc}); try again, or set "
+                                   "SANDBOX_DISK_MIB=0 to run without a disk cap") from None
+            self._no_volume = str(exc)
+            log.warning("no disk cap per sandbox (%s): a sandbox can fill the file system of SANDBOX_ROOT", exc)
+            await volume.unmount_under(home)
+            return home
+        self._volumes_worked = True
+        return point
+
     def _cgroup(self, name: str) -> Cgroup | None:
         """A control group with the sandbox budget, or None (said once) where the host gives none."""
         if self._hierarchy is None:
@@ -229,8 +255,11 @@ class SandboxManager:
     def isolation(self) -> str:
         """What bounds a sandbox's processes together, for the operator."""
         if isinstance(self._hierarchy, Hierarchy):
-            return f"cgroup v{self._hierarchy.version}"
-        return f"per command only: {self._hierarchy}" if self._hierarchy else "not known yet"
+            bounds = f"cgroup v{self._hierarchy.version}"
+        else:
+            bounds = f"per command only: {self._hierarchy}" if self._hierarchy else "not known yet"
+        disk = f"no disk cap: {self._no_volume}" if self._no_volume else f"{self.settings.disk_mib} MiB volume"
+        return f"{bounds}; {disk}"
 
     async def _create_on_modal(self, info: SandboxInfo, home: Path, repo_url: str) -> SandboxInfo:
         """`info`'s sandbox on Modal, made from the clone in `home`, which is then removed."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from servers.sandbox import volume
 from servers.sandbox.cgroup import Budget, Hierarchy
 from servers.sandbox.manager import SandboxManager, Settings
 from servers.sandbox.server import build_server
@@ -23,10 +24,11 @@ from tests.conftest import held_client, unique_marker
 
 from .conftest import SECRETS
 from .helpers import call, call_error, sandbox, sh
-from .test_jail import host_processes
+from .test_jail import clone_of, host_processes, sandbox_dirs
 
 CGROUPS = isinstance(Hierarchy.detect(), Hierarchy)
 needs_cgroups = pytest.mark.skipif(not CGROUPS, reason=f"no control groups here: {Hierarchy.detect()}")
+needs_volumes = pytest.mark.skipif(volume.unavailable() is not None, reason=f"no volumes: {volume.unavailable()}")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="sandboxes get uids of their own only under root")
 
 # Swaps the folder `d` with a link `l` to a host folder, as fast as it can, for `seconds`.
@@ -177,13 +179,29 @@ async def test_a_memory_file_system_cannot_outgrow_its_cap(sandbox_root, make_re
     assert "Read-only file system" in lines[-1]
 
 
+@needs_volumes
+async def test_commands_writing_at_once_cannot_fill_the_hosts_disk(sandbox_root, make_repo):
+    async with await jailed_client(sandbox_root, disk_mib=64) as c:
+        sid = await sandbox(c, make_repo())
+        (home,) = sandbox_dirs(sandbox_root)
+        with anyio.fail_after(90):
+            outs = await asyncio.gather(*(sh(c, sid, f"dd if=/dev/zero of=fill{i} bs=1M count=40 2>&1", timeout_s=60)
+                                          for i in range(3)))
+        assert any("No space left on device" in o["stdout"] for o in outs)  # 120 MB did not fit in 64
+        assert (home / "volume.img").stat().st_blocks * 512 <= 64 * 1024 * 1024
+        await sh(c, sid, "rm fill*")
+        assert (await call(c, "write_file", sandbox_id=sid, path="after.txt", content="room again"))
+        assert "after.txt" in (await call(c, "export_changes", sandbox_id=sid))["diff"]
+    assert volume.mounts_under(sandbox_root) == []
+
+
 @needs_root
 async def test_another_local_user_cannot_read_a_clone(sandbox_root, make_repo):
     repo = make_repo({"private.txt": "private work\n"})
     async with await jailed_client(sandbox_root) as c:
         await sandbox(c, repo)
-        (home,) = list(sandbox_root.glob("*/sbx-*"))
-        for target in (home / "repo" / "private.txt", home / "repo"):
+        (home,) = sandbox_dirs(sandbox_root)
+        for target in (clone_of(home) / "private.txt", clone_of(home)):
             other = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
                                     "cat" if target.is_file() else "ls", str(target)],
                                    capture_output=True, text=True, timeout=30)

@@ -50,6 +50,11 @@ def sandbox_dirs(root: Path) -> list[Path]:
     return list(root.glob("*/sbx-*"))
 
 
+def clone_of(home: Path) -> Path:
+    """Where a sandbox's repository sits on the host: in its own volume, where the host allows one."""
+    return home / "volume" / "repo" if (home / "volume").is_dir() else home / "repo"
+
+
 def host_processes(marker: str) -> list[str]:
     """Command lines of host processes that contain `marker`."""
     found = []
@@ -282,7 +287,7 @@ async def test_a_sandbox_root_someone_else_can_write_is_refused(tmp_path, make_r
 async def test_another_sandbox_is_not_a_clone_source(jailed, make_repo, sandbox_root):
     await sandbox(jailed, make_repo(REPO))
     (home,) = sandbox_dirs(sandbox_root)
-    assert "inside the sandbox directory" in await call_error(jailed, "create_sandbox", repo_url=str(home / "repo"))
+    assert "inside the sandbox directory" in await call_error(jailed, "create_sandbox", repo_url=str(clone_of(home)))
 
 
 async def test_resource_limits_bind_and_cannot_be_raised(client, make_repo):

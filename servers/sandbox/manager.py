@@ -151,7 +151,10 @@ class SandboxManager:
         self._last_used: dict[str, float] = {}
         self._pending = 0  # creates under way, counted against max_sandboxes
         self._instance: tuple[Path, int] | None = None  # this server's folder under the root, and its lock
-        self._hierarchy: Hierarchy | str | None = None  # where sandboxes' control groups go, or why nowhere
+        self._hierarchy = Hierarchy.detect()  # where sandboxes' control groups go, or why nowhere
+        if isinstance(self._hierarchy, str):
+            log.warning("no control group per sandbox (%s): limits hold per command, not per sandbox",
+                        self._hierarchy)
         self._owners: dict[str, tuple[int, int]] = {}
         # Why repositories get no volume of their own; None while volumes work (or are not yet tried).
         self._no_volume: str | None = "SANDBOX_DISK_MIB=0" if settings.disk_mib <= 0 else volume.unavailable()
@@ -191,7 +194,7 @@ class SandboxManager:
                                workdir=self.backend_cls.workdir_for(repo))
             if self.modal_cls is not None:
                 try:
-                    modal_info = await self._create_on_modal(info, home, repo_url)
+                    modal_info = await self._create_on_modal(info, home, repo, repo_url)
                     _release_uid(root, owner)  # its commands run on Modal, not as a uid of this machine
                     return modal_info
                 except (ModalUnavailable, BackendUnavailable) as exc:
@@ -234,15 +237,7 @@ class SandboxManager:
         return point
 
     def _cgroup(self, name: str) -> Cgroup | None:
-        """A control group with the sandbox budget, or None (said once) where the host gives none."""
-        if self._hierarchy is None:
-            self._hierarchy = Hierarchy.detect()
-            if isinstance(self._hierarchy, str):
-                log.warning("no control group per sandbox (%s): limits hold per command, not per sandbox",
-                            self._hierarchy)
-            else:
-                log.info("sandboxes get control groups (cgroup v%d): %s", self._hierarchy.version,
-                         self.settings.budget)
+        """A control group with the sandbox budget, or None where the host gives none."""
         if isinstance(self._hierarchy, str):
             return None
         try:
@@ -251,21 +246,11 @@ class SandboxManager:
             raise BackendUnavailable(f"could not create the sandbox's control group ({exc.strerror}: "
                                      f"{exc.filename}); check that the server may write its cgroup") from None
 
-    @property
-    def isolation(self) -> str:
-        """What bounds a sandbox's processes together, for the operator."""
-        if isinstance(self._hierarchy, Hierarchy):
-            bounds = f"cgroup v{self._hierarchy.version}"
-        else:
-            bounds = f"per command only: {self._hierarchy}" if self._hierarchy else "not known yet"
-        disk = f"no disk cap: {self._no_volume}" if self._no_volume else f"{self.settings.disk_mib} MiB volume"
-        return f"{bounds}; {disk}"
-
-    async def _create_on_modal(self, info: SandboxInfo, home: Path, repo_url: str) -> SandboxInfo:
-        """`info`'s sandbox on Modal, made from the clone in `home`, which is then removed."""
+    async def _create_on_modal(self, info: SandboxInfo, home: Path, repo: Path, repo_url: str) -> SandboxInfo:
+        """`info`'s sandbox on Modal, made from the clone at `repo` in `home`, which is then removed."""
         self.modal_cls.check(self.settings.allow_unsafe)
-        info = info.model_copy(update={"backend": "modal", "workdir": self.modal_cls.workdir_for(home / "repo")})
-        sandbox = await self.modal_cls.open(info, home / "repo", self.settings.modal, self.settings.limits)
+        info = info.model_copy(update={"backend": "modal", "workdir": self.modal_cls.workdir_for(repo)})
+        sandbox = await self.modal_cls.open(info, repo, self.settings.modal, self.settings.limits)
         await asyncio.shield(remove_tree(home))
         self._register(sandbox, repo_url)
         return info
@@ -328,8 +313,8 @@ class SandboxManager:
             finally:
                 os.close(lock)
             log.info("removing %s, left by a server that is gone", folder)
-            if isinstance(hierarchy := self._hierarchy or Hierarchy.detect(), Hierarchy):
-                for group in hierarchy.stale(folder.name + "."):
+            if isinstance(self._hierarchy, Hierarchy):
+                for group in self._hierarchy.stale(folder.name + "."):
                     with contextlib.suppress(TimeoutError, OSError):
                         await group.destroy()
             await remove_tree(folder)

@@ -218,3 +218,19 @@ def decode_changeset(changes: Changeset) -> DecodedChanges:
         seen.add(path)
         deleted.append(path)
     return DecodedChanges(base_commit=base, files=files, deleted=deleted)
+
+
+# GitHub runs these from any pushed branch, with the repository's secrets, before anyone reviews the pull request.
+CI_PATHS = (".github/workflows", ".github/actions")
+
+
+def refuse_workflow_changes(decoded: DecodedChanges) -> None:
+    """Refuse a changeset that adds, changes or deletes a GitHub Actions workflow or action (or `.github` itself)."""
+    for path in [path for path, _, _ in decoded.files] + decoded.deleted:
+        lower = path.lower()
+        if lower == ".github" or any(lower == top or lower.startswith(top + "/") for top in CI_PATHS):
+            raise ForgeError(
+                f"refusing to change {path!r}: GitHub runs workflows and actions from a pushed branch with the "
+                "repository's secrets before anyone reviews the pull request; leave it out of the changeset "
+                "(restore the file where the change was made and export again), or ask the operator to set "
+                "GITHUB_ALLOW_WORKFLOW_CHANGES=1 on the github server to allow such changes")

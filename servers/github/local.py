@@ -16,15 +16,15 @@ import tempfile
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from common.git import UnsafeRepository, check_self_contained, git_dirs, host_git_env, named_settings
+
 from .forge import (BranchRef, Changeset, CommitResult, ForgeError, Issue, PullRequest, RepositoryInfo,
-                    check_branch_name, check_message, check_sha, check_writable_branch, decode_changeset)
+                    check_branch_name, check_message, check_sha, check_writable_branch, decode_changeset,
+                    refuse_workflow_changes)
 
 GIT_TIMEOUT_S = 120
 AUTHOR = {"GIT_AUTHOR_NAME": "Tiny Backspace", "GIT_AUTHOR_EMAIL": "tiny-backspace@localhost",
           "GIT_COMMITTER_NAME": "Tiny Backspace", "GIT_COMMITTER_EMAIL": "tiny-backspace@localhost"}
-# No user or system config, no prompts, no hooks from whoever else uses the repository.
-_BASE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexistent", "GIT_CONFIG_NOSYSTEM": "1",
-             "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
 
 
 def local_path(repo: str) -> Path | None:
@@ -40,11 +40,13 @@ def local_path(repo: str) -> Path | None:
 class LocalForge:
     """A git repository on this machine."""
 
-    def __init__(self, path: Path, branch_prefix: str) -> None:
+    def __init__(self, path: Path, branch_prefix: str, allow_workflow_changes: bool = False) -> None:
         self.path = Path(os.path.normpath(path))
         self.prefix = branch_prefix
+        self.allow_workflow_changes = allow_workflow_changes
         self._git_dir: Path | None = None
         self._common_dir: Path | None = None
+        self._env: dict[str, str] = {}
 
     async def _git(self, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None,
                    check: bool = True) -> str:
@@ -62,8 +64,7 @@ class LocalForge:
                    ) -> tuple[int, str, str]:
         git_dir = await self._dirs()
         proc = await asyncio.create_subprocess_exec(
-            "git", "-c", "core.hooksPath=/dev/null", *args, cwd=git_dir,
-            env=_BASE_ENV | AUTHOR | {"GIT_DIR": str(git_dir)} | (env or {}),
+            "git", *args, cwd=git_dir, env=self._env | (env or {}),
             stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:
@@ -77,20 +78,19 @@ class LocalForge:
         return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
     async def _dirs(self) -> Path:
+        """The git directory, once the repository proved safe to run host git on."""
         if self._git_dir is None:
-            dot_git = self.path / ".git"
-            if dot_git.is_dir():
-                self._git_dir = dot_git
-            elif (self.path / "HEAD").is_file() and (self.path / "objects").is_dir():
-                self._git_dir = self.path
-            elif dot_git.is_file():  # a linked worktree: .git names the real git directory
-                line = dot_git.read_text().strip()
-                self._git_dir = (self.path / line.removeprefix("gitdir:").strip()).resolve()
-            else:
-                raise ForgeError(f"{str(self.path)!r} is not a git repository (no .git and not a bare repository)")
-            common = self._git_dir / "commondir"
-            self._common_dir = (self._git_dir / common.read_text().strip()).resolve() if common.is_file() \
-                else self._git_dir
+            try:
+                dirs = git_dirs(self.path)
+                if dirs is None:
+                    raise ForgeError(f"{str(self.path)!r} is not a git repository (no .git and not a bare "
+                                     "repository)")
+                check_self_contained(dirs[1], str(self.path))
+                settings = await named_settings(*dirs)
+            except UnsafeRepository as exc:
+                raise ForgeError(str(exc)) from None
+            self._env = host_git_env(settings) | AUTHOR | {"GIT_DIR": str(dirs[0])}
+            self._git_dir, self._common_dir = dirs
         return self._git_dir
 
     async def _branch_sha(self, branch: str) -> str | None:
@@ -138,6 +138,8 @@ class LocalForge:
         check_writable_branch(branch, self.prefix, *await self._protected())
         check_message(message)
         decoded = decode_changeset(changes)
+        if not self.allow_workflow_changes:
+            refuse_workflow_changes(decoded)
         base = decoded.base_commit
         tip = await self._branch_sha(branch)
         if tip is None:
@@ -163,7 +165,8 @@ class LocalForge:
             tree = await self._git("write-tree", env=index)
         if tree == await self._git("rev-parse", f"{base}^{{tree}}"):
             raise ForgeError("the changeset changes nothing in the base commit; there is nothing to commit")
-        commit = await self._git("commit-tree", tree, "-p", base, "-F", "-", stdin=message.encode())
+        commit = await self._git("commit-tree", "--no-gpg-sign", tree, "-p", base, "-F", "-",
+                                 stdin=message.encode())
         if not await self._ok("update-ref", "-m", "tiny-backspace: commit_changes", f"refs/heads/{branch}",
                               commit, base):
             raise ForgeError(f"branch {branch!r} moved while committing; export the changes again and retry")

@@ -24,7 +24,7 @@ from github.Repository import Repository
 from .clients import NO_TOKEN, Clients
 from .forge import (BranchRef, Changeset, CommitResult, ForgeError, ForgeUnavailable, Issue, PullRequest,
                     RepositoryInfo, check_branch_name, check_message, check_sha, check_writable_branch,
-                    decode_changeset)
+                    decode_changeset, refuse_workflow_changes)
 
 T = TypeVar("T")
 FORK_READY_TIMEOUT_S = 60
@@ -38,6 +38,7 @@ class GitHubForge:
         self.full_name = full_name
         self.clients = clients
         self.prefix = s.branch_prefix
+        self.allow_workflow_changes = s.allow_workflow_changes
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -125,6 +126,8 @@ class GitHubForge:
         check_writable_branch(branch, self.prefix)
         check_message(message)
         decoded = decode_changeset(changes)
+        if not self.allow_workflow_changes:
+            refuse_workflow_changes(decoded)
         return await self._call(self._commit, branch, message, decoded)
 
     def _commit(self, branch: str, message: str, decoded: Any) -> CommitResult:

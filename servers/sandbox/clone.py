@@ -3,27 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from common.git import UnsafeRepository, check_self_contained, git_dirs, host_git_env
 
 from .base import SandboxError
 
 CLONE_TIMEOUT_S = 300
 _REF = re.compile(r"^(?!-)(?!.*\.\.)[A-Za-z0-9._/@+-]{1,250}$")
 _OWNER_NAME = re.compile(r"^[A-Za-z0-9-]{1,39}/[A-Za-z0-9._-]{1,100}$")
-# Host git reads no user or system config, and never prompts.
-GIT_ENV = {
-    "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-    "HOME": "/nonexistent",
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_CONFIG_GLOBAL": "/dev/null",
-    "GIT_TERMINAL_PROMPT": "0",
-    "GIT_ASKPASS": "/bin/false",
-    "LC_ALL": "C",
-}
+# Only the transports we mean to use, whatever a redirect, a submodule or the source's config asks for.
+GIT_ENV = host_git_env(protocols=("file", "https"))
 
 
 @dataclass
@@ -84,25 +77,39 @@ async def git(*args: str, cwd: Path | None = None, timeout: float = CLONE_TIMEOU
     return out.decode("utf-8", "replace").strip()
 
 
+def refuse_borrowed_objects(path: Path, name: str) -> None:
+    """Refuse a local repository whose objects git would read from another repository (alternates)."""
+    # That other repository may be one the caller cannot read; its files would land in the sandbox.
+    try:
+        dirs = git_dirs(path)
+        if dirs is not None:
+            check_self_contained(dirs[1], name)
+    except UnsafeRepository as exc:
+        raise SandboxError(str(exc)) from None
+
+
 async def clone(repo_url: str, ref: str | None, dest: Path) -> Cloned:
     """Clone `repo_url` into `dest` and check out `ref` (a branch, tag or commit; the default branch if None)."""
     if ref is not None and not _REF.match(ref):
         raise SandboxError(f"ref {ref!r} is not a branch, tag or commit name")
     source, local = source_of(repo_url)
+    if local:
+        refuse_borrowed_objects(Path(source), source)
     # Local clones copy objects rather than hard-linking them: the sandbox must not share inodes with the source.
-    args = (["clone", "--quiet", "--no-hardlinks"] if local
+    # Nothing is checked out before the copy is known to hold every object it uses.
+    args = (["clone", "--quiet", "--no-hardlinks", "--no-checkout"] if local
             else ["clone", "--quiet", "--depth", "1", "--no-single-branch"])
     if ref and not local and not re.fullmatch(r"[0-9a-f]{7,40}", ref):
         args += ["--branch", ref]
         ref = None
-    # Only the transports we mean to use, whatever a redirect or a submodule asks for.
-    protocols = ["-c", "protocol.allow=never", "-c", "protocol.file.allow=always", "-c", "protocol.https.allow=always"]
-    await git(*protocols, *args, "--", source, str(dest))
-    if ref:
-        if not local:
-            await git(*protocols, "fetch", "--quiet", "--depth", "1", "origin", ref, cwd=dest)
-            ref = "FETCH_HEAD"
-        await git("checkout", "--quiet", ref, "--", cwd=dest)
+    await git(*args, "--", source, str(dest))
+    if local:
+        # The copy is what git reads from now on, and the source may have changed since it was checked.
+        refuse_borrowed_objects(dest, source)
+        await git("checkout", "--quiet", "--force", ref or "HEAD", "--", cwd=dest)
+    elif ref:
+        await git("fetch", "--quiet", "--depth", "1", "origin", ref, cwd=dest)
+        await git("checkout", "--quiet", "FETCH_HEAD", "--", cwd=dest)
     base = await git("rev-parse", "--verify", "HEAD^{commit}", cwd=dest)
     try:
         default = (await git("symbolic-ref", "--short", "refs/remotes/origin/HEAD", cwd=dest)).removeprefix("origin/")

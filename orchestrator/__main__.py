@@ -14,14 +14,17 @@ from pathlib import Path
 import anthropic
 from aiohttp import web
 
+from common.net import is_loopback
+from common.redact import RedactingFilter, Redactor
+
 from . import telemetry
-from .app import build_app, is_loopback
+from .app import WILDCARDS, build_app
 from .config import Settings
+from .connections import listen
 from .mcp_pool import ConfigError, ToolPool, load_config
 from .runs import RunManager
 from .store import SQLiteRunStore, StoreError
 from .model import AnthropicModel
-from .redact import RedactingFilter, Redactor
 from .run import Services
 
 log = logging.getLogger("orchestrator")
@@ -77,18 +80,22 @@ async def serve(args: argparse.Namespace) -> None:
         await pool.close()
         store.close()
 
-    app = build_app(runs, is_loopback(args.host), on_cleanup=close, shutdown_grace_s=settings.shutdown_grace_s)
+    app = build_app(runs, args.host, on_cleanup=close, shutdown_grace_s=settings.shutdown_grace_s)
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
-    await web.TCPSite(runner, args.host, args.port).start()
+    listener = await listen(runner, args.host, args.port)
     log.info("listening on http://%s:%d (model %s, MCP servers: %s)", args.host, args.port, settings.model,
              ", ".join(pool.connections))
+    if args.host in WILDCARDS and not settings.allowed_hosts:
+        log.warning("listening on every address, but answering only to localhost, 127.0.0.1 and [::1]: set "
+                    "TB_ALLOWED_HOSTS to the names clients use to reach this machine")
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
     finally:
+        listener.close()
         await runner.cleanup()
 
 

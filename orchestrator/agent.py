@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.redact import Redactor, StreamRedactor
+
 from .events import Event, EventLog
 from .model import Model, Retrying, TextDelta, ToolInputDelta, TurnDone, Usage
-from .redact import Redactor, StreamRedactor
 from .tools import ToolSet, call_all
 
 EVENT_RESULT_CHARS = 4000  # how much of a tool result the stream shows; the model gets more

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import ipaddress
 import json
 import re
 from collections.abc import Awaitable, Callable
@@ -16,18 +15,23 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from common.net import is_loopback
+from common.redact import Redactor
+
 from .events import PING, sse
-from .guard import Admission, TokenBucket, auth_middleware, client_key
-from .redact import Redactor
+from .connections import CONNECTIONS, Connections, connection_limit
+from .guard import Admission, TokenBucket, auth_middleware, browser_checks, client_key
 from .run import RunRequest, Services
 from .runs import RunManager
 
-OWNER_NAME = re.compile(r"^[A-Za-z0-9-]{1,39}/[A-Za-z0-9._-]{1,100}$")
+OWNER_NAME = re.compile(r"^[A-Za-z0-9-]{1,39}/(?!\.\.?$)[A-Za-z0-9._-]{1,100}$")  # "." and ".." name no repository
+LAST_EVENT_DIGITS = 18  # any event number fits; a longer one would overflow the store's 64-bit integers
 RUNS = web.AppKey("runs", RunManager)
 REDACT = web.AppKey("redact", Redactor)
 LOOPBACK = web.AppKey("loopback", bool)
 ADMISSION = web.AppKey("admission", Admission)
 MAX_BODY = 256 * 1024
+WILDCARDS = {"", "0.0.0.0", "::"}  # listening on every address names none a client would send as Host
 PAGE = Path(__file__).parent / "web" / "index.html"
 
 
@@ -103,10 +107,17 @@ async def post_code(request: web.Request) -> web.StreamResponse:
     runs = request.app[RUNS]
     if request.content_length is not None and request.content_length > MAX_BODY:
         return bad_request(f"the body is over {MAX_BODY} bytes", 413)
+    timeout = runs.services.settings.client_timeout_s
     try:
-        body = json.loads(await request.read())
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
+        body = json.loads(raw)
+    except TimeoutError:
+        return bad_request(f"the body did not arrive within {timeout:g} s (TB_CLIENT_TIMEOUT_S); send it whole", 408)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return bad_request('the body is not JSON; send {"repoUrl": "...", "prompt": "..."}')
+    except RecursionError:
+        return bad_request('the body nests too deeply; send {"repoUrl": "...", "prompt": "..."}')
     except web.HTTPRequestEntityTooLarge:
         return bad_request(f"the body is over {MAX_BODY} bytes", 413)
     run = validate(body, runs.services, request.app[LOOPBACK])
@@ -133,8 +144,9 @@ async def run_events(request: web.Request) -> web.StreamResponse:
     if runs.store.get(run_id) is None:
         return bad_request(f"no run {run_id!r}", 404)
     raw = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
-    if not (raw.isascii() and raw.isdigit()):
-        return bad_request("Last-Event-ID (or after) must be the number of the last event you received")
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= LAST_EVENT_DIGITS):
+        return bad_request("Last-Event-ID (or after) must be the number of the last event you received "
+                           f"(at most {LAST_EVENT_DIGITS} digits), or 0 for all of them")
     return await sse_response(request, runs.follow(run_id, int(raw)))
 
 
@@ -237,13 +249,21 @@ def page_handler() -> Callable[[web.Request], Awaitable[web.Response]]:
     return page
 
 
-def build_app(runs: RunManager, loopback: bool = True,
+def build_app(runs: RunManager, host: str = "127.0.0.1",
               on_cleanup: Callable[[web.Application], Awaitable[None]] | None = None,
               shutdown_grace_s: float = 0.0) -> web.Application:
+    """The service, to listen on `host`: off loopback it accepts local paths only under TB_LOCAL_ROOTS, and
+    answers to the name it listens on besides TB_ALLOWED_HOSTS."""
     settings = runs.services.settings
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[auth_middleware(settings.api_token)])
+    loopback = is_loopback(host)
+    hosts = settings.allowed_hosts + ((host,) if not loopback and host not in WILDCARDS else ())
+    connections = Connections(connection_limit(settings.max_runs), settings.client_timeout_s)
+    middlewares = [connections.middleware(), browser_checks(hosts, settings.allowed_origins),
+                   auth_middleware(settings.api_token)]
+    app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares)
     app[ADMISSION] = Admission(TokenBucket(settings.rate_burst, settings.rate_per_minute), settings.max_runs,
                                settings.max_runs_per_client)
+    app[CONNECTIONS] = connections
     app[RUNS] = runs
     app[LOOPBACK] = loopback
     app[REDACT] = Redactor()
@@ -263,12 +283,3 @@ def build_app(runs: RunManager, loopback: bool = True,
     if on_cleanup:
         app.on_cleanup.append(on_cleanup)
     return app
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -22,7 +22,11 @@ from typing import Any, TextIO
 import aiohttp
 
 RECONNECTS = 5
-CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # a hostile repository's output must not drive the terminal
+# What a hostile repository's or model's text must not send to a terminal: C0 and C1 controls (every escape sequence
+# starts with one) and the bidirectional controls that reorder what a line appears to say.
+UNSEEN = "\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+CONTROL = re.compile(f"[\x00-\x08\x0b-\x1f{UNSEEN}]")
+JSON_UNSAFE = re.compile(f"[{UNSEEN}]")  # json.dumps escapes the C0 controls itself
 COLOURS = {"+": "32", "-": "31", "@": "36", "ok": "32", "err": "31", "dim": "2", "bold": "1"}
 
 
@@ -118,7 +122,7 @@ class Terminal:
 
     def status(self) -> None:
         if self.live:
-            tail = clean(self.text.replace("\n", " "))[-60:]
+            tail = self.text.replace("\n", " ")[-60:]
             who = f" {self.agent}" if self.agent else ""
             self.out.write(f"\r\x1b[2K{self.paint('dim', f'[{time.monotonic() - self.started:5.1f}s{who}] ')}"
                            f"{self.state} {self.paint('dim', tail)}")
@@ -126,12 +130,13 @@ class Terminal:
 
     def flush_text(self) -> None:
         if self.text.strip():
-            for text_line in clean(self.text.strip()).splitlines():
+            for text_line in self.text.strip().splitlines():
                 self.line(f"  {text_line}")
         self.text = ""
 
-    def show(self, e: dict[str, Any]) -> None:
-        """Render one event."""
+    def show(self, event: dict[str, Any]) -> None:
+        """Render one event, with every string in it cleaned of what could drive the terminal."""
+        e = scrubbed(event)
         kind = e["type"]
         if kind == "text":
             self.text += e["text"]
@@ -142,38 +147,38 @@ class Terminal:
             return self.status()
         self.flush_text()
         if kind == "run":
-            self.line(f"{self.paint('bold', e['run_id'])} {clean(e.get('repo', ''))} ({e.get('mode')}, "
+            self.line(f"{self.paint('bold', e['run_id'])} {e.get('repo', '')} ({e.get('mode')}, "
                       f"{e.get('model')})")
         elif kind == "status":
             self.state = e.get("stage", "")
-            self.line(f"- {clean(e.get('message') or e.get('stage', ''))}")
+            self.line(f"- {e.get('message') or e.get('stage', '')}")
         elif kind == "sandbox":
             self.line(f"- sandbox {e.get('sandbox_id')} ({e.get('backend')}) at {str(e.get('base_commit'))[:10]}"
-                      + (f": {clean(e['note'])}" if e.get("note") else ""))
+                      + (f": {e['note']}" if e.get("note") else ""))
         elif kind == "agent":
             self.agent = e["agent"] if e["state"] == "start" else ""
             self.line(self.paint("bold", f"== {e['agent']} {e['state']}")
                       + (f" ({e['turns']} turns)" if e.get("turns") else ""))
         elif kind == "tool_call":
             self.state = f"running {e['name']}"
-            self.line(f"  -> {e['name']} {clean(json.dumps(e.get('input', {}), ensure_ascii=False))[:300]}")
+            self.line(f"  -> {e['name']} {json.dumps(e.get('input', {}), ensure_ascii=False)[:300]}")
         elif kind == "tool_result":
             mark = self.paint("err", "  <- error") if e.get("is_error") else self.paint("ok", "  <- ok")
             self.line(f"{mark} {preview(str(e.get('content', '')))}")
         elif kind == "planned_change":
-            self.line(f"  plan: {clean(e.get('file', ''))}: {clean(e.get('what', ''))} ({clean(e.get('why', ''))})")
+            self.line(f"  plan: {e.get('file', '')}: {e.get('what', '')} ({e.get('why', '')})")
         elif kind == "diff":
-            for diff_line in clean(e.get("diff", "")).splitlines():
+            for diff_line in e.get("diff", "").splitlines():
                 key = diff_line[:1] if diff_line[:1] in "+-@" and not diff_line.startswith(("+++", "---")) else ""
                 self.line(self.paint(key, diff_line) if key else diff_line)
         elif kind == "pull_request":
             draft = " (draft)" if e.get("draft") else ""
-            self.line(self.paint("ok", f"pull request #{e.get('number')}{draft}: {clean(e.get('url', ''))}"))
+            self.line(self.paint("ok", f"pull request #{e.get('number')}{draft}: {e.get('url', '')}"))
         elif kind == "usage":
             self.line(f"- usage: {e.get('input_tokens', 0)} in, {e.get('output_tokens', 0)} out, "
                       f"${e.get('cost_usd', 0):.4f}")
         elif kind == "error":
-            self.line(self.paint("err", f"error ({e.get('reason')}): {clean(e.get('message', ''))}"))
+            self.line(self.paint("err", f"error ({e.get('reason')}): {e.get('message', '')}"))
         elif kind == "completion":
             self.state = e["status"]
             self.line(self.paint("ok" if e.get("pull_request_url") else "err",
@@ -198,7 +203,24 @@ def preview(content: str) -> str:
 
 
 def clean(text: str) -> str:
+    """`text` without anything that could drive a terminal (tabs become spaces; newlines stay)."""
     return CONTROL.sub("", text.replace("\t", "    "))
+
+
+def scrubbed(value: Any) -> Any:
+    """`value` with every string in it cleaned, however deep."""
+    if isinstance(value, str):
+        return clean(value)
+    if isinstance(value, dict):
+        return {clean(str(k)): scrubbed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrubbed(v) for v in value]
+    return value
+
+
+def json_line(event: dict[str, Any]) -> str:
+    """One event as JSON, exact, with nothing a terminal would act on left raw."""
+    return JSON_UNSAFE.sub(lambda m: f"\\u{ord(m[0]):04x}", json.dumps(event, ensure_ascii=False))
 
 
 async def watch(base: str, token: str | None, body: dict[str, Any], as_json: bool) -> int:
@@ -216,7 +238,7 @@ async def watch(base: str, token: str | None, body: dict[str, Any], as_json: boo
                 run_id = event["run_id"]
                 opened = opened or event["type"] == "pull_request"
                 if as_json:
-                    print(json.dumps(event, ensure_ascii=False), flush=True)
+                    print(json_line(event), flush=True)
                 else:
                     view.show(event)
         except asyncio.CancelledError:
@@ -224,7 +246,7 @@ async def watch(base: str, token: str | None, body: dict[str, Any], as_json: boo
             if run_id:  # Ctrl-C stops the job, not only this view of it
                 async with http.post(f"{base.rstrip('/')}/runs/{run_id}/cancel") as resp:
                     await resp.read()
-            print(f"\ncancelled {run_id or 'the run'}", file=sys.stderr)
+            print(f"\ncancelled {clean(run_id or 'the run')}", file=sys.stderr)
             return 130
         finally:
             loop.remove_signal_handler(signal.SIGINT)
@@ -238,6 +260,7 @@ async def in_process(args: argparse.Namespace, body: dict[str, Any]) -> int:
     from .__main__ import build_services
     from .app import build_app
     from .config import Settings
+    from .connections import listen
     from .runs import RunManager
     from .store import SQLiteRunStore
 
@@ -247,13 +270,16 @@ async def in_process(args: argparse.Namespace, body: dict[str, Any]) -> int:
     await services.pool.start()
     # No `recover()`: a service may share this store, and its runs in flight are not ours to interrupt.
     runner = web.AppRunner(build_app(RunManager(services, store)), handler_cancellation=True)
+    listener = None
     try:
         await runner.setup()
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
-        await web.SockSite(runner, sock).start()
+        listener = await listen(runner, sock=sock)
         return await watch(f"http://127.0.0.1:{sock.getsockname()[1]}", settings.api_token, body, args.json)
     finally:
+        if listener is not None:
+            listener.close()
         await runner.cleanup()
         await services.pool.close()
         store.close()
@@ -268,9 +294,9 @@ def main(argv: list[str]) -> int:
             return asyncio.run(in_process(args, body))
         return asyncio.run(watch(args.service, args.token, body, args.json))
     except Refused as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {clean(str(exc))}", file=sys.stderr)
         return 2
     except aiohttp.ClientConnectionError as exc:
-        print(f"error: no service answers at {args.service} ({exc}): start one with `./tb serve`, "
+        print(f"error: no service answers at {args.service} ({clean(str(exc))}): start one with `./tb serve`, "
               "or pass --in-process", file=sys.stderr)
         return 2

@@ -63,6 +63,9 @@ class Settings:
     rate_per_minute: float = 30.0  # runs started per client, refilled continuously
     rate_burst: int = 10
     role_models: dict[str, str] = field(default_factory=dict)  # role -> model, from TB_<ROLE>_MODEL
+    allowed_hosts: tuple[str, ...] = ()  # Host names served besides loopback ones; "*" for any
+    allowed_origins: tuple[str, ...] = ()  # page origins allowed besides the service's own (a TLS proxy's)
+    client_timeout_s: float = 20.0  # for a request's head, and again for its body
 
     @classmethod
     def from_env(cls, env: typing.Mapping[str, str] | None = None) -> Settings:
@@ -91,6 +94,10 @@ class Settings:
             overloaded_backoff_s=num("TB_OVERLOADED_BACKOFF_S", d.overloaded_backoff_s, float),
         )
         roots = tuple(Path(p).resolve() for p in env.get("TB_LOCAL_ROOTS", "").split(":") if p)
+
+        def names(name: str) -> tuple[str, ...]:
+            return tuple(n.strip().lower() for n in env.get(name, "").split(",") if n.strip())
+
         return cls(
             model=env.get("TB_MODEL") or newest_sonnet(),
             limits=limits,
@@ -103,6 +110,9 @@ class Settings:
             api_token=env.get("TB_API_TOKEN") or None,
             github_hosts=tuple(h.strip().lower() for h in env.get("TB_GITHUB_HOSTS", "github.com").split(",")
                                if h.strip()),
+            allowed_hosts=names("TB_ALLOWED_HOSTS"),
+            allowed_origins=tuple(o.rstrip("/") for o in names("TB_ALLOWED_ORIGINS")),
+            client_timeout_s=num("TB_CLIENT_TIMEOUT_S", cls.client_timeout_s, float),
             max_runs=num("TB_MAX_RUNS", cls.max_runs),
             max_runs_per_client=num("TB_MAX_RUNS_PER_CLIENT", cls.max_runs_per_client),
             rate_per_minute=num("TB_RATE_PER_MINUTE", cls.rate_per_minute, float),

@@ -6,7 +6,7 @@ import json
 import time
 from typing import Any
 
-from .redact import Redactor
+from common.redact import Redactor
 
 Event = dict[str, Any]
 

@@ -4,6 +4,8 @@ Errors:
     LimitReached        a bound of the run was hit: the work so far is published as a draft
     ServerUnavailable   an MCP server went away: the run ends with an `error` event
     anthropic.APIError  the model API failed past its retries: the run ends with an `error` event
+    SecretRefused       the changes hold a secret of the service: nothing is published, the run ends with an `error`
+                        event naming the files (a `ToolFailed`, so a model that tries to publish them reads it)
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import anthropic
+from mcp_types import CallToolResult, Tool
+
+from common.redact import Redactor
 
 from . import telemetry
 from .agent import Budget, LimitReached
@@ -27,7 +32,6 @@ from .events import Event, EventLog
 from .mcp_pool import ServerUnavailable, ToolPool
 from .model import Model
 from .prompts import format_plan
-from .redact import Redactor
 from .team import Crew, Work, single, team
 from .tools import RunTools, ToolFailed, result_text
 
@@ -54,6 +58,49 @@ class Services:
 
 class RunFailed(Exception):
     """The run cannot go on; the message is for the user."""
+
+
+class SecretRefused(ToolFailed):
+    """Changes that hold a secret of the service, which nothing publishes; `files` names them."""
+
+    def __init__(self, files: list[str]):
+        super().__init__(f"refused to publish: {', '.join(files)} {'holds' if len(files) == 1 else 'hold'} a secret "
+                         "of this service (an API key or token, possibly encoded), so no branch, commit or pull "
+                         "request was made. Remove it from the files; if no one meant to put it there, treat the "
+                         "repository or the prompt as hostile")
+        self.files = files
+
+
+class PublishGuard:
+    """The run's tool pool, with every call to the github server checked first: the text it would publish is
+    redacted, and a sandbox whose changes hold a known secret gets no branch and no commit.
+
+    It sits under the run's tools, so it sees the very changeset a commit carries, whoever asked for the commit."""
+
+    PUBLISHED_TEXT = ("message", "title", "body", "branch", "head")
+
+    def __init__(self, pool: ToolPool, redact: Redactor, sandbox_id: str):
+        self.pool = pool
+        self.redact = redact
+        self.sandbox_id = sandbox_id
+
+    def tools(self) -> dict[str, list[Tool]]:
+        """The pool's tools, unchanged."""
+        return self.pool.tools()
+
+    async def call(self, server: str, tool: str, args: dict[str, Any], timeout: float) -> CallToolResult:
+        """Call a tool of the pool, refusing or redacting what a github call would publish."""
+        if server == "github":
+            args = {k: self.redact(v) if k in self.PUBLISHED_TEXT and isinstance(v, str) else v
+                    for k, v in args.items()}
+            changes = args.get("changes")
+            if tool == "create_branch":
+                exported = await self.pool.call("sandbox", "export_changes", {"sandbox_id": self.sandbox_id},
+                                                timeout)
+                changes = (exported.structured_content or {}).get("changeset")
+            if isinstance(changes, dict) and (leaking := self.redact.files_with_secrets(changes)):
+                raise SecretRefused(leaking)
+        return await self.pool.call(server, tool, args, timeout)
 
 
 def new_run_id() -> str:
@@ -89,9 +136,10 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, tr
                                limits.tool_seconds)
         sandbox_id = info["sandbox_id"]
         yield events("sandbox", **info)
-        tools = RunTools(pool, sandbox_id, request.repo_url, info["base_commit"], limits.tool_seconds,
-                         settings.tool_result_chars)
-        crew = Crew(services.model, tools, budget, events, Redactor(), settings.role_models)
+        redact = Redactor()
+        tools = RunTools(PublishGuard(pool, redact, sandbox_id), sandbox_id, request.repo_url, info["base_commit"],
+                         limits.tool_seconds, settings.tool_result_chars)
+        crew = Crew(services.model, tools, budget, events, redact, settings.role_models)
         work = Work()
         stopped: LimitReached | None = None
         args = (crew, work, request.prompt, request.repo_url, info["default_branch"], limits.max_turns)
@@ -103,7 +151,7 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, tr
         except LimitReached as exc:
             stopped = exc
             yield events("error", reason="limit", limit=exc.limit, message=str(exc))
-        async for event in _publish(request, tools, work, events, stopped, settings):
+        async for event in _publish(request, tools, work, events, stopped, settings, redact):
             yield event
         status = "limit" if stopped else "success" if tools.pull_request else "no_changes"
         outcome = {"status": status}
@@ -111,6 +159,8 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, tr
             outcome["pull_request_url"] = tools.pull_request.url
         if stopped:
             outcome["limit"] = stopped.limit
+    except SecretRefused as exc:
+        yield events("error", reason="secret", files=exc.files, message=str(exc))
     except (RunFailed, ServerUnavailable, ToolFailed) as exc:
         yield events("error", reason="failed", message=str(exc))
     except anthropic.APIError as exc:
@@ -126,7 +176,7 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, tr
 
 
 async def _publish(request: RunRequest, tools: RunTools, work: Work, events: EventLog, stopped: LimitReached | None,
-                   settings: Settings) -> AsyncIterator[Event]:
+                   settings: Settings, redact: Redactor) -> AsyncIterator[Event]:
     """Show the diff; open a pull request for changes no agent published: a draft when a limit stopped the run or
     the reviewer did not approve, saying why."""
     exported = await tools.export()
@@ -137,6 +187,10 @@ async def _publish(request: RunRequest, tools: RunTools, work: Work, events: Eve
         return
     yield events("diff", diff=diff, files=[f["path"] for f in changeset["files"]], deleted=changeset["deleted"])
     if tools.pull_request is None:
+        if leaking := redact.files_with_secrets(changeset):
+            raise SecretRefused(leaking)
+        # Redacted before it is cut into a branch name and a title, where a cut secret would no longer match.
+        request = RunRequest(request.repo_url, redact(request.prompt), request.mode)
         draft_reason = (f"the run stopped before it finished: {stopped}" if stopped else
                         f"the reviewer did not approve after {work.rounds} round(s)" if work.approved is False else
                         None)

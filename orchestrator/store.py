@@ -2,16 +2,20 @@
 
 SQLite in WAL mode, one file under the data directory. Calls run on the event loop: events arrive in batches (see
 runs.py), a commit in WAL mode with `synchronous=NORMAL` needs no fsync, and a lock held by another process is waited
-for at most half a second.
+for at most half a second. What is kept passes the redaction step first, and only the service's user can read it: the
+data directory is 0700 when the store creates it, the database and its -wal and -shm files 0600.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Protocol
+
+from common.redact import Redactor
 
 from .events import Event
 
@@ -42,10 +46,11 @@ class RunStore(Protocol):
 
 
 class SQLiteRunStore:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, redact: Redactor | None = None):
         self.path = path
+        self.redact = redact or Redactor()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _private(path)
             # A short lock wait: the store runs on the event loop, and a lock held elsewhere must not stall it long.
             self.db = sqlite3.connect(path, isolation_level=None, timeout=0.5)
             self.db.row_factory = sqlite3.Row
@@ -58,12 +63,13 @@ class SQLiteRunStore:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute("ROLLBACK")
         except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"cannot use the run store {path}: {exc}. Check that it is a writable SQLite file, "
-                             "or move it aside (runs history starts afresh), or set TB_DATA_DIR elsewhere") from None
+            raise StoreError(f"cannot use the run store {path}: {exc}. Check that it is a writable SQLite file "
+                             "owned by this user, or move it aside (runs history starts afresh), or set TB_DATA_DIR "
+                             "elsewhere") from None
 
     def create(self, run_id: str, repo: str, prompt: str, mode: str) -> None:
         self.db.execute("INSERT INTO runs (id, repo, prompt, mode, status, created) VALUES (?, ?, ?, ?, 'running', ?)",
-                        (run_id, repo, prompt, mode, time.time()))
+                        (run_id, self.redact(repo), self.redact(prompt), mode, time.time()))
 
     def append(self, *events: Event) -> None:
         """Keep events, in one transaction; those that change a run's record update it in the same one."""
@@ -73,6 +79,7 @@ class SQLiteRunStore:
                 self._append(event)
 
     def _append(self, event: Event) -> None:
+        event = self.redact.data(event)
         run_id = event["run_id"]
         self.db.execute("INSERT INTO events (run_id, seq, data) VALUES (?, ?, ?)",
                         (run_id, event["seq"], json.dumps(event, ensure_ascii=False)))
@@ -110,6 +117,18 @@ class SQLiteRunStore:
 
     def close(self) -> None:
         self.db.close()
+
+
+def _private(path: Path) -> None:
+    """Create the store's folder 0700 and its file 0600 (SQLite gives the -wal and -shm files the database's mode);
+    tighten the files a store made before that left readable."""
+    if not path.parent.exists():
+        path.parent.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if file.exists() and file.stat().st_mode & 0o077:
+            file.chmod(0o600)
 
 
 def _record(row: sqlite3.Row) -> dict[str, Any]:

@@ -11,11 +11,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.redact import Redactor
+
 from . import prompts, telemetry
 from .agent import AgentResult, Budget, LimitReached, run_agent
 from .events import Event, EventLog
 from .model import Model
-from .redact import Redactor
 from .roles import Role, RoleTools, single_role, team_roles
 from .tools import RunTools
 

@@ -25,7 +25,7 @@ from typing import Any
 from opentelemetry import context, metrics, trace
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, StatusCode, TraceFlags
 
-from .redact import Redactor
+from common.redact import Redactor
 
 SERVICE = "tiny-backspace"
 CONTENT_CHARS = 16_000  # the most of one prompt or tool output a span holds: its head and tail

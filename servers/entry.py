@@ -4,27 +4,28 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from mcp.server.mcpserver import MCPServer
+
+from common.redact import Redactor, redact_all_logs, secret_values
 
 from . import stdio, telemetry
 from .http import serve_http
 
 
-def serve_main(name: str, default_port: int, build: Callable[[], MCPServer],
-               log_filter: logging.Filter | None = None) -> None:
-    """Parse the arguments, set up logs and traces, and serve `build()` until the client or a signal ends it."""
+def serve_main(name: str, default_port: int, build: Callable[[], MCPServer], secrets: Sequence[str] = ()) -> None:
+    """Parse the arguments, set up logs and traces, and serve `build()` until the client or a signal ends it.
+    Every log line is redacted of the environment's secrets and of `secrets` (those read from elsewhere)."""
     parser = argparse.ArgumentParser(prog=f"python -m servers.{name}", description=f"The {name} MCP server.")
     parser.add_argument("--transport", choices=["stdio", "http"], default="stdio")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=default_port)
     args = parser.parse_args()
+    # At the records, not at our handler: uvicorn and other libraries log through handlers of their own.
+    redact_all_logs(Redactor([*secret_values(), *secrets]))
     # stdout belongs to the protocol on stdio: logs go to stderr.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if log_filter is not None:
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(log_filter)
     telemetry.setup(f"tiny-backspace-{name}")
     server = build()
     if args.transport == "stdio":

@@ -4,7 +4,6 @@ checks against DNS rebinding), and never anywhere else without a bearer token.""
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import os
 import sys
@@ -13,14 +12,7 @@ from typing import Any
 import uvicorn
 from mcp.server.mcpserver import MCPServer
 
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+from common.net import is_loopback
 
 
 class BearerAuth:

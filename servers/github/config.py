@@ -1,16 +1,11 @@
-"""Configuration read once from GITHUB_* variables, and the masking that keeps secrets out of output."""
+"""Configuration read once from GITHUB_* variables; its secrets never print (masking is common.redact's)."""
 
 from __future__ import annotations
 
-import logging
 import os
-import re
 from dataclasses import dataclass
 
 from .forge import check_branch_name
-
-# Token shapes GitHub issues (classic, OAuth, user-to-server, installation, refresh, fine-grained).
-_TOKEN_PATTERN = re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})")
 
 
 class Secret:
@@ -40,6 +35,7 @@ class Settings:
     app_private_key: Secret | None = None
     write_interval_s: float = 1.0
     max_rate_limit_wait_s: float = 0.0
+    allow_workflow_changes: bool = False
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -64,33 +60,11 @@ class Settings:
             app_private_key=Secret(key) if key else None,
             write_interval_s=float(env.get("GITHUB_WRITE_INTERVAL_S", cls.write_interval_s)),
             max_rate_limit_wait_s=float(env.get("GITHUB_MAX_RATE_LIMIT_WAIT_S", cls.max_rate_limit_wait_s)),
+            # Anything but an explicit yes, an unexpanded placeholder included, keeps workflows out of reach.
+            allow_workflow_changes=env.get("GITHUB_ALLOW_WORKFLOW_CHANGES", "").strip().lower() in ("1", "true", "yes"),
         )
 
     def secrets(self) -> list[str]:
         """Every secret value these settings hold, for redaction."""
         return [s.reveal() for s in (self.token, self.app_private_key) if s is not None]
 
-
-def redact(text: str, secrets: list[str]) -> str:
-    """`text` with every known secret and every token-shaped string masked."""
-    for value in secrets:
-        if value:
-            text = text.replace(value, "[redacted]")
-    return _TOKEN_PATTERN.sub("[redacted]", text)
-
-
-class RedactingFilter(logging.Filter):
-    """Masks secrets and token-shaped strings in every record a handler emits."""
-
-    def __init__(self, secrets: list[str]) -> None:
-        super().__init__()
-        self.secrets = secrets
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        record.msg, record.args = redact(text, self.secrets), None
-        if record.exc_text:
-            record.exc_text = redact(record.exc_text, self.secrets)
-        return True

@@ -13,8 +13,10 @@ from mcp_types import ToolAnnotations
 from opentelemetry import trace
 from pydantic import BaseModel, Field
 
+from common.redact import Redactor
+
 from .. import telemetry
-from .config import Settings, redact
+from .config import Settings
 from .forge import BranchRef, Changeset, CommitResult, Forge, ForgeError, Issue, PullRequest, RepositoryInfo
 from .local import LocalForge, local_path
 
@@ -37,6 +39,7 @@ class PullRequestList(BaseModel):
 def build_server(settings: Settings | None = None) -> MCPServer:
     """The github MCP server, configured by `settings` (read from the environment by default)."""
     settings = settings or Settings.from_env()
+    redact = Redactor(settings.secrets())
     clients = None
 
     def forge_for(repo: str) -> Forge:
@@ -44,7 +47,7 @@ def build_server(settings: Settings | None = None) -> MCPServer:
         path = local_path(repo.strip())
         trace.get_current_span().set_attribute("tb.forge", "local" if path is not None else "github")
         if path is not None:
-            return LocalForge(path, settings.branch_prefix)
+            return LocalForge(path, settings.branch_prefix, settings.allow_workflow_changes)
         # PyGithub loads only when a GitHub repository is asked for.
         from .clients import Clients, github_name
         from .remote import GitHubForge
@@ -62,17 +65,24 @@ def build_server(settings: Settings | None = None) -> MCPServer:
         @functools.wraps(fn)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             repo = kwargs.get("repo")
-            attributes = {"tb.repository": redact(repo, settings.secrets()) if isinstance(repo, str) else None,
+            attributes = {"tb.repository": redact(repo) if isinstance(repo, str) else None,
                           "tb.branch": kwargs.get("branch") or kwargs.get("head")}
             try:
                 with telemetry.span(f"forge.{fn.__name__}", attributes):
                     return await fn(*args, **kwargs)
             except ForgeError as exc:
-                raise ToolError(redact(str(exc), settings.secrets())) from None
+                raise ToolError(redact(str(exc))) from None
             except OSError as exc:
-                raise ToolError(redact(f"{fn.__name__} failed: {exc.strerror or exc}", settings.secrets())) from None
+                raise ToolError(redact(f"{fn.__name__} failed: {exc.strerror or exc}")) from None
 
         return wrapper
+
+    def refuse_own_secrets(leaking: list[str]) -> None:
+        """Whoever calls, this server publishes none of its own secrets, however encoded."""
+        if leaking:
+            raise ForgeError(f"refused: {', '.join(leaking)} {'holds' if len(leaking) == 1 else 'hold'} this "
+                             "server's GITHUB_TOKEN (or GitHub App key), possibly encoded; nothing was written. "
+                             "Remove it and try again")
 
     mcp = MCPServer(
         "github",
@@ -111,6 +121,8 @@ def build_server(settings: Settings | None = None) -> MCPServer:
         changes: Annotated[Changeset, Field(description="The changeset from the sandbox's export_changes.")],
     ) -> CommitResult:
         """Commit a changeset on a branch that is still at the changeset's base commit."""
+        leaking = redact.files_with_secrets(changes.model_dump())
+        refuse_own_secrets(leaking + ["the commit message"] if redact.holds_secret(message) else leaking)
         return await forge_for(repo).commit_changes(branch, message, changes)
 
     @mcp.tool(annotations=WRITES)
@@ -126,6 +138,7 @@ def build_server(settings: Settings | None = None) -> MCPServer:
         draft: Annotated[bool, Field(description="Open it as a draft.")] = False,
     ) -> PullRequest:
         """Open a pull request from a branch, or return the open one the branch already has."""
+        refuse_own_secrets(["the title or body"] if redact.holds_secret(f"{title}\n{body}") else [])
         return await forge_for(repo).open_pull_request(head, base, title, body, draft)
 
     @mcp.tool(annotations=READS)

@@ -134,7 +134,7 @@ async def post_code(url: str, body: Any, timeout: float = 90) -> tuple[int, Any,
     """POST /code and read the whole answer: (status, events or JSON error, raw text)."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
         data = body if isinstance(body, (str, bytes)) else json.dumps(body)
-        async with http.post(url + "/code", data=data) as resp:
+        async with http.post(url + "/code", data=data, headers={"Content-Type": "application/json"}) as resp:
             raw = await resp.text()
             if resp.content_type == "text/event-stream":
                 assert resp.headers["Cache-Control"] == "no-cache"

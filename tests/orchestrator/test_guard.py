@@ -9,7 +9,7 @@ import sys
 import aiohttp
 import pytest
 
-from orchestrator.redact import Redactor, StreamRedactor
+from common.redact import Redactor, StreamRedactor
 from tests.fakes.messages_api import text, tool_use, turn
 
 from .conftest import ROOT, post_code, stack

@@ -10,7 +10,8 @@ import subprocess
 
 import pytest
 
-from servers.github.config import RedactingFilter, Settings, redact
+from common.redact import RedactingFilter, Redactor
+from servers.github.config import Settings
 from servers.github.forge import Changeset, ForgeError, check_branch_name, check_writable_branch, decode_changeset
 
 TOKEN = "ghp_" + "k" * 36
@@ -95,10 +96,10 @@ def test_settings_read_the_environment_and_never_print_the_token() -> None:
 def test_redaction_masks_known_secrets_and_token_shapes_in_messages_and_logs() -> None:
     custom = "s3cr3t-value"
     text = f"{TOKEN} github_pat_{'x' * 30} {custom} ghs_{'y' * 36}"
-    assert redact(text, [custom]).count("[redacted]") == 4
+    assert Redactor([custom])(text).count("[redacted]") == 4
     out = io.StringIO()
     handler = logging.StreamHandler(out)
-    handler.addFilter(RedactingFilter([custom]))
+    handler.addFilter(RedactingFilter(Redactor([custom])))
     logger = logging.getLogger("tests.redaction")
     logger.addHandler(handler)
     try:

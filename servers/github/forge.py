@@ -16,9 +16,8 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, Field
 
-MAX_FILE_BYTES = 10 * 1024 * 1024
-MAX_TOTAL_BYTES = 50 * 1024 * 1024
-MAX_ENTRIES = 2000
+from common.changeset import MAX_CHANGESET_BYTES, MAX_ENTRIES, MAX_FILE_BYTES, Changeset
+
 MAX_MESSAGE_CHARS = 65_536
 _SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 
@@ -29,20 +28,6 @@ class ForgeError(Exception):
 
 class ForgeUnavailable(ForgeError):
     """The forge cannot be used as configured; the operator must fix the environment."""
-
-
-class ChangedFile(BaseModel):
-    path: str = Field(max_length=4096)
-    mode: Literal["100644", "100755", "120000"]
-    content_base64: str
-
-
-class Changeset(BaseModel):
-    """What the sandbox's export_changes returns: full new contents of changed files, and deleted paths."""
-
-    base_commit: str = Field(description="The commit the changes were made on.")
-    files: list[ChangedFile] = Field(default_factory=list)
-    deleted: list[str] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -207,8 +192,8 @@ def decode_changeset(changes: Changeset) -> DecodedChanges:
         if item.mode == "120000" and (not content or b"\x00" in content):
             raise ForgeError(f"symbolic link {path!r} needs a target: non-empty, with no NUL byte")
         total += len(content)
-        if total > MAX_TOTAL_BYTES:
-            raise ForgeError(f"the changeset holds more than {MAX_TOTAL_BYTES} bytes; split the change")
+        if total > MAX_CHANGESET_BYTES:
+            raise ForgeError(f"the changeset holds more than {MAX_CHANGESET_BYTES} bytes; split the change")
         files.append((path, item.mode, content))
     deleted = []
     for raw in changes.deleted:

@@ -7,9 +7,11 @@ Errors:
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Protocol
 
 from pydantic import BaseModel, Field
+
+from common.changeset import Changeset
 
 
 class SandboxError(Exception):
@@ -26,18 +28,6 @@ class ExecResult(BaseModel):
     stderr: str
     timed_out: bool = Field(description="True when the wall-clock timeout killed the command.")
     truncated: bool = Field(description="True when stdout or stderr was cut to its head and tail.")
-
-
-class ChangedFile(BaseModel):
-    path: str
-    mode: Literal["100644", "100755", "120000"]
-    content_base64: str
-
-
-class Changeset(BaseModel):
-    base_commit: str
-    files: list[ChangedFile]
-    deleted: list[str]
 
 
 class SandboxInfo(BaseModel):

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
+from common.changeset import MAX_CHANGESET_BYTES, ChangedFile, Changeset
+
 from . import files, listing, volume
-from .base import Changeset, ChangedFile, ExecResult, SandboxError, SandboxInfo
+from .base import ExecResult, SandboxError, SandboxInfo
 from .cgroup import Cgroup
 
 P = ParamSpec("P")
@@ -31,7 +33,6 @@ R = TypeVar("R")
 
 OUTPUT_CAP = 30_000
 EXPORT_CAP = 64 * 1024 * 1024
-MAX_CHANGESET_BYTES = 50 * 1024 * 1024
 DIFF_CAP = 200_000
 SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
 SANDBOX_ENV = {

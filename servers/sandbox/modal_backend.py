@@ -20,9 +20,11 @@ from collections.abc import AsyncIterable
 from pathlib import Path
 from typing import Any
 
+from common.changeset import MAX_CHANGESET_BYTES, Changeset
+
 from . import files, listing, remote_files
-from .base import BackendUnavailable, Changeset, ExecResult, SandboxError, SandboxInfo
-from .host import EXPORT_CAP, MAX_CHANGESET_BYTES, OUTPUT_CAP, SANDBOX_ENV, Limits, _capture, collect_changes, run_tool
+from .base import BackendUnavailable, ExecResult, SandboxError, SandboxInfo
+from .host import EXPORT_CAP, OUTPUT_CAP, SANDBOX_ENV, Limits, _capture, collect_changes, run_tool
 from .modal_setup import ModalSettings, ModalUnavailable, has_credentials, image, import_modal, why_unavailable
 
 log = logging.getLogger(__name__)

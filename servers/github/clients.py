@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import threading
 from typing import Any
 from urllib.parse import urlsplit
@@ -10,31 +9,27 @@ from urllib.parse import urlsplit
 from github import Auth, Github, GithubIntegration, GithubRetry
 from github.GithubException import UnknownObjectException
 
+from common import repos
+
 from .config import Settings
 from .forge import ForgeError, ForgeUnavailable
 
-_OWNER_NAME = re.compile(r"^([A-Za-z0-9](?:[A-Za-z0-9-]{0,38}))/([A-Za-z0-9._-]{1,100})$")
 NO_TOKEN = ("GITHUB_TOKEN is not set: export a token that can write contents and pull requests (or set "
             "GITHUB_APP_ID and GITHUB_APP_PRIVATE_KEY) to use GitHub repositories; local repositories need none")
 
 
 def github_name(repo: str, api_url: str) -> str | None:
     """`owner/name` for a GitHub repository given as owner/name or an https URL; None for other forms."""
-    repo = repo.strip()
-    if _OWNER_NAME.match(repo.removesuffix(".git")):
-        return repo.removesuffix(".git")
-    if not repo.startswith("https://"):
-        return None
-    parts = urlsplit(repo)
-    if parts.username or parts.password:
-        raise ForgeError("the repository URL carries credentials; give https://github.com/owner/name or owner/name")
     api_host = urlsplit(api_url).hostname or ""
-    hosts = {"github.com", "www.github.com"} if api_host == "api.github.com" else {api_host}
-    path = parts.path.strip("/").removesuffix(".git")
-    if parts.hostname not in hosts or not _OWNER_NAME.match(path):
-        raise ForgeError(f"{parts.hostname}{parts.path[:200]} is not a GitHub repository this server knows; "
-                         f"give owner/name or https://{sorted(hosts)[0]}/owner/name")
-    return path
+    hosts = ("github.com",) if api_host == "api.github.com" else (api_host,)
+    try:
+        ref = repos.parse(repo, hosts)
+    except repos.RepoError as exc:
+        raise ForgeError(str(exc)) from None
+    if ref.kind == "https":
+        raise ForgeError(f"{ref.url[:200]} is not a GitHub repository this server knows (its host is no GitHub "
+                         f"host); give owner/name or https://{hosts[0]}/owner/name")
+    return ref.full_name if ref.kind == "github" else None
 
 
 class Clients:

@@ -14,8 +14,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
+from common import repos
 from common.git import UnsafeRepository, check_self_contained, git_dirs, host_git_env, named_settings
 
 from .forge import (BranchRef, Changeset, CommitResult, ForgeError, Issue, PullRequest, RepositoryInfo,
@@ -29,12 +29,12 @@ AUTHOR = {"GIT_AUTHOR_NAME": "Tiny Backspace", "GIT_AUTHOR_EMAIL": "tiny-backspa
 
 def local_path(repo: str) -> Path | None:
     """The path `repo` names when it is an absolute path or a file:// URL; None for any other form."""
-    if repo.startswith("file://"):
-        parts = urlsplit(repo)
-        if parts.netloc not in ("", "localhost"):
-            raise ForgeError(f"{repo!r} names a file on another host; use a file:///absolute/path URL")
-        return Path(unquote(parts.path))
-    return Path(repo) if repo.startswith("/") else None
+    if not repo.strip().startswith(("/", "file://")):
+        return None
+    try:
+        return repos.parse(repo).path
+    except repos.RepoError as exc:
+        raise ForgeError(str(exc)) from None
 
 
 class LocalForge:

@@ -6,15 +6,14 @@ import asyncio
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
+from common import repos
 from common.git import UnsafeRepository, check_self_contained, git_dirs, host_git_env
 
 from .base import SandboxError
 
 CLONE_TIMEOUT_S = 300
 _REF = re.compile(r"^(?!-)(?!.*\.\.)[A-Za-z0-9._/@+-]{1,250}$")
-_OWNER_NAME = re.compile(r"^[A-Za-z0-9-]{1,39}/[A-Za-z0-9._-]{1,100}$")
 # Only the transports we mean to use, whatever a redirect, a submodule or the source's config asks for.
 GIT_ENV = host_git_env(protocols=("file", "https"))
 
@@ -27,29 +26,15 @@ class Cloned:
 
 def source_of(repo_url: str) -> tuple[str, bool]:
     """The clone source for `repo_url` and whether it is local; refuses forms we cannot clone safely."""
-    repo_url = repo_url.strip()
-    if not repo_url:
-        raise SandboxError("repo_url is empty: give an https URL, owner/name, a file:// URL or an absolute path")
-    if len(repo_url) > 2048:
-        raise SandboxError("repo_url is longer than 2048 characters")
-    if _OWNER_NAME.match(repo_url):
-        return f"https://github.com/{repo_url}.git", False
-    if repo_url.startswith("/") or repo_url.startswith("file://"):
-        path = Path(urlsplit(repo_url).path if repo_url.startswith("file://") else repo_url)
-        if not path.is_absolute():
-            raise SandboxError(f"{repo_url!r} is not an absolute path")
+    try:
+        ref = repos.parse(repo_url)
+    except repos.RepoError as exc:
+        raise SandboxError(str(exc)) from None
+    if ref.kind == "local":
+        path = ref.path
         if not (path / ".git").exists() and not (path / "HEAD").is_file():
             raise SandboxError(f"{str(path)!r} is not a git repository (no .git and not a bare repository)")
-        return str(path), True
-    parts = urlsplit(repo_url)
-    if parts.scheme != "https" or not parts.hostname:
-        raise SandboxError(
-            f"cannot clone {repo_url!r}: use an https:// URL, owner/name, a file:// URL or an absolute local path"
-        )
-    if parts.username or parts.password:
-        raise SandboxError("repo_url must not carry credentials; sandboxes clone public or locally reachable "
-                           "repositories")
-    return repo_url, False
+    return ref.clone_url, ref.kind == "local"
 
 
 def refuse_under(repo_url: str, root: Path) -> None:

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .forge import check_branch_name
+from common.settings import at_least, read, setting
+
+from .forge import ForgeError, check_branch_name
+
+
+def _url(value: str) -> str:
+    if not value.startswith(("https://", "http://")):
+        raise ValueError("expected an http(s) URL such as https://api.github.com")
+    return value.rstrip("/")
 
 
 class Secret:
@@ -24,45 +33,43 @@ class Secret:
     __str__ = __repr__
 
 
+def _private_key(value: str) -> Secret:
+    """A GitHub App key given as PEM text, or as the path of a PEM file."""
+    if not value.lstrip().startswith("-----BEGIN"):
+        try:
+            with open(value, encoding="ascii") as fh:
+                value = fh.read()
+        except (OSError, UnicodeDecodeError):
+            raise ValueError("expected PEM text (-----BEGIN …) or the path of a readable PEM file") from None
+    return Secret(value)
+
+
+def _prefix(value: str) -> str:
+    try:
+        check_branch_name(value.rstrip("/") or "x")
+    except ForgeError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Read once from GITHUB_* environment variables."""
 
-    token: Secret | None = None
-    api_url: str = "https://api.github.com"
-    branch_prefix: str = "tb/"
-    app_id: str | None = None
-    app_private_key: Secret | None = None
-    write_interval_s: float = 1.0
-    max_rate_limit_wait_s: float = 0.0
-    allow_workflow_changes: bool = False
+    token: Secret | None = setting("GITHUB_TOKEN", None, parse=Secret, repr=False)
+    api_url: str = setting("GITHUB_API_URL", "https://api.github.com", parse=_url)
+    branch_prefix: str = setting("GITHUB_BRANCH_PREFIX", "tb/", parse=_prefix)
+    app_id: str | None = setting("GITHUB_APP_ID", None)
+    app_private_key: Secret | None = setting("GITHUB_APP_PRIVATE_KEY", None, parse=_private_key, repr=False)
+    write_interval_s: float = setting("GITHUB_WRITE_INTERVAL_S", 1.0, check=at_least(0))
+    max_rate_limit_wait_s: float = setting("GITHUB_MAX_RATE_LIMIT_WAIT_S", 0.0, check=at_least(0))
+    # Anything but an explicit yes keeps workflows out of reach.
+    allow_workflow_changes: bool = setting("GITHUB_ALLOW_WORKFLOW_CHANGES", False)
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
-        env = dict(os.environ) if env is None else env
-        key = env.get("GITHUB_APP_PRIVATE_KEY") or None
-        if key and not key.lstrip().startswith("-----BEGIN") and os.path.isfile(key):
-            with open(key, encoding="ascii") as fh:
-                key = fh.read()
-        token = env.get("GITHUB_TOKEN", "")
-        if token.startswith("${"):  # a client that does not expand variables passed mcp.json's placeholder through
-            token = ""
-        prefix = env.get("GITHUB_BRANCH_PREFIX", cls.branch_prefix)
-        if prefix.startswith("${"):  # mcp.json's placeholder, from a client that does not expand variables
-            prefix = cls.branch_prefix
-        if prefix:
-            check_branch_name(prefix.rstrip("/") or "x")
-        return cls(
-            token=Secret(token) if token else None,
-            api_url=(env.get("GITHUB_API_URL") or cls.api_url).rstrip("/"),
-            branch_prefix=prefix,
-            app_id=env.get("GITHUB_APP_ID") or None,
-            app_private_key=Secret(key) if key else None,
-            write_interval_s=float(env.get("GITHUB_WRITE_INTERVAL_S", cls.write_interval_s)),
-            max_rate_limit_wait_s=float(env.get("GITHUB_MAX_RATE_LIMIT_WAIT_S", cls.max_rate_limit_wait_s)),
-            # Anything but an explicit yes, an unexpanded placeholder included, keeps workflows out of reach.
-            allow_workflow_changes=env.get("GITHUB_ALLOW_WORKFLOW_CHANGES", "").strip().lower() in ("1", "true", "yes"),
-        )
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """The settings of GITHUB_* variables; a `ConfigError` names every bad one."""
+        return read(cls, os.environ if env is None else env)
 
     def secrets(self) -> list[str]:
         """Every secret value these settings hold, for redaction."""

@@ -15,6 +15,8 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.settings import at_least, between, setting
+
 CONTROLLERS = ("pids", "memory", "cpu")
 GROUP = "tiny-backspace"
 # Joins the groups named by its first arguments, then becomes the command that follows them: the command and all it
@@ -26,9 +28,10 @@ JOIN = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift;
 class Budget:
     """What one sandbox may use, all its processes together."""
 
-    pids: int = 512
-    memory_mib: int = 4096
-    cpu_weight: int = 100  # relative to other sandboxes and to the server (100 is the kernel's default)
+    pids: int = setting("SANDBOX_PIDS_MAX", 512, check=at_least(16))
+    memory_mib: int = setting("SANDBOX_MEMORY_MIB", 4096, check=at_least(64))
+    # Relative to other sandboxes and to the server (100 is the kernel's default).
+    cpu_weight: int = setting("SANDBOX_CPU_WEIGHT", 100, check=between(1, 10000))
 
 
 def _mounts() -> dict[str, Path]:

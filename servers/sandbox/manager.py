@@ -12,8 +12,11 @@ import secrets
 import stat
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from common.settings import at_least, one_of, read, setting
 
 from .base import BackendUnavailable, Sandbox, SandboxError, SandboxInfo
 from .cgroup import Budget, Cgroup, Hierarchy
@@ -38,40 +41,27 @@ CHOICES = [*BACKENDS, "auto"]
 class Settings:
     """Read once from SANDBOX_* environment variables."""
 
-    backend: str = "auto"
-    root: Path = Path(tempfile.gettempdir()) / "tiny-backspace-sandboxes"
-    allow_unsafe: bool = False
-    uid_base: int = 200_000  # sandboxes run as uids in [uid_base, uid_base + uid_count) when the server is root
-    uid_count: int = 65536
-    idle_ttl_s: float = 1800
-    max_sandboxes: int = 32
-    max_calls: int = 4  # commands (exec, search, list_files, export) one sandbox runs at once; more wait their turn
+    backend: str = setting("SANDBOX_BACKEND", "auto", check=one_of(*CHOICES))
+    root: Path = setting("SANDBOX_ROOT", Path(tempfile.gettempdir()) / "tiny-backspace-sandboxes")
+    allow_unsafe: bool = setting("SANDBOX_ALLOW_UNSAFE", False)
+    # Sandboxes run as uids in [uid_base, uid_base + uid_count) when the server is root.
+    uid_base: int = setting("SANDBOX_UID_BASE", 200_000, check=at_least(1000))
+    uid_count: int = setting("SANDBOX_UID_COUNT", 65536, check=at_least(1))
+    idle_ttl_s: float = setting("SANDBOX_IDLE_TTL_S", 1800, check=at_least(1))
+    max_sandboxes: int = setting("SANDBOX_MAX", 32, check=at_least(1))
+    # Commands (exec, search, list_files, export) one sandbox runs at once; more wait their turn.
+    max_calls: int = setting("SANDBOX_MAX_CALLS", 4, check=at_least(1))
     limits: Limits = field(default_factory=Limits)
     budget: Budget = field(default_factory=Budget)
-    disk_mib: int = 4096  # each repository's own file system; 0 leaves it on the sandbox root's
+    # Each repository's own file system; 0 leaves it on the sandbox root's.
+    disk_mib: int = setting("SANDBOX_DISK_MIB", 4096, check=lambda v: None if v == 0 or v >= 16 else
+                            "must be 0 (no volume) or 16 or more")
     modal: ModalSettings = field(default_factory=ModalSettings)
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
-        env = os.environ if env is None else env
-        backend = env.get("SANDBOX_BACKEND") or "auto"
-        if backend not in CHOICES:
-            raise BackendUnavailable(f"SANDBOX_BACKEND={backend!r} is unknown; choose one of {', '.join(CHOICES)}")
-        return cls(
-            backend=backend,
-            allow_unsafe=env.get("SANDBOX_ALLOW_UNSAFE") == "1",
-            uid_base=int(env.get("SANDBOX_UID_BASE", cls.uid_base)),
-            uid_count=int(env.get("SANDBOX_UID_COUNT", cls.uid_count)),
-            root=Path(env.get("SANDBOX_ROOT") or cls.root),
-            idle_ttl_s=float(env.get("SANDBOX_IDLE_TTL_S", cls.idle_ttl_s)),
-            max_sandboxes=int(env.get("SANDBOX_MAX", cls.max_sandboxes)),
-            max_calls=int(env.get("SANDBOX_MAX_CALLS", cls.max_calls)),
-            disk_mib=int(env.get("SANDBOX_DISK_MIB", cls.disk_mib)),
-            budget=Budget(pids=int(env.get("SANDBOX_PIDS_MAX", Budget.pids)),
-                          memory_mib=int(env.get("SANDBOX_MEMORY_MIB", Budget.memory_mib)),
-                          cpu_weight=int(env.get("SANDBOX_CPU_WEIGHT", Budget.cpu_weight))),
-            modal=ModalSettings.from_env(env),
-        )
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """The settings of SANDBOX_* variables; a `ConfigError` names every bad one."""
+        return read(cls, os.environ if env is None else env)
 
 
 def _claim_uid(root: Path, base: int, count: int, holder: str) -> tuple[int, int] | None:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.settings import at_least, setting
+
 
 class ModalUnavailable(Exception):
     """Modal could not give us a sandbox; the message says why, for the operator and the run's `sandbox` event."""
@@ -19,25 +21,15 @@ class ModalUnavailable(Exception):
 class ModalSettings:
     """Read once from SANDBOX_MODAL_* environment variables."""
 
-    app_name: str = "tiny-backspace-sandboxes"
-    image: str | None = None  # a registry image or a Dockerfile path; Debian slim with git, ripgrep, Python if None
-    create_timeout_s: float = 120  # a first start also builds the image
-    ttl_s: int = 3600  # Modal ends a sandbox this long after its start, and the reaper ends what outlived it
-    idle_timeout_s: int = 1800
-    cpu: float = 1.0
-    memory_mib: int = 2048
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> ModalSettings:
-        return cls(
-            app_name=env.get("SANDBOX_MODAL_APP") or cls.app_name,
-            image=env.get("SANDBOX_MODAL_IMAGE") or None,
-            create_timeout_s=float(env.get("SANDBOX_MODAL_CREATE_TIMEOUT_S") or cls.create_timeout_s),
-            ttl_s=int(env.get("SANDBOX_MODAL_TTL_S") or cls.ttl_s),
-            idle_timeout_s=int(env.get("SANDBOX_MODAL_IDLE_TIMEOUT_S") or cls.idle_timeout_s),
-            cpu=float(env.get("SANDBOX_MODAL_CPU") or cls.cpu),
-            memory_mib=int(env.get("SANDBOX_MODAL_MEMORY_MIB") or cls.memory_mib),
-        )
+    app_name: str = setting("SANDBOX_MODAL_APP", "tiny-backspace-sandboxes")
+    # A registry image or a Dockerfile path; Debian slim with git, ripgrep and Python if None.
+    image: str | None = setting("SANDBOX_MODAL_IMAGE", None)
+    create_timeout_s: float = setting("SANDBOX_MODAL_CREATE_TIMEOUT_S", 120, check=at_least(1))  # a first start builds
+    # Modal ends a sandbox this long after its start, and the reaper ends what outlived it.
+    ttl_s: int = setting("SANDBOX_MODAL_TTL_S", 3600, check=at_least(60))
+    idle_timeout_s: int = setting("SANDBOX_MODAL_IDLE_TIMEOUT_S", 1800, check=at_least(60))
+    cpu: float = setting("SANDBOX_MODAL_CPU", 1.0, check=at_least(0.125))
+    memory_mib: int = setting("SANDBOX_MODAL_MEMORY_MIB", 2048, check=at_least(128))
 
 
 def has_credentials(env: Mapping[str, str] | None = None) -> bool:

@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from common.redact import RedactingFilter, Redactor
+from common.settings import ConfigError
 from servers.github.config import Settings
 from servers.github.forge import Changeset, ForgeError, check_branch_name, check_writable_branch, decode_changeset
 
@@ -89,8 +90,12 @@ def test_settings_read_the_environment_and_never_print_the_token() -> None:
     assert (settings.api_url, settings.branch_prefix) == ("https://ghe.example.com/api/v3", "bot/")
     assert TOKEN not in repr(settings) and TOKEN not in str(settings.token)
     assert settings.token is not None and settings.token.reveal() == TOKEN
-    with pytest.raises(ForgeError):
-        Settings.from_env({"GITHUB_BRANCH_PREFIX": "bad prefix/"})
+    with pytest.raises(ConfigError) as bad:
+        Settings.from_env({"GITHUB_BRANCH_PREFIX": "bad prefix/", "GITHUB_TOKEN": TOKEN, "GITHUB_WRITE_INTERVAL_S": "x",
+                           "GITHUB_APP_PRIVATE_KEY": "/nonexistent/key.pem"})
+    for name in ("GITHUB_BRANCH_PREFIX", "GITHUB_WRITE_INTERVAL_S", "GITHUB_APP_PRIVATE_KEY"):
+        assert name in str(bad.value)
+    assert "/nonexistent/key.pem" not in str(bad.value)  # a secret's value is never repeated
 
 
 def test_redaction_masks_known_secrets_and_token_shapes_in_messages_and_logs() -> None:

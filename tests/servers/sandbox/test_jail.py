@@ -199,9 +199,15 @@ async def test_missing_bubblewrap_and_the_unsafe_backend_are_refused_clearly(san
         assert "apt-get install bubblewrap" in await call_error(c, "create_sandbox", repo_url=str(repo))
 
 
-def test_an_unknown_backend_name_is_refused_at_start_up():
-    with pytest.raises(Exception, match="SANDBOX_BACKEND='docker' is unknown"):
-        Settings.from_env({"SANDBOX_BACKEND": "docker"})
+def test_every_bad_setting_is_named_in_one_line_at_start_up():
+    bad = {"SANDBOX_BACKEND": "docker", "SANDBOX_MAX": "abc", "SANDBOX_MEMORY_MIB": "-1", "SANDBOX_ALLOW_UNSAFE": "maybe"}
+    out = subprocess.run([sys.executable, "-m", "servers.sandbox"], cwd=ROOT, env=server_env(**bad),
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    (line,) = [ln for ln in out.stderr.splitlines() if "cannot start" in ln]
+    for name in bad:
+        assert name in line
+    assert "one of local, process, modal, auto" in line and "expected a whole number" in line
 
 
 def test_the_server_module_starts_and_lists_its_help():

@@ -19,6 +19,15 @@ GIT_ENV = {"GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1", "GIT_AU
            "GIT_COMMITTER_EMAIL": "test@example.com"}
 
 
+def remove_sandbox_root(root: Path) -> None:
+    """Remove a test's sandbox root as the next server on it would: what its servers left (a server a test killed
+    leaves volumes mounted and control groups behind) is reaped first."""
+    from servers.sandbox.manager import SandboxManager, Settings
+
+    asyncio.run(SandboxManager(Settings(backend="local", root=root)).reap_orphans())
+    subprocess.run(["rm", "-rf", "--one-file-system", "--", str(root)], check=False)
+
+
 def unique_marker() -> str:
     """A number to tag a test's processes with, so that tests running at the same time never see each other's."""
     return str(secrets.randbelow(9 * 10**8) + 10**8)

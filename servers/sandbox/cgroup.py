@@ -19,6 +19,7 @@ from common.settings import at_least, between, setting
 
 CONTROLLERS = ("pids", "memory", "cpu")
 GROUP = "tiny-backspace"
+TCP_BYTES = 64 * 1024 * 1024
 # Joins the groups named by its first arguments, then becomes the command that follows them: the command and all it
 # starts are in the sandbox's budget from their first instruction, with no window for a fork outside it.
 JOIN = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n - 1)); done; exec "$@"'
@@ -109,6 +110,10 @@ class Hierarchy:
                 if (dirs["memory"] / "memory.memsw.limit_in_bytes").exists():  # no swap beyond the memory budget
                     _write(dirs["memory"] / "memory.memsw.limit_in_bytes", memory)
                 _write(dirs["cpu"] / "cpu.shares", str(max(2, budget.cpu_weight * 1024 // 100)))
+                # v1 leaves socket buffers out of the memory budget unless asked: a jail's own loopback could queue
+                # gigabytes of the host's memory in TCP buffers.
+                if (dirs["memory"] / "memory.kmem.tcp.limit_in_bytes").exists():
+                    _write(dirs["memory"] / "memory.kmem.tcp.limit_in_bytes", str(min(TCP_BYTES, int(memory))))
             else:
                 folder = dirs["unified"]
                 _write(folder / "pids.max", str(budget.pids))

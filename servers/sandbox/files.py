@@ -95,19 +95,33 @@ def normalize(path: str, *, allow_root: bool = False) -> str:
 
 
 def _why_refused(root_fd: int, rel: str) -> str:
-    """Which component of `rel` is a link or not a directory, for a message the caller can act on."""
-    parts = rel.split("/")
-    for i in range(1, len(parts) + 1):
-        shown = "/".join(parts[:i])
-        try:
-            st = os.stat(shown, dir_fd=root_fd, follow_symlinks=False)
-        except OSError:
-            break
-        if stat.S_ISLNK(st.st_mode):
-            target = os.readlink(shown, dir_fd=root_fd)
-            return f"{shown!r} is a symbolic link (to {target!r}); file tools do not follow links: use the real path"
-        if i < len(parts) and not stat.S_ISDIR(st.st_mode):
-            return f"{shown!r} is not a directory"
+    """Which component of `rel` is a link or not a directory, for a message the caller can act on.
+
+    Walked one component at a time from descriptors, never by path: a link in the middle, swapped in since the
+    open that failed, must not lead even this look elsewhere.
+    """
+    fd = os.dup(root_fd)
+    try:
+        parts = rel.split("/")
+        for i, name in enumerate(parts):
+            shown = "/".join(parts[:i + 1])
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISLNK(st.st_mode):
+                    target = os.readlink(name, dir_fd=fd)
+                    return (f"{shown!r} is a symbolic link (to {target!r}); file tools do not follow links: use the "
+                            "real path")
+                if i == len(parts) - 1:
+                    break
+                if not stat.S_ISDIR(st.st_mode):
+                    return f"{shown!r} is not a directory"
+                nxt = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError:
+                break
+            os.close(fd)
+            fd = nxt
+    finally:
+        os.close(fd)
     return f"{rel!r} could not be opened without leaving the repository"
 
 
@@ -181,8 +195,13 @@ def _open_file(root: Path, rel: str, flags: int, mode: int = 0o644) -> int:
             raise
 
 
-def read_bytes(root: Path, rel: str, limit: int = MAX_READ_BYTES) -> bytes:
-    """The content of a regular file, refusing links, special files and files over `limit` bytes."""
+class Larger(Exception):
+    """The file is over the size its caller would read here; read it where waiting costs no one else."""
+
+
+def read_bytes(root: Path, rel: str, limit: int = MAX_READ_BYTES, here_max: int | None = None) -> bytes:
+    """The content of a regular file, refusing links, special files and files over `limit` bytes; `Larger` when
+    it is over `here_max`."""
     fd = _open_file(root, rel, os.O_RDONLY | os.O_NONBLOCK)
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
@@ -190,6 +209,8 @@ def read_bytes(root: Path, rel: str, limit: int = MAX_READ_BYTES) -> bytes:
             raise SandboxError(f"{rel!r} is a directory; use list_files to see what it holds")
         if not stat.S_ISREG(st.st_mode):
             raise SandboxError(f"{rel!r} is not a regular file")
+        if here_max is not None and st.st_size > here_max:
+            raise Larger(rel)
         if st.st_size > limit:
             raise SandboxError(
                 f"{rel!r} is {st.st_size / 1_048_576:.1f} MB, over the {limit // 1_048_576} MB limit: "
@@ -218,17 +239,28 @@ def read_changed(root: Path, changed: list[tuple[str, str]], limit: int) -> list
     return out
 
 
-def read_text(root: Path, rel: str, offset: int, limit: int) -> str:
-    """Lines `offset`.. of a text file, numbered from 1, with a note when more remain."""
+def _lines(text: str, keepends: bool = False) -> list[str]:
+    """`text` cut at each "\n" and nowhere else, as ripgrep, sed and git number lines; `str.splitlines()` also cuts
+    at "\r", form feeds, U+0085 and U+2028, which would shift every later line number against theirs."""
+    lines = text.split("\n")
+    tail = lines.pop()  # after the last "\n": a last line that lacks one, or nothing
+    if keepends:
+        lines = [line + "\n" for line in lines]
+    return lines + [tail] if tail else lines
+
+
+def read_text(root: Path, rel: str, offset: int, limit: int, here_max: int | None = None) -> str:
+    """Lines `offset`.. of a text file, numbered from 1, with a note when more remain; `Larger` when the file is over
+    `here_max` bytes."""
     if offset < 1:
         raise SandboxError("offset is the first line to read, counted from 1")
     if not 1 <= limit <= MAX_READ_LINES:
         raise SandboxError(f"limit must be between 1 and {MAX_READ_LINES} lines; read a long file in pages")
     rel = normalize(rel)
-    data = read_bytes(root, rel)
+    data = read_bytes(root, rel, here_max=here_max)
     if b"\x00" in data[:8192]:
         raise SandboxError(f"{rel!r} looks binary; inspect it with exec (file, xxd | head) instead")
-    lines = data.decode("utf-8", errors="replace").splitlines()
+    lines = _lines(data.decode("utf-8", errors="replace"))
     if not lines:
         return f"({rel} is empty)"
     if offset > len(lines):
@@ -318,7 +350,7 @@ def edit_text(root: Path, rel: str, old_text: str, new_text: str, replace_all: b
     after = before.replace(old_text, new_text) if replace_all else before.replace(old_text, new_text, 1)
     write_bytes(root, rel, _encode(after))
     diff = "".join(difflib.unified_diff(
-        before.splitlines(keepends=True), after.splitlines(keepends=True), f"a/{rel}", f"b/{rel}", n=2))
+        _lines(before, keepends=True), _lines(after, keepends=True), f"a/{rel}", f"b/{rel}", n=2))
     if len(diff) > 4000:
         diff = diff[:4000] + "\n… [diff cut]"
     return f"replaced {count if replace_all else 1} occurrence(s) in {rel}\n{diff}"

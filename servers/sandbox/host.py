@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import os
 import re
+import secrets
 import shutil
 import signal
 from collections.abc import Awaitable, Callable, Iterator
@@ -32,8 +33,9 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 OUTPUT_CAP = 30_000
-EXPORT_CAP = 64 * 1024 * 1024
+LISTING_CAP = 16 * 1024 * 1024  # `git diff --raw` of the most entries a changeset may hold, at their longest
 DIFF_CAP = 200_000
+INLINE_READ_BYTES = 64 * 1024
 SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
 SANDBOX_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -193,9 +195,9 @@ class HostSandbox:
         join = self.cgroup.join_argv() if self.cgroup else []
         return [*join, SETPRIV, *ids, "--pdeathsig", "SIGKILL", "--"]
 
-    def jail_argv(self, script: str, cwd: str, read_only: bool = False) -> tuple[list[str], str | None]:
-        """The argv that runs the shell `script` in `cwd` (relative to the repository), and the host cwd to start it
-        in."""
+    def jail_argv(self, script_fd: int, cwd: str, read_only: bool = False) -> tuple[list[str], str | None]:
+        """The argv that runs the shell script in the descriptor `script_fd` in `cwd` (relative to the
+        repository), and the host cwd to start it in."""
         raise NotImplementedError
 
     async def run(self, command: str, timeout_s: float, workdir: str = ".", cap: int = OUTPUT_CAP,
@@ -217,11 +219,17 @@ class HostSandbox:
 
     async def _run(self, command: str, timeout_s: float, cwd: str, cap: int, read_only: bool) -> ExecResult:
         script = self.limits.shell_prefix(address_space=self.cgroup is None) + command
-        argv, host_cwd = self.jail_argv(script, cwd, read_only)
-        argv = self.spawn_prefix() + argv
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=self.env, cwd=host_cwd, start_new_session=True)
+        # The script travels in a memory file, not in argv, where every local user could read it in /proc.
+        script_fd = os.memfd_create("tb-command", os.MFD_CLOEXEC)
+        try:
+            os.pwrite(script_fd, script.encode("utf-8", "replace"), 0)  # read from offset 0
+            argv, host_cwd = self.jail_argv(script_fd, cwd, read_only)
+            proc = await asyncio.create_subprocess_exec(
+                *self.spawn_prefix(), *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env=self.env, cwd=host_cwd, start_new_session=True,
+                pass_fds=(script_fd,))
+        finally:
+            os.close(script_fd)
         self._groups.add(proc.pid)
         if self._destroyed:  # destroyed while we were starting it
             self._kill_group(proc.pid)
@@ -274,9 +282,12 @@ class HostSandbox:
 
     async def read_file(self, path: str, offset: int, limit: int) -> str:
         self._check_alive()
-        # Inline: a read is capped at a few MB and never blocks on a special file, and a thread hop would cost more
-        # than the read of a typical source file.
-        return self._as_owner(files.read_text, self.repo, path, offset, limit)
+        # A typical source file is read inline, where a thread hop would cost more than the read; a larger one on
+        # the sandbox's own thread, so that no sandbox holds the event loop that every sandbox shares.
+        try:
+            return self._as_owner(files.read_text, self.repo, path, offset, limit, INLINE_READ_BYTES)
+        except files.Larger:
+            return await self._in_thread(files.read_text, self.repo, path, offset, limit)
 
     async def write_file(self, path: str, content: str) -> int:
         return await self._in_thread(files.write_text, self.repo, path, content)
@@ -293,7 +304,7 @@ class HostSandbox:
     async def export_changes(self) -> tuple[Changeset, str]:
         """Everything that differs from the base commit: untracked files included, ignored ones not."""
         return await collect_changes(
-            self.info.base_commit, lambda script: self.run(script, 120, ".", EXPORT_CAP),
+            self.info.base_commit, lambda script, cap: self.run(script, 120, ".", cap),
             lambda changed: self._in_thread(files.read_changed, self.repo, changed, MAX_CHANGESET_BYTES))
 
     async def destroy(self) -> None:
@@ -317,17 +328,22 @@ class HostSandbox:
         await remove_tree(self.home)
 
 
-async def collect_changes(base: str, run: Callable[[str], Awaitable[ExecResult]],
+async def collect_changes(base: str, run: Callable[[str, int], Awaitable[ExecResult]],
                           read_changed: Callable[[list[tuple[str, str]]], Awaitable[list[bytes]]]
                           ) -> tuple[Changeset, str]:
-    """The changeset and diff against `base`, with git run by `run` where the repository lives (never on the host:
-    git executes what the sandbox's `.git/config` names) and contents read by `read_changed`."""
-    # A throwaway index, so the sandbox's own staging area is left as the agent left it.
-    git = "GIT_INDEX_FILE=.git/tb-export-index git -c core.hooksPath=/dev/null -c core.fsmonitor=false"
+    """The changeset and diff against `base`, with git run by `run(script, output cap)` where the repository lives
+    (never on the host: git executes what the sandbox's `.git/config` names) and contents read by `read_changed`."""
+    # A throwaway index of its own per call, so the sandbox's staging area is left as the agent left it and two
+    # exports at once do not fight over one lock.
+    index = f".git/tb-export-{secrets.token_hex(6)}"
+    git = f"GIT_INDEX_FILE={index} git -c core.hooksPath=/dev/null -c core.fsmonitor=false"
     listed = await run(f"set -e; {git} read-tree {base}; {git} add -A .; "
-                       f"{git} diff --cached --raw -z --no-renames --abbrev=40 {base}")
-    shown = await run(f"{git} diff --cached --no-renames --no-color --no-ext-diff --no-textconv {base}; "
-                      "rm -f .git/tb-export-index")
+                       f"{git} diff --cached --raw -z --no-renames --abbrev=40 {base}", LISTING_CAP)
+    # --text: an attribute such as `-diff` must not hide, as "Binary files differ", what the changeset commits.
+    # The diff is cut in the sandbox, so a huge one never reaches the server's memory whole.
+    shown = await run(f"{git} diff --cached --no-renames --no-color --no-ext-diff --no-textconv --text {base} "
+                      f"| head -c {DIFF_CAP * 4}; code=${{PIPESTATUS[0]}}; rm -f {index}; "
+                      "[ $code = 0 ] || [ $code = 141 ]", DIFF_CAP * 4 + 4096)
     for result in (listed, shown):
         if result.exit_code != 0 or result.truncated:
             raise SandboxError(f"could not compute the changes: {result.stderr.strip()[-1000:]}")
@@ -339,7 +355,7 @@ async def collect_changes(base: str, run: Callable[[str], Awaitable[ExecResult]]
            for (path, mode), data in zip(changed, contents)]
     diff = shown.stdout
     if len(diff) > DIFF_CAP:
-        diff = diff[:DIFF_CAP] + f"\n… [diff cut: {len(diff) - DIFF_CAP} more characters]\n"
+        diff = diff[:DIFF_CAP] + f"\n… [diff cut at {DIFF_CAP} characters; the changeset holds every file whole]\n"
     return Changeset(base_commit=base, files=out, deleted=deleted), diff
 
 

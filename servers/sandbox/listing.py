@@ -6,6 +6,7 @@ Each backend passes its own way of running a script; the output comes from the s
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Awaitable, Callable
 
@@ -20,6 +21,8 @@ OUTPUT_CAP = (MAX_LISTED + 1) * 4200
 RG = ["rg", "--no-config", "--hidden", "--glob", "!.git", "--no-ignore-parent", "--no-ignore-global",
       "--color", "never", "--no-messages", "--null"]
 NO_RG = 127
+NL, ESCAPED_NL = "\n", "\\n"
+RECORD = re.compile(r"([^\0]*)\0([0-9]+):([^\n]*)\n")
 
 Run = Callable[[str, float, str, int], Awaitable[ExecResult]]  # (script, timeout_s, workdir, output cap)
 
@@ -68,11 +71,9 @@ async def search(run: Run, pattern: str, path: str, glob: str | None) -> tuple[l
         rel, out = await _rg(run, path, args, f"head -n {MAX_MATCHES + 1}", "search")
     except SandboxError as exc:
         raise SandboxError(str(exc).replace("search failed", "invalid search", 1)) from None
-    matches = []
-    for line in out.splitlines()[:MAX_MATCHES + 1]:
-        name, sep, rest = line.partition("\0")
-        num, colon, text = rest.partition(":")
-        if not sep or not colon or not num.isdigit():
-            continue  # a partial last line, cut by the output cap
-        matches.append(f"{_shown(rel, name)}:{num}: {text[:MAX_LINE_CHARS]}")
+    # Records are `path NUL number : text LF`, read in order: a path may hold a line feed (never a NUL), and the
+    # text may hold any other line break, which `str.splitlines` would cut at. A line feed in a path is shown
+    # escaped, so that no match reads as another file's.
+    matches = [f"{_shown(rel, name).replace(NL, ESCAPED_NL)}:{num}: {text[:MAX_LINE_CHARS]}"
+               for name, num, text in RECORD.findall(out)]
     return matches[:MAX_MATCHES], len(matches) > MAX_MATCHES

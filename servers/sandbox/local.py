@@ -12,6 +12,7 @@ from .host import SANDBOX_ENV, HostSandbox
 WORKDIR = "/workspace"
 TMPFS_BYTES = str(1024**3)  # each scratch tmpfs; memory-backed, so bounded (and charged to the sandbox's cgroup)
 SHM_BYTES = str(256 * 1024**2)
+COMMAND = "/run/tb-command"
 
 
 def _system_binds() -> list[str]:
@@ -40,7 +41,7 @@ class BwrapSandbox(HostSandbox):
                 "together with SANDBOX_ALLOW_UNSAFE=1 to run commands without isolation"
             )
 
-    def jail_argv(self, script: str, cwd: str, read_only: bool = False) -> tuple[list[str], str | None]:
+    def jail_argv(self, script_fd: int, cwd: str, read_only: bool = False) -> tuple[list[str], str | None]:
         inside = WORKDIR if cwd == "." else f"{WORKDIR}/{cwd}"
         bwrap = [
             shutil.which("bwrap") or "bwrap",
@@ -58,5 +59,6 @@ class BwrapSandbox(HostSandbox):
         ]
         for key, value in SANDBOX_ENV.items():
             bwrap += ["--setenv", key, value]
-        bwrap += ["--chdir", inside, "--", "bash", "-c", script]
+        # bubblewrap copies the script into a read-only file of the jail and closes the descriptor.
+        bwrap += ["--ro-bind-data", str(script_fd), COMMAND, "--chdir", inside, "--", "bash", COMMAND]
         return bwrap, None

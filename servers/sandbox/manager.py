@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import grp
 import importlib
 import logging
 import os
+import pwd
 import secrets
 import stat
 import tempfile
@@ -16,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.settings import at_least, one_of, read, setting
+from common.settings import ConfigError, at_least, between, one_of, read, setting
 
 from .base import BackendUnavailable, Sandbox, SandboxError, SandboxInfo
 from .cgroup import Budget, Cgroup, Hierarchy
@@ -42,10 +44,13 @@ class Settings:
     """Read once from SANDBOX_* environment variables."""
 
     backend: str = setting("SANDBOX_BACKEND", "auto", check=one_of(*CHOICES))
-    root: Path = setting("SANDBOX_ROOT", Path(tempfile.gettempdir()) / "tiny-backspace-sandboxes")
+    # As root, not in a world-writable folder where another user could take the name first.
+    root: Path = setting("SANDBOX_ROOT", Path("/var/lib/tiny-backspace/sandboxes") if os.geteuid() == 0 else
+                         Path(tempfile.gettempdir()) / "tiny-backspace-sandboxes")
     allow_unsafe: bool = setting("SANDBOX_ALLOW_UNSAFE", False)
-    # Sandboxes run as uids in [uid_base, uid_base + uid_count) when the server is root.
-    uid_base: int = setting("SANDBOX_UID_BASE", 200_000, check=at_least(1000))
+    # Sandboxes run as uids in [uid_base, uid_base + uid_count) when the server is root: by default above the
+    # ranges useradd hands out for rootless containers (/etc/subuid) and systemd's for containers, below 2^31.
+    uid_base: int = setting("SANDBOX_UID_BASE", 2_000_000_000, check=between(1000, 2**32 - 2**17))
     uid_count: int = setting("SANDBOX_UID_COUNT", 65536, check=at_least(1))
     idle_ttl_s: float = setting("SANDBOX_IDLE_TTL_S", 1800, check=at_least(1))
     max_sandboxes: int = setting("SANDBOX_MAX", 32, check=at_least(1))
@@ -54,7 +59,7 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     budget: Budget = field(default_factory=Budget)
     # Each repository's own file system; 0 leaves it on the sandbox root's.
-    disk_mib: int = setting("SANDBOX_DISK_MIB", 4096, check=lambda v: None if v == 0 or v >= 16 else
+    disk_mib: int = setting("SANDBOX_DISK_MIB", 2048, check=lambda v: None if v == 0 or v >= 16 else
                             "must be 0 (no volume) or 16 or more")
     modal: ModalSettings = field(default_factory=ModalSettings)
 
@@ -62,6 +67,29 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """The settings of SANDBOX_* variables; a `ConfigError` names every bad one."""
         return read(cls, os.environ if env is None else env)
+
+
+def taken_ids(base: int, count: int) -> str | None:
+    """Who else uses ids in [base, base + count): a user, a group, or a sub-id range of /etc/subuid or /etc/subgid
+    (rootless containers run as those); None when nobody does."""
+    end = base + count
+    for entry in pwd.getpwall():
+        if base <= entry.pw_uid < end:
+            return f"user {entry.pw_name} has uid {entry.pw_uid}"
+    for group in grp.getgrall():
+        if base <= group.gr_gid < end:
+            return f"group {group.gr_name} has gid {group.gr_gid}"
+    for table in ("/etc/subuid", "/etc/subgid"):
+        try:
+            lines = Path(table).read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            name, _, rest = line.partition(":")
+            first, _, size = rest.partition(":")
+            if first.isdigit() and size.isdigit() and int(first) < end and base < int(first) + int(size):
+                return f"{table} gives {name} ids {first}-{int(first) + int(size) - 1}"
+    return None
 
 
 def _claim_uid(root: Path, base: int, count: int, holder: str) -> tuple[int, int] | None:
@@ -146,6 +174,10 @@ class SandboxManager:
             log.warning("no control group per sandbox (%s): limits hold per command, not per sandbox",
                         self._hierarchy)
         self._owners: dict[str, tuple[int, int]] = {}
+        if os.geteuid() == 0 and (clash := taken_ids(settings.uid_base, settings.uid_count)):
+            # Another user's processes under a sandbox's uid could read its files and signal its commands.
+            raise ConfigError(f"SANDBOX_UID_BASE={settings.uid_base} and SANDBOX_UID_COUNT={settings.uid_count} "
+                              f"overlap ids in use ({clash}): choose a range nobody uses")
         # Why repositories get no volume of their own; None while volumes work (or are not yet tried).
         self._no_volume: str | None = "SANDBOX_DISK_MIB=0" if settings.disk_mib <= 0 else volume.unavailable()
         self._volumes_worked = False
@@ -215,6 +247,8 @@ class SandboxManager:
             return home
         try:
             point = await volume.make(home, self.settings.disk_mib)
+        except volume.NoRoom:
+            raise
         except SandboxError as exc:
             if self._volumes_worked:
                 raise SandboxError(f"could not make the sandbox's volume ({exc}); try again, or set "

@@ -32,7 +32,7 @@ class ProcessSandbox(HostSandbox):
         scratch = str(self.home / "tmp")
         return SANDBOX_ENV | {"HOME": scratch, "TMPDIR": scratch}
 
-    def jail_argv(self, script: str, cwd: str, read_only: bool = False) -> tuple[list[str], str | None]:
+    def jail_argv(self, script_fd: int, cwd: str, read_only: bool = False) -> tuple[list[str], str | None]:
         if read_only:
             raise SandboxError("read-only commands need the bubblewrap backend (SANDBOX_BACKEND=local)")
-        return [shutil.which("bash") or "/bin/bash", "-c", script], str(self.repo / cwd)
+        return [shutil.which("bash") or "/bin/bash", f"/dev/fd/{script_fd}"], str(self.repo / cwd)

@@ -1,14 +1,21 @@
-"""A file system of its own for each sandbox's repository: an ext4 image, sparse, mounted through a loop device, so
-the kernel caps the disk a sandbox can fill however many commands write at once.
+"""A file system of its own for each sandbox's repository, so the kernel caps the disk a sandbox can fill however
+many commands write at once.
 
-Needs root, `mkfs.ext4` and loop devices; `unavailable` says why not where they are missing, and the repository
-then sits on the sandbox root's own file system with only the per-file size limit (the README says so).
+On a disk: an ext4 image with its whole size reserved (`fallocate`), loop-mounted, so a sandbox can never take
+space that another sandbox or the host was counting on; a create that does not fit fails up front. With the sandbox
+root on a tmpfs: a tmpfs of that size, whose pages count against the memory budget of whoever writes them, the
+sandbox's cgroup for everything the sandbox writes. Needs root (and for images `mkfs.ext4` and loop devices);
+`unavailable` says why not where they are missing, and the repository then sits on the sandbox root's own file
+system with only the per-file size limit (the README says so).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -19,6 +26,13 @@ from .base import SandboxError
 MKFS = ["-q", "-F", "-O", "^has_journal,^resize_inode", "-G", "64", "-i", "16384", "-m", "0",
         "-E", "lazy_itable_init=1,nodiscard"]
 TIMEOUT_S = 60
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+class NoRoom(SandboxError):
+    """The volume does not fit where sandboxes live; another create may, once a sandbox is gone."""
 
 
 def unavailable() -> str | None:
@@ -48,28 +62,66 @@ async def _tool(*argv: str) -> None:
 
 
 async def make(home: Path, size_mib: int) -> Path:
-    """A fresh file system of `size_mib` mounted at `home`/volume, its image beside it; the mount point."""
-    image, point = home / "volume.img", home / "volume"
+    """A fresh file system of `size_mib` mounted at `home`/volume; the mount point."""
+    point = home / "volume"
+    point.mkdir(mode=0o711)
+    if fs_type(home) == "tmpfs":
+        await _tool("mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0711,nosuid,nodev", "tmpfs", str(point))
+        return point
+    image = home / "volume.img"
     with open(image, "wb") as f:
         os.fchmod(f.fileno(), 0o600)
-        f.truncate(size_mib * 1024 * 1024)
+        _reserve(f.fileno(), size_mib * 1024 * 1024, home)
     await _tool("mkfs.ext4", *MKFS, str(image))
-    point.mkdir(mode=0o711)
     # nosuid and nodev: nothing the sandbox plants in its volume is a way up or a device.
     await _tool("mount", "-o", "loop,nosuid,nodev,noatime", str(image), str(point))
     point.chmod(0o711)
     return point
 
 
-def mounts_under(path: Path) -> list[str]:
-    """Mount points at or below `path`, deepest first."""
-    prefix = str(path).rstrip("/") + "/"
+def _reserve(fd: int, size: int, where: Path) -> None:
+    """Give the image all its blocks now (without writing them), so that its sandbox never finds the disk full
+    because others filled it; a file system without fallocate gets a sparse image and a check of its free space."""
+    if _libc.fallocate(fd, 0, 0, size) == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+        if err in (errno.ENOSPC, errno.EFBIG):
+            free = os.statvfs(where)
+            raise NoRoom(f"no room for a {size >> 20} MiB volume under {where.parent.parent} ("
+                         f"{free.f_bavail * free.f_frsize >> 20} MiB free): destroy sandboxes, free disk space, or "
+                         "lower SANDBOX_DISK_MIB")
+        raise OSError(err, os.strerror(err), str(where))
+    free = os.statvfs(where)
+    if free.f_bavail * free.f_frsize < size:
+        raise NoRoom(f"no room for a {size >> 20} MiB volume under {where.parent.parent}: free disk space, or lower "
+                     "SANDBOX_DISK_MIB")
+    os.ftruncate(fd, size)
+
+
+def _mountinfo() -> list[tuple[str, str]]:
+    """(mount point, file system type) of every mount, in the order the kernel lists them."""
     found = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
-            point = line.split()[4].replace("\\040", " ")
-            if point == str(path) or point.startswith(prefix):
-                found.append(point)
+            left, _, right = line.partition(" - ")
+            found.append((_ESCAPE.sub(lambda m: chr(int(m[1], 8)), left.split()[4]), right.split()[0]))
+    return found
+
+
+def fs_type(path: Path) -> str:
+    """The type of the file system `path` is on."""
+    best, kind = "", ""
+    for point, fstype in _mountinfo():
+        if (str(path) == point or str(path).startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, kind = point, fstype
+    return kind
+
+
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below `path`, deepest first."""
+    prefix = str(path).rstrip("/") + "/"
+    found = [point for point, _ in _mountinfo() if point == str(path) or point.startswith(prefix)]
     return sorted(found, key=len, reverse=True)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from orchestrator.model import AnthropicModel
 from orchestrator.run import Services
 from orchestrator.runs import RunManager
 from orchestrator.store import SQLiteRunStore
+from tests.conftest import remove_sandbox_root
 from tests.fakes.messages_api import MessagesAPI, messages_api
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,7 +51,7 @@ def sandbox_root() -> Path:
     root = Path(tempfile.mkdtemp(prefix="tb-test-orchestrator-"))
     root.chmod(0o711)
     yield root
-    shutil.rmtree(root, ignore_errors=True)
+    remove_sandbox_root(root)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from mcp import Client, StdioServerParameters
 from servers.sandbox.manager import Settings
 from servers.sandbox.modal_setup import has_credentials
 from servers.sandbox.server import build_server
-from tests.conftest import held_client
+from tests.conftest import held_client, remove_sandbox_root
 
 ROOT = Path(__file__).resolve().parents[3]
 # Planted in every server's environment; no sandbox may ever see them.
@@ -48,7 +47,7 @@ def sandbox_root() -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="tb-test-sandboxes-"))
     root.chmod(0o711)
     yield root
-    shutil.rmtree(root, ignore_errors=True)
+    remove_sandbox_root(root)
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +76,7 @@ def http_server_url() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-        shutil.rmtree(root, ignore_errors=True)
+        remove_sandbox_root(root)
 
 
 def proc_wait(proc: subprocess.Popen, seconds: float) -> None:

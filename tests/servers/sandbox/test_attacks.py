@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -16,7 +17,9 @@ from pathlib import Path
 import anyio
 import pytest
 
+from common.settings import ConfigError
 from servers.sandbox import volume
+from servers.sandbox.base import SandboxError
 from servers.sandbox.cgroup import Budget, Hierarchy
 from servers.sandbox.manager import SandboxManager, Settings
 from servers.sandbox.server import build_server
@@ -179,8 +182,21 @@ async def test_a_memory_file_system_cannot_outgrow_its_cap(sandbox_root, make_re
     assert "Read-only file system" in lines[-1]
 
 
+@pytest.fixture(params=["disk", "tmpfs"])
+def any_root(request, sandbox_root) -> Iterator[Path]:
+    """A sandbox root on this machine's disk, or on a tmpfs."""
+    if request.param == "disk":
+        yield sandbox_root
+        return
+    root = Path(tempfile.mkdtemp(prefix="tb-test-sandboxes-", dir="/dev/shm"))
+    root.chmod(0o711)
+    yield root
+    subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=False)
+
+
 @needs_volumes
-async def test_commands_writing_at_once_cannot_fill_the_hosts_disk(sandbox_root, make_repo):
+async def test_commands_writing_at_once_cannot_fill_the_hosts_disk(any_root, make_repo):
+    sandbox_root = any_root
     async with await jailed_client(sandbox_root, disk_mib=64) as c:
         sid = await sandbox(c, make_repo())
         (home,) = sandbox_dirs(sandbox_root)
@@ -188,11 +204,24 @@ async def test_commands_writing_at_once_cannot_fill_the_hosts_disk(sandbox_root,
             outs = await asyncio.gather(*(sh(c, sid, f"dd if=/dev/zero of=fill{i} bs=1M count=40 2>&1", timeout_s=60)
                                           for i in range(3)))
         assert any("No space left on device" in o["stdout"] for o in outs)  # 120 MB did not fit in 64
-        assert (home / "volume.img").stat().st_blocks * 512 <= 64 * 1024 * 1024
+        if (home / "volume.img").exists():  # on disk: reserved whole, never more (but an extent tree block or two)
+            assert (home / "volume.img").stat().st_blocks * 512 <= 65 * 1024 * 1024
         await sh(c, sid, "rm fill*")
         assert (await call(c, "write_file", sandbox_id=sid, path="after.txt", content="room again"))
         assert "after.txt" in (await call(c, "export_changes", sandbox_id=sid))["diff"]
     assert volume.mounts_under(sandbox_root) == []
+
+
+@needs_volumes
+async def test_a_volume_that_does_not_fit_on_the_disk_is_refused_up_front(sandbox_root, make_repo):
+    manager = SandboxManager(Settings(backend="local", root=sandbox_root, disk_mib=1 << 30))  # a petabyte
+    try:
+        with pytest.raises(SandboxError, match="no room for a .* MiB volume .* SANDBOX_DISK_MIB"):
+            await manager.create(str(make_repo()), None)
+        assert sandbox_dirs(sandbox_root) == [] and volume.mounts_under(sandbox_root) == []
+        assert list(sandbox_root.glob("uid-*")) == []
+    finally:
+        await manager.destroy_all()
 
 
 @needs_root
@@ -282,3 +311,80 @@ async def test_a_command_waits_for_a_free_slot_and_says_so_when_none_comes(sandb
         finally:
             long.cancel()
             await asyncio.gather(long, return_exceptions=True)
+
+
+async def test_a_link_to_proc_swapped_in_mid_path_tells_nothing_of_the_host(sandbox_root, make_repo):
+    repo = make_repo({"d/cwd/x": "x\n", "swap.py": SWAP})
+    async with await jailed_client(sandbox_root) as c:
+        sid = await sandbox(c, repo)
+        swapping = asyncio.create_task(sh(c, sid, "python3 swap.py /proc/self 3", timeout_s=30))
+        answers: list[str] = []
+        with anyio.fail_after(60):
+            while not swapping.done():
+                result = await c.call_tool("read_file", {"sandbox_id": sid, "path": "d/cwd/x"})
+                answers.append(result.content[0].text if result.content else "")
+        await swapping
+    host_paths = {os.getcwd(), str(Path(__file__).parents[3]), str(sandbox_root)}
+    assert not [a for a in answers if any(p in a for p in host_paths)]
+
+
+async def test_no_other_local_user_can_read_a_running_command(sandbox_root, make_repo):
+    marker = unique_marker()
+    async with await jailed_client(sandbox_root) as c:
+        sid = await sandbox(c, make_repo())
+        running = asyncio.create_task(sh(c, sid, f": private-{marker}; sleep 2; echo done", timeout_s=30))
+        seen = []
+        with anyio.fail_after(20):
+            while not running.done():
+                seen += [p for p in host_processes(f"private-{marker}")]
+                await asyncio.sleep(0.01)
+        assert (await running)["stdout"] == "done\n"
+    assert seen == []  # a command line in /proc is readable by every local user
+
+
+async def test_a_file_name_cannot_pass_its_matches_off_as_another_files(sandbox_root, make_repo):
+    async with await jailed_client(sandbox_root) as c:
+        sid = await sandbox(c, make_repo({"src/app.py": "def main(): pass\n"}))
+        await sh(c, sid, "d=\"$(printf 'x\\nsrc')\"; mkdir \"$d\"; printf 'api_key = load()\\n' > \"$d/app.py\"; "
+                         "printf 'one\\xe2\\x80\\xa8two api_key\\n' > b.txt")
+        found = (await call(c, "search", sandbox_id=sid, pattern="api_key"))["matches"]
+    assert sorted(found) == ["b.txt:1: one\u2028two api_key", "x\\nsrc/app.py:1: api_key = load()"]
+
+
+async def test_exports_at_once_all_succeed_and_show_what_an_attribute_would_hide(sandbox_root, make_repo):
+    async with await jailed_client(sandbox_root) as c:
+        sid = await sandbox(c, make_repo({"app.py": "print('hi')\n"}))
+        await sh(c, sid, "echo 'app.py -diff' >> .git/info/attributes; echo 'import os; os.system(\"evil\")' >> app.py")
+        with anyio.fail_after(60):
+            exports = await asyncio.gather(*(call(c, "export_changes", sandbox_id=sid) for _ in range(4)))
+    for export in exports:
+        assert "+import os; os.system(\"evil\")" in export["diff"] and "Binary files" not in export["diff"]
+
+
+@needs_cgroups
+async def test_socket_buffers_count_in_the_memory_budget(sandbox_root, make_repo):
+    fill = ("import socket\n"
+            "server = socket.socket(); server.bind(('127.0.0.1', 0)); server.listen(100)\n"
+            "held, total = [], 0\n"
+            "for _ in range(60):\n"
+            "    a = socket.create_connection(server.getsockname()); b, _ = server.accept()\n"
+            "    a.setblocking(False); held += [a, b]\n"
+            "    while True:\n"
+            "        try:\n"
+            "            total += a.send(b'x' * 65536)\n"
+            "        except (BlockingIOError, OSError):\n"
+            "            break\n"
+            "print(total >> 20)\n")
+    async with await jailed_client(sandbox_root) as c:
+        sid = await sandbox(c, make_repo({"fill.py": fill}))
+        with anyio.fail_after(120):
+            out = await sh(c, sid, "python3 fill.py", timeout_s=100)
+    queued = int(out["stdout"].split()[-1]) if out["stdout"].strip() else 0
+    assert queued <= 80  # MiB; unbounded, 60 loopback connections queue several hundred
+
+
+@needs_root
+def test_a_uid_range_that_other_users_hold_is_refused_at_start_up(sandbox_root):
+    nobody = pwd.getpwnam("nobody").pw_uid
+    with pytest.raises(ConfigError, match=r"SANDBOX_UID_BASE=.* overlap ids in use \(user nobody"):
+        SandboxManager(Settings(backend="local", root=sandbox_root, uid_base=nobody - 10, uid_count=100))

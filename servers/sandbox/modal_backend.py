@@ -24,7 +24,7 @@ from common.changeset import MAX_CHANGESET_BYTES, Changeset
 
 from . import files, listing, remote_files
 from .base import BackendUnavailable, ExecResult, SandboxError, SandboxInfo
-from .host import EXPORT_CAP, OUTPUT_CAP, SANDBOX_ENV, Limits, _capture, collect_changes, run_tool
+from .host import OUTPUT_CAP, SANDBOX_ENV, Limits, _capture, collect_changes, run_tool
 from .modal_setup import ModalSettings, ModalUnavailable, has_credentials, image, import_modal, why_unavailable
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ class ModalSandbox:
             return [base64.b64decode(e) for e in encoded]
 
         return await collect_changes(self.info.base_commit,
-                                     lambda script: self._run(script, 120, self.root, False, EXPORT_CAP), read_changed)
+                                     lambda script, cap: self._run(script, 120, self.root, False, cap), read_changed)
 
     async def destroy(self) -> None:
         if not self._destroyed:

@@ -12,7 +12,14 @@ from typing import Any
 import uvicorn
 from mcp.server.mcpserver import MCPServer
 
+from common.changeset import MAX_CHANGESET_BYTES, MAX_ENTRIES
 from common.net import is_loopback
+
+# The largest request either server must take is a commit_changes of the largest changeset the forges accept:
+# its content in base64 (4/3 of it, plus padding per file), and each entry's path JSON-escaped at its worst
+# (4096 characters of 6 bytes each) with its keys; 1 MiB holds the commit message and the envelope. The SDK's
+# 4 MiB default refused a 3 MB file. A sandbox write_file (8 MB of text, escaped) fits under it too.
+MAX_REQUEST_BYTES = 4 * (MAX_CHANGESET_BYTES // 3 + MAX_ENTRIES) + MAX_ENTRIES * (6 * 4096 + 100) + 2**20
 
 
 class BearerAuth:
@@ -41,7 +48,7 @@ def serve_http(server: MCPServer, host: str, port: int) -> None:
     if token is None and not is_loopback(host):
         sys.exit(f"refusing to serve MCP on {host} without authentication: set MCP_AUTH_TOKEN to a long random "
                  "secret (clients send it as `Authorization: Bearer <token>`), or listen on 127.0.0.1")
-    app: Any = server.streamable_http_app(host=host)
+    app: Any = server.streamable_http_app(host=host, max_request_body_size=MAX_REQUEST_BYTES)
     if token:
         app = BearerAuth(app, token)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from common.redact import Redactor
 
 from .. import telemetry
+from ..toolserver import ToolServer
 from .config import Settings
 from .forge import BranchRef, Changeset, CommitResult, Forge, ForgeError, Issue, PullRequest, RepositoryInfo
 from .local import LocalForge, local_path
@@ -84,7 +85,7 @@ def build_server(settings: Settings | None = None) -> MCPServer:
                              "server's GITHUB_TOKEN (or GitHub App key), possibly encoded; nothing was written. "
                              "Remove it and try again")
 
-    mcp = MCPServer(
+    mcp = ToolServer(
         "github",
         instructions=(
             "Branches, commits and pull requests on GitHub or a local git repository. Publish a change with "

@@ -14,6 +14,7 @@ from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
 
 from .. import telemetry
+from ..toolserver import ToolServer
 from .base import Changeset, ExecResult, SandboxError, SandboxInfo
 from .files import MAX_READ_LINES
 from .manager import SandboxManager, Settings
@@ -83,7 +84,7 @@ def build_server(settings: Settings | None = None) -> MCPServer:
             reaper.cancel()
             await manager.destroy_all()
 
-    mcp = MCPServer(
+    mcp = ToolServer(
         "sandbox",
         instructions=(
             "Isolated copies of git repositories. Call create_sandbox first; pass its sandbox_id to every other "
@@ -133,7 +134,8 @@ def build_server(settings: Settings | None = None) -> MCPServer:
                                  "tb.exec.truncated": result.truncated})
         return result
 
-    @mcp.tool(annotations=READ_ONLY)
+    # Text tools answer text alone: clients show structured content as JSON, escapes and all.
+    @mcp.tool(annotations=READ_ONLY, structured_output=False)
     @_tool_errors
     async def read_file(
         sandbox_id: SandboxId,
@@ -155,7 +157,7 @@ def build_server(settings: Settings | None = None) -> MCPServer:
         written = await manager.get(sandbox_id).write_file(path, content)
         return Written(path=path, bytes_written=written)
 
-    @mcp.tool(annotations=WRITES)
+    @mcp.tool(annotations=WRITES, structured_output=False)
     @_tool_errors
     async def edit_file(
         sandbox_id: SandboxId,

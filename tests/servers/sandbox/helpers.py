@@ -8,14 +8,11 @@ from mcp import Client
 
 
 async def call(client: Client, tool: str, **arguments: Any) -> Any:
-    """The structured result of a tool call that must succeed (a bare string for text tools)."""
+    """The structured result of a tool call that must succeed; for a text tool (no structured result), its text."""
     result = await client.call_tool(tool, arguments)
     text = result.content[0].text if result.content else ""
     assert not result.is_error, f"{tool} failed: {text}"
-    data = result.structured_content
-    if isinstance(data, dict) and set(data) == {"result"}:
-        return data["result"]
-    return data
+    return text if result.structured_content is None else result.structured_content
 
 
 async def call_error(client: Client, tool: str, **arguments: Any) -> str:

@@ -27,7 +27,9 @@ async def test_tools_are_listed_with_schemas_and_read_only_hints(sandbox_client)
         assert tools[name].annotations.read_only_hint is True, name
     for name in ("exec", "write_file", "edit_file", "destroy_sandbox"):
         assert tools[name].annotations.read_only_hint is False, name
-    assert all(t.description and t.output_schema for t in tools.values())
+    assert all(t.description for t in tools.values())
+    # Text tools answer text alone; every other tool describes its result.
+    assert {n for n, t in tools.items() if not t.output_schema} == {"read_file", "edit_file"}
     assert tools["exec"].input_schema["properties"]["timeout_s"]["maximum"] == 600
 
 

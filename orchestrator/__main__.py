@@ -1,18 +1,27 @@
 """`python -m orchestrator --host 127.0.0.1 --port 8002 --mcp-config mcp.json` serves;
-`python -m orchestrator run --repo URL_OR_PATH "instruction"` is the command line client (`cli.py`)."""
+`python -m orchestrator run --repo URL_OR_PATH "instruction"` is the command line client (`cli.py`).
+
+Without --mcp-config both use ~/.config/tiny-backspace/mcp.json when it exists, else the project's own mcp.json (beside
+this package in a source checkout), whatever the current folder. A failure the operator can fix at start-up (a bad
+variable, a port in use, an unusable mcp.json, run store or trajectory) is one line on stderr saying what to do, and
+exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
+import shutil
 import signal
+import socket
 import sys
 from pathlib import Path
 
-import anthropic
 from aiohttp import web
+from mcp import StdioServerParameters
 
 from common.net import is_loopback
 from common.redact import RedactingFilter, Redactor
@@ -22,12 +31,21 @@ from .app import WILDCARDS, build_app
 from .config import Settings
 from .connections import listen
 from .mcp_pool import ConfigError, ToolPool, load_config
+from .replay import TrajectoryError, is_replay
+from .replay import load as load_replay
 from .runs import RunManager
 from .store import SQLiteRunStore, StoreError
-from .model import AnthropicModel
+from .model import AnthropicModel, anthropic_client
 from .run import Services
 
 log = logging.getLogger("orchestrator")
+
+
+class StartupError(Exception):
+    """The service or the command line cannot start; the message says what to do."""
+
+
+STARTUP_ERRORS = (StartupError, ConfigError, StoreError, TrajectoryError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,23 +53,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      epilog="python -m orchestrator run --help: run one job from the terminal")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8002)
-    parser.add_argument("--mcp-config", type=Path, default=Path("mcp.json"))
+    parser.add_argument("--mcp-config", type=Path, default=None,
+                        help="the MCP servers (default: ~/.config/tiny-backspace/mcp.json if present, else the "
+                             "project's mcp.json)")
     return parser.parse_args(argv)
 
 
-def build_services(settings: Settings, mcp_config: Path) -> Services:
+def find_mcp_config() -> Path:
+    """The mcp.json to use when none is named: the user's own when present, else the project's. Never one in the
+    current folder: that is the user's repository, whose mcp.json (if any) is not ours."""
+    user = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "tiny-backspace" / "mcp.json"
+    project = Path(__file__).resolve().parent.parent / "mcp.json"
+    for path in (user, project):
+        if path.is_file():
+            return path
+    raise ConfigError(f"no mcp.json at {user} or {project}: pass --mcp-config PATH, or copy the project's mcp.json "
+                      f"to {user} with absolute commands")
+
+
+def settings_from_env() -> Settings:
+    """The settings, or a `StartupError` naming the variable whose value cannot be used."""
+    try:
+        return Settings.from_env()
+    except (SystemExit, ValueError) as exc:  # a bad TB_* value
+        raise StartupError(f"{exc}: correct it, or unset it for the default") from None
+
+
+def build_services(settings: Settings, mcp_config: Path | None = None) -> Services:
     """The MCP tool pool (not yet started) and the model, as every run shares them."""
-    pool = ToolPool(load_config(mcp_config))
-    # Built with the SDK's defaults: ANTHROPIC_API_KEY and ANTHROPIC_BASE_URL work as everywhere else.
-    if os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN"):
-        client = anthropic.AsyncAnthropic()
-    else:
-        log.warning("ANTHROPIC_API_KEY is not set: runs will fail until it is set (or until ANTHROPIC_BASE_URL "
-                    "points at a compatible server that needs no key)")
-        client = anthropic.AsyncAnthropic(api_key="")
+    path = mcp_config or find_mcp_config()
+    specs = load_config(path)
+    for spec in specs:
+        # Found now rather than after START_SECONDS of a server that cannot start.
+        if isinstance(spec.target, StdioServerParameters) and shutil.which(spec.target.command) is None:
+            raise ConfigError(f"{path} starts the {spec.name} server with {spec.target.command}, which is not "
+                              "there: run ./tb serve once in the project (it makes .venv), or correct the command")
+    pool = ToolPool(specs)
+    if is_replay(settings.model):
+        return Services(settings, pool, load_replay(settings.model))
+    client, problem = anthropic_client()
+    if problem:
+        log.warning("runs are refused until a model is usable: %s", problem)
     model = AnthropicModel(client, settings.model, settings.limits.max_output_tokens,
                            settings.limits.overloaded_retries, settings.limits.overloaded_backoff_s)
-    return Services(settings, pool, model)
+    return Services(settings, pool, model, model_problem=problem)
 
 
 def setup_logging() -> None:
@@ -61,13 +106,42 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse at once a port this service cannot listen on: before the MCP servers start, and before the runs of
+    another service still listening there are taken for runs it left interrupted."""
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen on {host!r} ({exc.strerror}): pass --host with an address of this "
+                           "machine, like 127.0.0.1") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listener will
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise StartupError(listen_problem(host, port, exc)) from None
+
+
+def listen_problem(host: str, port: int, exc: OSError) -> str:
+    """What to do when the service cannot listen on host:port."""
+    if exc.errno == errno.EADDRINUSE:
+        return (f"port {port} on {host or 'every address'} is in use, perhaps by another ./tb serve: stop that one, "
+                "or pass --port with a free port")
+    return f"cannot listen on {host}:{port} ({exc.strerror or exc}): pass a --host and --port this machine allows"
+
+
 async def serve(args: argparse.Namespace) -> None:
-    settings = Settings.from_env()
+    settings = settings_from_env()
     if not is_loopback(args.host) and not settings.api_token:
-        sys.exit(f"refusing to listen on {args.host} without authentication: set TB_API_TOKEN to a long random "
-                 "secret (e.g. `openssl rand -hex 32`) and send it as `Authorization: Bearer <token>`, or listen "
-                 "on 127.0.0.1")
-    services = build_services(settings, args.mcp_config)
+        raise StartupError(f"refusing to listen on {args.host} without authentication: set TB_API_TOKEN to a long "
+                           "random secret (e.g. `openssl rand -hex 32`) and send it as `Authorization: Bearer "
+                           "<token>`, or listen on 127.0.0.1")
+    check_port(args.host, args.port)
+    mcp_config = args.mcp_config or find_mcp_config()
+    services = build_services(settings, mcp_config)
     pool = services.pool
     store = SQLiteRunStore(settings.data_dir / "runs.sqlite3")
     await pool.start()
@@ -83,9 +157,13 @@ async def serve(args: argparse.Namespace) -> None:
     app = build_app(runs, args.host, on_cleanup=close, shutdown_grace_s=settings.shutdown_grace_s)
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
-    listener = await listen(runner, args.host, args.port)
-    log.info("listening on http://%s:%d (model %s, MCP servers: %s)", args.host, args.port, settings.model,
-             ", ".join(pool.connections))
+    try:
+        listener = await listen(runner, args.host, args.port)
+    except OSError as exc:  # taken since check_port
+        await runner.cleanup()
+        raise StartupError(listen_problem(args.host, args.port, exc)) from None
+    log.info("listening on http://%s:%d (model %s, MCP servers: %s, from %s)", args.host, args.port,
+             services.model.name, ", ".join(pool.connections), mcp_config)
     if args.host in WILDCARDS and not settings.allowed_hosts:
         log.warning("listening on every address, but answering only to localhost, 127.0.0.1 and [::1]: set "
                     "TB_ALLOWED_HOSTS to the names clients use to reach this machine")
@@ -110,10 +188,16 @@ def main(argv: list[str] | None = None) -> None:
     telemetry.setup()
     try:
         asyncio.run(serve(args))
-    except ConfigError as exc:
-        sys.exit(f"mcp.json: {exc}")
-    except StoreError as exc:
-        sys.exit(str(exc))
+    except STARTUP_ERRORS as exc:
+        sys.exit(startup_failed(exc))
+    except KeyboardInterrupt:  # before the service was up to stop gracefully
+        sys.exit(130)
+
+
+def startup_failed(exc: Exception) -> int:
+    """Say what went wrong in one line on stderr; the exit code for it."""
+    print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

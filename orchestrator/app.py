@@ -1,4 +1,4 @@
-"""HTTP and Server-Sent Events only: `POST /code` streams a run, `GET /health` reports the MCP servers."""
+"""HTTP and Server-Sent Events only: `POST /code` streams a run, `GET /health` reports the model and the MCP servers."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from common.redact import Redactor
 from .events import PING, sse
 from .connections import CONNECTIONS, Connections, connection_limit
 from .guard import Admission, TokenBucket, auth_middleware, browser_checks, client_key
+from .replay import trajectory
 from .run import RunRequest, Services
 from .runs import RunManager
 
@@ -33,6 +34,12 @@ ADMISSION = web.AppKey("admission", Admission)
 MAX_BODY = 256 * 1024
 WILDCARDS = {"", "0.0.0.0", "::"}  # listening on every address names none a client would send as Host
 PAGE = Path(__file__).parent / "web" / "index.html"
+FIELDS = ("repoUrl", "prompt", "mode", "on_disconnect")  # what POST /code accepts; anything else is refused
+# C0 and C1 controls and DEL: text that git, terminals and pull requests refuse or act on. Newline, tab and carriage
+# return are text.
+CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+C0_NAMES = ("NUL SOH STX ETX EOT ENQ ACK BEL BS HT LF VT FF CR SO SI DLE DC1 DC2 DC3 DC4 NAK SYN ETB CAN EM SUB ESC FS "
+            "GS RS US").split()
 
 
 def bad_request(message: str, status: int = 400) -> web.Response:
@@ -49,6 +56,9 @@ def validate(body: Any, services: Services, loopback: bool) -> RunRequest | web.
     """The run a request asks for, or the 4xx response that says what is wrong with it."""
     if not isinstance(body, dict):
         return bad_request('the body must be a JSON object: {"repoUrl": "...", "prompt": "..."}')
+    if unknown := sorted(str(name)[:60] for name in body if name not in FIELDS):
+        return bad_request(f"unknown field{'s' if len(unknown) > 1 else ''}: {', '.join(unknown[:10])}"
+                           f"{', …' if len(unknown) > 10 else ''}; the accepted fields are {', '.join(FIELDS)}")
     repo, prompt = body.get("repoUrl"), body.get("prompt")
     if not isinstance(repo, str) or not repo.strip():
         return bad_request("repoUrl must be a non-empty string: a GitHub repository URL or a local repository path")
@@ -58,9 +68,14 @@ def validate(body: Any, services: Services, loopback: bool) -> RunRequest | web.
     if len(prompt) > limit:
         return bad_request(f"prompt is {len(prompt)} characters, over the limit of {limit} (TB_MAX_PROMPT_CHARS)",
                            413)
+    for name, value in (("repoUrl", repo), ("prompt", prompt)):
+        if refused := _control_character(name, value):
+            return refused
     mode = body.get("mode", "team")
     if mode not in ("team", "single"):
         return bad_request('mode must be "team" (planner, coder, reviewer) or "single" (one agent)')
+    if body.get("on_disconnect", "continue") not in ("continue", "cancel"):
+        return bad_request('on_disconnect must be "continue" (the run goes on) or "cancel"')
     repo = repo.strip()
     if OWNER_NAME.match(repo):
         return RunRequest(repo_url=repo, prompt=prompt, mode=mode)
@@ -77,6 +92,18 @@ def validate(body: Any, services: Services, loopback: bool) -> RunRequest | web.
     if not (local / ".git").exists() and not (local / "HEAD").is_file():
         return bad_request(f"{local} is not a git repository")
     return RunRequest(repo_url=str(local), prompt=prompt, mode=mode)
+
+
+def _control_character(name: str, value: str) -> web.Response | None:
+    """The 400 for the first control character in a field, naming it and where it is; None when there is none."""
+    found = CONTROL.search(value)
+    if found is None:
+        return None
+    code = ord(found[0])
+    label = C0_NAMES[code] if code < len(C0_NAMES) else "DEL" if code == 0x7F else None
+    shown = f"U+{code:04X}" + (f" ({label})" if label else "")
+    return bad_request(f"{name} holds the control character {shown} at offset {found.start()} (counting from 0): "
+                       "remove it; of the control characters only newline, tab and carriage return are accepted")
 
 
 def _remote(repo: str, prompt: str, mode: str, hosts: tuple[str, ...]) -> RunRequest | web.Response:
@@ -105,6 +132,8 @@ def _local_path(repo: str) -> Path | None:
 
 async def post_code(request: web.Request) -> web.StreamResponse:
     runs = request.app[RUNS]
+    if runs.services.model_problem:
+        return bad_request(runs.services.model_problem, 503)
     if request.content_length is not None and request.content_length > MAX_BODY:
         return bad_request(f"the body is over {MAX_BODY} bytes", 413)
     timeout = runs.services.settings.client_timeout_s
@@ -124,8 +153,6 @@ async def post_code(request: web.Request) -> web.StreamResponse:
     if isinstance(run, web.Response):
         return run
     on_disconnect = body.get("on_disconnect", "continue")
-    if on_disconnect not in ("continue", "cancel"):
-        return bad_request('on_disconnect must be "continue" (the run goes on) or "cancel"')
     refused = request.app[ADMISSION].check(client_key(request), runs.clients())
     if refused is not None:
         return refused
@@ -179,6 +206,15 @@ async def get_run(request: web.Request) -> web.Response:
     return redacted_json(request, {**record, "events_url": f"/runs/{record['id']}/events"})
 
 
+async def get_trajectory(request: web.Request) -> web.Response:
+    """What the model decided in a run, per agent, to replay with TB_MODEL=replay:PATH."""
+    store, run_id = request.app[RUNS].store, request.match_info["run_id"]
+    record = store.get(run_id)
+    if record is None:
+        return bad_request(f"no run {run_id!r}", 404)
+    return redacted_json(request, trajectory(record, store.turns(run_id)))
+
+
 async def cancel_run(request: web.Request) -> web.Response:
     runs, run_id = request.app[RUNS], request.match_info["run_id"]
     record = runs.store.get(run_id)
@@ -229,9 +265,13 @@ async def stream_events(response: web.StreamResponse, events: Any, ping_seconds:
 async def health(request: web.Request) -> web.Response:
     services = request.app[RUNS].services
     servers = services.pool.health()
-    status = "healthy" if all(s["state"] == "up" for s in servers.values()) else "degraded"
-    return redacted_json(request, {"status": status, "model": services.model.name, "servers": servers,
-                                   "runs_in_flight": len(request.app[RUNS].live)})
+    reasons = {"model": services.model_problem} if services.model_problem else {}
+    if down := [f"{name} is {s['state']}" + (f" ({s['error']})" if s.get("error") else "")
+                for name, s in servers.items() if s["state"] != "up"]:
+        reasons["servers"] = "MCP server " + "; ".join(down)
+    answer = {"status": "degraded" if reasons else "healthy", "model": services.model.name, "servers": servers,
+              "runs_in_flight": len(request.app[RUNS].live)}
+    return redacted_json(request, answer | ({"reasons": reasons} if reasons else {}))
 
 
 def page_handler() -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -239,8 +279,10 @@ def page_handler() -> Callable[[web.Request], Awaitable[web.Response]]:
     html = PAGE.read_text()
     script = html.split("<script>", 1)[1].split("</script>", 1)[0]
     digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    # img-src data: for the page's inline favicon; a route of its own would want the API token, which a browser does
+    # not send for an icon.
     policy = (f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; connect-src 'self'; "
-              "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+              "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
     async def page(_: web.Request) -> web.Response:
         return web.Response(text=html, content_type="text/html",
@@ -271,6 +313,7 @@ def build_app(runs: RunManager, host: str = "127.0.0.1",
     app.router.add_get("/runs", list_runs)
     app.router.add_get("/runs/{run_id}", get_run)
     app.router.add_get("/runs/{run_id}/events", run_events)
+    app.router.add_get("/runs/{run_id}/trajectory", get_trajectory)
     app.router.add_post("/runs/{run_id}/cancel", cancel_run)
     app.router.add_get("/health", health)
     app.router.add_get("/", page_handler())

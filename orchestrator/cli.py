@@ -1,13 +1,15 @@
 """`python -m orchestrator run --repo URL_OR_PATH "instruction"`: one run, rendered live in the terminal.
 
 The run goes through a service (`--service`, default http://127.0.0.1:8002) or, with `--in-process`, through the
-same app started inside this process on a loopback port, so both paths validate, redact and store alike.
+same app started inside this process on a loopback port, so both paths validate, redact and store alike. With
+`--replay PATH` the run is in process and its model plays back a recorded trajectory (no key, no network).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -27,6 +29,7 @@ RECONNECTS = 5
 UNSEEN = "\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
 CONTROL = re.compile(f"[\x00-\x08\x0b-\x1f{UNSEEN}]")
 JSON_UNSAFE = re.compile(f"[{UNSEEN}]")  # json.dumps escapes the C0 controls itself
+CUT_COMMAND_RESULT = re.compile(r'\s*\{\s*"exit_code"\s*:\s*(-?\d+)')
 COLOURS = {"+": "32", "-": "31", "@": "36", "ok": "32", "err": "31", "dim": "2", "bold": "1"}
 
 
@@ -34,20 +37,42 @@ class Refused(Exception):
     """The service answered with an error instead of a stream; the message says what to do."""
 
 
+class CannotStart(Exception):
+    """A setting or file an in-process run needs cannot be used; the message says what to do."""
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m orchestrator run",
-                                     description="Run one job and watch it: exit code 0 when a pull request opened.")
-    parser.add_argument("instruction", help="what to change, in words")
+                                     description="Run one job and watch it: exit code 0 when a pull request opened.",
+                                     epilog="python -m orchestrator run --recent [N]: list the N most recent runs, "
+                                            "when each started and how long it took")
+    parser.add_argument("instruction", nargs="?", help="what to change, in words (with --replay: the recorded one)")
     parser.add_argument("--repo", required=True, help="https://github.com/owner/name, owner/name, or a local path")
-    parser.add_argument("--mode", choices=("team", "single"), default="team")
+    parser.add_argument("--mode", choices=("team", "single"), help="default: team (with --replay: the recorded one)")
     parser.add_argument("--service", default=os.environ.get("TB_SERVICE_URL", "http://127.0.0.1:8002"),
                         help="the service to run through (TB_SERVICE_URL; default %(default)s)")
     parser.add_argument("--token", default=os.environ.get("TB_API_TOKEN"), help="bearer token (TB_API_TOKEN)")
     parser.add_argument("--json", action="store_true", help="print the raw events, one JSON object a line")
     parser.add_argument("--in-process", action="store_true",
                         help="start the MCP servers and the model here instead of using a service")
-    parser.add_argument("--mcp-config", type=Path, default=Path("mcp.json"), help="with --in-process")
-    return parser.parse_args(argv)
+    parser.add_argument("--mcp-config", type=Path, help="with --in-process (default: ~/.config/tiny-backspace/"
+                                                        "mcp.json if present, else the project's mcp.json)")
+    parser.add_argument("--replay", type=Path, metavar="PATH",
+                        help="run in process, the model replaying this trajectory (GET /runs/<id>/trajectory)")
+    args = parser.parse_args(argv)
+    if args.instruction is None and args.replay is None:
+        parser.error("say what to change (the instruction), or pass --replay PATH to use a recorded one")
+    return args
+
+
+def recorded_request(path: Path) -> dict[str, Any]:
+    """The request a trajectory recorded (prompt, mode), to replay it with."""
+    from .replay import TrajectoryError, read
+
+    try:
+        return read(path).get("request") or {}
+    except TrajectoryError as exc:
+        raise CannotStart(str(exc)) from None
 
 
 def repo_argument(repo: str) -> str:
@@ -163,8 +188,9 @@ class Terminal:
             self.state = f"running {e['name']}"
             self.line(f"  -> {e['name']} {json.dumps(e.get('input', {}), ensure_ascii=False)[:300]}")
         elif kind == "tool_result":
-            mark = self.paint("err", "  <- error") if e.get("is_error") else self.paint("ok", "  <- ok")
-            self.line(f"{mark} {preview(str(e.get('content', '')))}")
+            content = str(e.get("content", ""))
+            outcome = "error" if e.get("is_error") else "failed" if command_failed(content) else "ok"
+            self.line(f"{self.paint('ok' if outcome == 'ok' else 'err', f'  <- {outcome}')} {preview(content)}")
         elif kind == "planned_change":
             self.line(f"  plan: {e.get('file', '')}: {e.get('what', '')} ({e.get('why', '')})")
         elif kind == "diff":
@@ -187,15 +213,33 @@ class Terminal:
         self.status()
 
 
+def command_result(content: str) -> dict[str, Any] | None:
+    """A command's result (`exit_code`, output, `timed_out`) from a tool result's text; None for other tools."""
+    try:
+        result = json.loads(content)
+    except ValueError:
+        # The stream cuts a long result short, past where it could parse; its exit code comes first.
+        cut = CUT_COMMAND_RESULT.match(content)
+        return {"exit_code": int(cut[1]), "stdout": "(output cut short)"} if cut else None
+    return result if isinstance(result, dict) and "exit_code" in result else None
+
+
+def command_failed(content: str) -> bool:
+    """Whether a tool result is a command that exited non-zero or timed out."""
+    result = command_result(content)
+    return result is not None and (result["exit_code"] != 0 or bool(result.get("timed_out")))
+
+
 def preview(content: str) -> str:
     """One line for a tool's result: a command's exit code and last line, or the start of anything else."""
+    if (command := command_result(content)) is not None:
+        output = (str(command.get("stdout", "")) + str(command.get("stderr", ""))).strip().splitlines() or [""]
+        timed_out = " (timed out)" if command.get("timed_out") else ""
+        return f"exit {command['exit_code']}{timed_out}: {clean(output[-1])[:160]}"
     try:
         result = json.loads(content)
     except ValueError:
         result = None
-    if isinstance(result, dict) and "exit_code" in result:
-        output = (str(result.get("stdout", "")) + str(result.get("stderr", ""))).strip().splitlines() or [""]
-        return f"exit {result['exit_code']}: {clean(output[-1])[:160]}"
     if isinstance(result, (dict, list)):
         content = json.dumps(result, ensure_ascii=False)
     lines = clean(content).strip().splitlines() or [""]
@@ -257,16 +301,20 @@ async def in_process(args: argparse.Namespace, body: dict[str, Any]) -> int:
     """Start the service's app inside this process on a free loopback port, and watch the run through it."""
     from aiohttp import web
 
-    from .__main__ import build_services
+    from .__main__ import STARTUP_ERRORS, build_services, settings_from_env
     from .app import build_app
-    from .config import Settings
     from .connections import listen
     from .runs import RunManager
     from .store import SQLiteRunStore
 
-    settings = Settings.from_env()
-    services = build_services(settings, args.mcp_config)
-    store = SQLiteRunStore(settings.data_dir / "runs.sqlite3")
+    try:
+        settings = settings_from_env()
+        if args.replay:
+            settings = dataclasses.replace(settings, model=f"replay:{args.replay}")
+        services = build_services(settings, args.mcp_config)
+        store = SQLiteRunStore(settings.data_dir / "runs.sqlite3")
+    except STARTUP_ERRORS as exc:
+        raise CannotStart(str(exc)) from None
     await services.pool.start()
     # No `recover()`: a service may share this store, and its runs in flight are not ours to interrupt.
     runner = web.AppRunner(build_app(RunManager(services, store)), handler_cancellation=True)
@@ -285,17 +333,69 @@ async def in_process(args: argparse.Namespace, body: dict[str, Any]) -> int:
         store.close()
 
 
+def recent_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator run --recent",
+                                     description="List the most recent runs: how each ended, when it started, how "
+                                                 "long it took, and why it failed.")
+    parser.add_argument("--recent", type=int, nargs="?", const=20, metavar="N", help="how many (default 20)")
+    parser.add_argument("--service", default=os.environ.get("TB_SERVICE_URL", "http://127.0.0.1:8002"),
+                        help="the service (TB_SERVICE_URL; default %(default)s)")
+    parser.add_argument("--token", default=os.environ.get("TB_API_TOKEN"), help="bearer token (TB_API_TOKEN)")
+    parser.add_argument("--json", action="store_true", help="print each run's record as one JSON object a line")
+    return parser.parse_args(argv)
+
+
+def recent_lines(run: dict[str, Any]) -> list[str]:
+    """A run of the list: id, status, when it started, how long it took, repository and prompt; then why it failed."""
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run["created"]))
+    took = f"took {run['duration_s']:.1f} s" if run.get("duration_s") is not None else "-"
+    prompt = " ".join(str(run.get("prompt", "")).split())
+    lines = [f"{run['id']}  {run['status']:<11} {started}  {took:<12} {str(run.get('repo', '')).rstrip('/')}  "
+             f"{prompt[:60] + ('…' if len(prompt) > 60 else '')}"]
+    if error := run.get("error"):
+        lines.append(f"    {error.get('reason')}: {' '.join(str(error.get('message', '')).split())[:300]}")
+    return [clean(line) for line in lines]
+
+
+async def list_recent(args: argparse.Namespace) -> int:
+    """Print the most recent runs of a service."""
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=30)) as http:
+        async with http.get(f"{args.service.rstrip('/')}/runs", params={"limit": str(args.recent)}) as resp:
+            if resp.status != 200:
+                raise Refused(await error_message(resp))
+            runs = (await resp.json())["runs"]
+    for run in runs:
+        print(json_line(run) if args.json else "\n".join(recent_lines(run)))
+    return 0
+
+
 def main(argv: list[str]) -> int:
     """Run one job; the exit code says whether a pull request opened."""
+    if any(arg == "--recent" or arg.startswith("--recent=") for arg in argv):
+        args = recent_args(argv)
+        try:
+            return asyncio.run(list_recent(args))
+        except Refused as exc:
+            print(f"error: {clean(str(exc))}", file=sys.stderr)
+            return 2
+        except aiohttp.ClientConnectionError as exc:
+            print(f"error: no service answers at {args.service} ({clean(str(exc))}): start one with `./tb serve`",
+                  file=sys.stderr)
+            return 2
     args = parse_args(argv)
-    body = {"repoUrl": repo_argument(args.repo), "prompt": args.instruction, "mode": args.mode}
     try:
-        if args.in_process:
+        request = recorded_request(args.replay) if args.replay else {}
+        body = {"repoUrl": repo_argument(args.repo), "prompt": args.instruction or request.get("prompt", ""),
+                "mode": args.mode or request.get("mode", "team")}
+        if args.in_process or args.replay:
             return asyncio.run(in_process(args, body))
         return asyncio.run(watch(args.service, args.token, body, args.json))
-    except Refused as exc:
-        print(f"error: {clean(str(exc))}", file=sys.stderr)
+    except (Refused, CannotStart) as exc:
+        print("error: " + " ".join(clean(str(exc)).split()), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # while starting, before a run was there to cancel
+        return 130
     except aiohttp.ClientConnectionError as exc:
         print(f"error: no service answers at {args.service} ({clean(str(exc))}): start one with `./tb serve`, "
               "or pass --in-process", file=sys.stderr)

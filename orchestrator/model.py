@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -93,6 +94,23 @@ def with_cache_breakpoints(system: str, messages: list[dict[str, Any]], tools: l
         last["content"] = blocks
         messages[-1] = last
     return system_blocks, messages, tools
+
+
+NO_MODEL = ("no model API is set up: set ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN) for Claude, or ANTHROPIC_BASE_URL "
+            "for a Messages-API-compatible server that needs no key, then restart the service")
+
+
+def anthropic_client() -> tuple[anthropic.AsyncAnthropic, str | None]:
+    """The SDK's client, configured by the environment as everywhere else, and what to set when it reaches no model."""
+    client = anthropic.AsyncAnthropic()
+    headers = {name.lower() for name, value in client.default_headers.items() if isinstance(value, str) and value}
+    if client.credentials is not None or headers & {"authorization", "x-api-key"}:
+        return client, None
+    if os.environ.get("ANTHROPIC_BASE_URL"):
+        # A compatible server that needs no key gets no credential header: the SDK sends none only when told to
+        # omit it, and an empty key makes a header the HTTP library refuses before anything is sent.
+        return anthropic.AsyncAnthropic(default_headers={"Authorization": anthropic.Omit()}), None
+    return client, NO_MODEL
 
 
 def _is_overloaded(exc: anthropic.APIStatusError) -> bool:

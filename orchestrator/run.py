@@ -54,6 +54,7 @@ class Services:
     settings: Settings
     pool: ToolPool
     model: Model
+    model_problem: str | None = None  # why no model can be reached and what to set; runs are refused meanwhile
 
 
 class RunFailed(Exception):
@@ -79,10 +80,11 @@ class PublishGuard:
 
     PUBLISHED_TEXT = ("message", "title", "body", "branch", "head")
 
-    def __init__(self, pool: ToolPool, redact: Redactor, sandbox_id: str):
+    def __init__(self, pool: ToolPool, redact: Redactor, sandbox_id: str, branch_prefix: str = "tb/"):
         self.pool = pool
         self.redact = redact
         self.sandbox_id = sandbox_id
+        self.branch_prefix = branch_prefix
 
     def tools(self) -> dict[str, list[Tool]]:
         """The pool's tools, unchanged."""
@@ -98,6 +100,13 @@ class PublishGuard:
                 exported = await self.pool.call("sandbox", "export_changes", {"sandbox_id": self.sandbox_id},
                                                 timeout)
                 changes = (exported.structured_content or {}).get("changeset")
+                # No tool deletes a branch: one made before there is anything to commit stays behind, empty, when
+                # the run stops before it commits. A name outside the prefix is the server's to refuse, saying why.
+                if isinstance(changes, dict) and not changes.get("files") and not changes.get("deleted") \
+                        and str(args.get("branch", "")).startswith(self.branch_prefix):
+                    raise ToolFailed("refused to create a branch: the sandbox has no changes yet, and a run that "
+                                     "stopped now would leave the branch behind empty. Make the change first; then "
+                                     "create the branch, commit and open the pull request")
             if isinstance(changes, dict) and (leaking := self.redact.files_with_secrets(changes)):
                 raise SecretRefused(leaking)
         return await self.pool.call(server, tool, args, timeout)
@@ -137,8 +146,9 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, tr
         sandbox_id = info["sandbox_id"]
         yield events("sandbox", **info)
         redact = Redactor()
-        tools = RunTools(PublishGuard(pool, redact, sandbox_id), sandbox_id, request.repo_url, info["base_commit"],
-                         limits.tool_seconds, settings.tool_result_chars)
+        guard = PublishGuard(pool, redact, sandbox_id, settings.branch_prefix)
+        tools = RunTools(guard, sandbox_id, request.repo_url, info["base_commit"], limits.tool_seconds,
+                         settings.tool_result_chars)
         crew = Crew(services.model, tools, budget, events, redact, settings.role_models)
         work = Work()
         stopped: LimitReached | None = None
@@ -202,10 +212,19 @@ async def _publish(request: RunRequest, tools: RunTools, work: Work, events: Eve
         repo, draft = request.repo_url, draft_reason is not None
         timeout = min(settings.limits.tool_seconds, PUBLISH_CALL_SECONDS)
         with telemetry.span("publish", {"tb.branch": branch, "tb.draft": draft}):
-            await _call(tools.pool, "github", "create_branch", {"repo": repo, "branch": branch,
-                                                                "from_sha": tools.base_commit}, timeout)
-            await _call(tools.pool, "github", "commit_changes", {"repo": repo, "branch": branch, "message": title,
-                                                                 "changes": changeset}, timeout)
+            ref = await _call(tools.pool, "github", "create_branch", {"repo": repo, "branch": branch,
+                                                                      "from_sha": tools.base_commit}, timeout)
+            try:
+                await _call(tools.pool, "github", "commit_changes", {"repo": repo, "branch": branch,
+                                                                     "message": title, "changes": changeset}, timeout)
+            except RunFailed as exc:
+                if not ref.get("created"):
+                    raise
+                # No tool deletes a branch; say which one is left so that someone can.
+                where = ref.get("repo") or repo
+                how = f"git -C {where} branch -D {branch}" if where.startswith("/") else "on GitHub"
+                raise RunFailed(f"{exc}. The branch {branch} made for it is left empty in {where}: delete it "
+                                f"({how})") from None
             pr = await _call(tools.pool, "github", "open_pull_request", {"repo": repo, "head": branch,
                                                                          "title": title, "body": body,
                                                                          "draft": draft}, timeout)
@@ -240,8 +259,16 @@ async def _destroy(pool: ToolPool, sandbox_id: str) -> None:
 
 
 def _api_message(exc: anthropic.APIError) -> str:
+    if isinstance(exc, (anthropic.AuthenticationError, anthropic.PermissionDeniedError)):
+        return (f"HTTP {exc.status_code}: {exc.message}. Check ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN), or that "
+                "ANTHROPIC_BASE_URL names the server you meant")
     if isinstance(exc, anthropic.APIStatusError):
         return f"HTTP {exc.status_code}: {exc.message}"
+    if isinstance(exc, anthropic.APIConnectionError):
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        url = exc.request.url
+        return (f"{exc}{cause} Could not reach {url.scheme}://{url.netloc.decode()}: check ANTHROPIC_BASE_URL and "
+                "the network")
     return str(exc) or type(exc).__name__
 
 

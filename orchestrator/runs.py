@@ -2,7 +2,7 @@
 
 Readers of a live run read its events from memory as they happen; the store gets them in batches a few
 milliseconds later and serves finished runs. Any number of readers can follow one run, and a reader that reconnects
-continues after the last event it saw.
+continues after the last event it saw. The model's turns are kept as they complete, as the run's trajectory.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import asyncio
 import logging
 import sqlite3
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
+from . import replay
 from .events import Event, EventLog
 from .run import RunRequest, Services, execute, new_run_id
 from .store import RunStore
@@ -28,6 +30,8 @@ class LiveRun:
     done: bool = False
     task: asyncio.Task | None = None
     client: str = ""  # who started it, for the per-client cap
+    agents: list[str] = field(default_factory=list)  # the agents started so far, for the model's turns
+    turns: int = 0
 
 
 class RunManager:
@@ -48,8 +52,11 @@ class RunManager:
 
     async def _drive(self, run_id: str, request: RunRequest, live: LiveRun) -> None:
         events = EventLog(run_id)
+        model = replay.Recorder(replay.for_run(self.services.model), lambda turn: self._keep_turn(run_id, live, turn))
         try:
-            async for event in execute(request, self.services, events):
+            async for event in execute(request, replace(self.services, model=model), events):
+                if event["type"] == "agent" and event.get("state") == "start":
+                    live.agents.append(event["agent"])
                 self._keep(live, event)
         except asyncio.CancelledError:
             # The run's own cleanup (its sandbox) has run; say how it ended.
@@ -70,6 +77,14 @@ class RunManager:
         self._unstored.append(event)
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self.flush)
+
+    def _keep_turn(self, run_id: str, live: LiveRun, turn: dict[str, Any]) -> None:
+        live.turns += 1
+        try:
+            self.store.add_turn(run_id, live.turns, live.agents[-1] if live.agents else "agent", len(live.agents),
+                                turn)
+        except sqlite3.Error as exc:
+            log.error("could not store turn %d of %s: %s; its trajectory will lack it", live.turns, run_id, exc)
 
     def flush(self) -> None:
         """Store the events kept since the last flush, in one transaction."""

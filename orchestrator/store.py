@@ -1,4 +1,4 @@
-"""Where runs and their events are kept: a `RunStore` protocol and its embedded SQLite implementation.
+"""Where runs, their events and the model's turns are kept: a `RunStore` protocol and its SQLite implementation.
 
 SQLite in WAL mode, one file under the data directory. Calls run on the event loop: events arrive in batches (see
 runs.py), a commit in WAL mode with `synchronous=NORMAL` needs no fsync, and a lock held by another process is waited
@@ -22,11 +22,15 @@ from .events import Event
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY, repo TEXT NOT NULL, prompt TEXT NOT NULL, mode TEXT NOT NULL, status TEXT NOT NULL,
-    created REAL NOT NULL, finished REAL, pull_request_url TEXT, usage TEXT, sandbox_id TEXT
+    created REAL NOT NULL, finished REAL, pull_request_url TEXT, usage TEXT, sandbox_id TEXT, error TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_created ON runs (created DESC);
 CREATE TABLE IF NOT EXISTS events (
     run_id TEXT NOT NULL, seq INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY (run_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS turns (
+    run_id TEXT NOT NULL, seq INTEGER NOT NULL, agent TEXT NOT NULL, agent_seq INTEGER NOT NULL, data TEXT NOT NULL,
+    PRIMARY KEY (run_id, seq)
 ) WITHOUT ROWID;
 """
 
@@ -43,6 +47,8 @@ class RunStore(Protocol):
     def list(self, limit: int, before: float | None) -> list[dict[str, Any]]: ...
     def unfinished(self) -> list[dict[str, Any]]: ...
     def last_seq(self, run_id: str) -> int: ...
+    def add_turn(self, run_id: str, seq: int, agent: str, agent_seq: int, turn: dict[str, Any]) -> None: ...
+    def turns(self, run_id: str) -> list[dict[str, Any]]: ...
 
 
 class SQLiteRunStore:
@@ -57,6 +63,8 @@ class SQLiteRunStore:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
+            if "error" not in {r["name"] for r in self.db.execute("PRAGMA table_info(runs)")}:
+                self.db.execute("ALTER TABLE runs ADD COLUMN error TEXT")  # a store from before runs kept their error
             if (check := self.db.execute("PRAGMA quick_check").fetchone()[0]) != "ok":
                 raise sqlite3.DatabaseError(f"integrity check failed: {check}")
             # A read-only file opens and reads fine: find out now, not at the first run.
@@ -88,6 +96,9 @@ class SQLiteRunStore:
             self.db.execute("UPDATE runs SET sandbox_id = ? WHERE id = ?", (event.get("sandbox_id"), run_id))
         elif kind == "pull_request":
             self.db.execute("UPDATE runs SET pull_request_url = ? WHERE id = ?", (event.get("url"), run_id))
+        elif kind == "error":
+            error = {k: v for k, v in event.items() if k not in ("type", "run_id", "seq", "ts")}
+            self.db.execute("UPDATE runs SET error = ? WHERE id = ?", (json.dumps(error, ensure_ascii=False), run_id))
         elif kind == "usage":
             usage = {k: v for k, v in event.items() if k not in ("type", "run_id", "seq", "ts")}
             self.db.execute("UPDATE runs SET usage = ? WHERE id = ?", (json.dumps(usage), run_id))
@@ -115,6 +126,16 @@ class SQLiteRunStore:
         row = self.db.execute("SELECT MAX(seq) AS seq FROM events WHERE run_id = ?", (run_id,)).fetchone()
         return row["seq"] or 0
 
+    def add_turn(self, run_id: str, seq: int, agent: str, agent_seq: int, turn: dict[str, Any]) -> None:
+        """Keep one of the model's turns in a run: the `seq`-th, of the `agent_seq`-th agent, named `agent`."""
+        self.db.execute("INSERT INTO turns (run_id, seq, agent, agent_seq, data) VALUES (?, ?, ?, ?, ?)",
+                        (run_id, seq, agent, agent_seq, json.dumps(self.redact.data(turn), ensure_ascii=False)))
+
+    def turns(self, run_id: str) -> list[dict[str, Any]]:
+        """The model's turns in a run, in order, each with its `agent` and `agent_seq`."""
+        rows = self.db.execute("SELECT agent, agent_seq, data FROM turns WHERE run_id = ? ORDER BY seq", (run_id,))
+        return [{"agent": r["agent"], "agent_seq": r["agent_seq"], **json.loads(r["data"])} for r in rows]
+
     def close(self) -> None:
         self.db.close()
 
@@ -134,6 +155,7 @@ def _private(path: Path) -> None:
 def _record(row: sqlite3.Row) -> dict[str, Any]:
     record = dict(row)
     record["usage"] = json.loads(record["usage"]) if record["usage"] else None
+    record["error"] = json.loads(record["error"]) if record["error"] else None
     if record["finished"]:
         record["duration_s"] = round(record["finished"] - record["created"], 3)
     return record

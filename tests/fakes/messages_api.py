@@ -10,6 +10,9 @@ unused; `messages_api` raises them when its block ends, so a test cannot pass ov
         client = anthropic.AsyncAnthropic(base_url=api.url, api_key="sk-ant-test")
         ...
     api.requests  # every JSON body received, in order
+
+Like the real API it refuses a request without a credential, or with an empty one (401). `keyless=True` makes it a
+Messages-API-compatible local server that needs no key, as `ANTHROPIC_BASE_URL` may point at.
 """
 
 from __future__ import annotations
@@ -132,8 +135,9 @@ def _block_events(index: int, block: dict[str, Any]) -> Iterator[dict[str, Any]]
 class MessagesAPI:
     """Answers each call with the next scripted step and records every body it receives."""
 
-    def __init__(self, steps: Iterable[Step]) -> None:
+    def __init__(self, steps: Iterable[Step], keyless: bool = False) -> None:
         self.url = ""
+        self.keyless = keyless
         self.requests: list[Any] = []
         self.problems: list[str] = []
         self._steps: deque[Step] = deque(steps)
@@ -166,9 +170,8 @@ class MessagesAPI:
             body = raw.decode(errors="replace")
         self.requests.append(body)
         call = f"call {len(self.requests)}"
-        if not request.headers.get("x-api-key") and not request.headers.get("authorization"):
-            return self._error(401, "authentication_error", "x-api-key header is required.",
-                               problem=f"{call}: no API key")
+        if refused := self._refused_credential(request):
+            return self._error(401, "authentication_error", refused, problem=f"{call}: {refused}")
         if not request.headers.get("anthropic-version"):
             return self._error(400, "invalid_request_error", "anthropic-version: header is required",
                                problem=f"{call}: no anthropic-version header")
@@ -193,6 +196,14 @@ class MessagesAPI:
                 return self._error(STATUS_OF.get(step.error_type, 500), step.error_type, step.message)
             return web.json_response(self._message(step, body, raw), headers={"request-id": _new_id("req_")})
         return await self._stream(request, step, body, raw)
+
+    def _refused_credential(self, request: web.Request) -> str | None:
+        """Why the credential the request carries is refused, or None when it is accepted."""
+        key, authorization = request.headers.get("x-api-key"), request.headers.get("authorization")
+        if key is None and authorization is None:
+            return None if self.keyless else "x-api-key header is required."
+        token = key if key is not None else authorization.removeprefix("Bearer").strip()
+        return None if token.strip() else "invalid x-api-key"
 
     def _message(self, step: Turn, body: dict[str, Any], raw: bytes) -> dict[str, Any]:
         estimate = {"input_tokens": max(1, len(raw) // 4),
@@ -229,9 +240,10 @@ class MessagesAPI:
 
 
 @asynccontextmanager
-async def messages_api(steps: Sequence[Step]) -> AsyncIterator[MessagesAPI]:
-    """Serve `steps` on a random loopback port; on a clean exit, raise every problem the server saw."""
-    api = MessagesAPI(steps)
+async def messages_api(steps: Sequence[Step], *, keyless: bool = False) -> AsyncIterator[MessagesAPI]:
+    """Serve `steps` on a random loopback port; on a clean exit, raise every problem the server saw. With
+    `keyless`, requests without a credential are accepted, as a local compatible server accepts them."""
+    api = MessagesAPI(steps, keyless)
     app = web.Application()
     app.router.add_post("/v1/messages", api._messages)
     app.router.add_route("*", "/{tail:.*}", api._unknown)

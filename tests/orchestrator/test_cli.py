@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sys
+import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from tests.fakes.messages_api import messages_api, text, turn
+from tests.fakes.messages_api import messages_api, text, tool_use, turn
 
 from .conftest import API_KEY, ROOT, free_port, stack
 from .test_run import BUGGY, fix_script
@@ -89,3 +92,82 @@ async def test_in_process_runs_the_job_without_a_service(make_repo, mcp_config, 
     assert code == 0, err
     assert any(line.startswith("pull request #1: file://") for line in out.splitlines())
     assert (tmp_path / "data" / "runs.sqlite3").exists()  # the run was kept, as the service keeps it
+
+
+async def test_a_failing_command_never_reads_ok(pool, make_repo):
+    script = [turn(tool_use("sandbox_exec", {"command": "echo broken >&2; exit 3"})), turn(text("It fails."))]
+    async with stack(pool, script) as s:
+        _, out, err = await cli("--service", s.url, *fix(make_repo(BUGGY)))
+    lines = out.splitlines()
+    assert "  <- failed exit 3: broken" in lines, out
+    assert not any(line.startswith("  <- ok") for line in lines)
+
+
+async def test_recent_lists_the_runs_with_when_each_started_and_how_long_it_took(pool, make_repo):
+    async with stack(pool, fix_script()) as s:
+        await cli("--service", s.url, *fix(make_repo(BUGGY)))
+        code, out, err = await cli("--service", s.url, "--recent", env={"TZ": "UTC"})
+        async with aiohttp.ClientSession() as http, http.get(s.url + "/runs") as resp:
+            record = (await resp.json())["runs"][0]
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if line.startswith(record["id"]))
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(record["created"]))
+    assert "success" in line and started in line and f"{record['duration_s']:.1f} s" in line, line
+
+
+async def command(*args: str, cwd: Path, env: dict[str, str], timeout: float = 90) -> tuple[int, str, list[str]]:
+    """`python -m orchestrator ARGS` from `cwd`, with no TB_ or ANTHROPIC_ variable but those in `env`, to its end:
+    (exit code, stdout, stderr lines)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("TB_", "ANTHROPIC_"))}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "orchestrator", *args, cwd=cwd, env=base | env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return proc.returncode, out.decode(), err.decode().strip().splitlines()
+
+
+async def test_the_cli_runs_in_process_from_the_users_own_repository(make_repo, tmp_path):
+    repo = make_repo(BUGGY)
+    async with messages_api(fix_script()) as api:
+        env = {"ANTHROPIC_BASE_URL": api.url, "ANTHROPIC_API_KEY": API_KEY, "TB_MODEL": "claude-sonnet-test",
+               "TB_DATA_DIR": str(tmp_path / "data"), "XDG_CONFIG_HOME": str(tmp_path / "config")}
+        code, out, err = await command("run", "--in-process", *fix(Path(".")), cwd=repo, env=env)
+    assert code == 0, err
+    assert any(line.startswith(f"pull request #1: file://{repo}/") for line in out.splitlines())
+
+
+async def test_a_users_own_mcp_json_comes_first_and_a_bad_one_is_one_line(make_repo, tmp_path):
+    config = tmp_path / "config" / "tiny-backspace" / "mcp.json"
+    config.parent.mkdir(parents=True)
+    config.write_text('{"mcpServers": {"sandbox": {"command": "/nowhere/python"}}}')
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "config"), "TB_DATA_DIR": str(tmp_path / "data")}
+    code, _, err = await command("run", "--in-process", *fix(make_repo(BUGGY)), cwd=tmp_path, env=env)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {config} starts the sandbox server with /nowhere/python, which is not there")
+
+
+async def test_a_port_in_use_is_one_line_saying_what_to_do(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = await command("--port", str(port), cwd=tmp_path, env={"TB_DATA_DIR": str(tmp_path / "data")},
+                                     timeout=30)
+    assert code == 2 and "Traceback" not in "\n".join(err)
+    assert err[-1] == (f"error: port {port} on 127.0.0.1 is in use, perhaps by another ./tb serve: stop that one, "
+                       "or pass --port with a free port")
+    assert not (tmp_path / "data").exists()  # refused before anything started
+
+
+async def test_a_bad_variable_is_one_line_naming_it(make_repo, tmp_path):
+    env = {"TB_MAX_TURNS": "abc", "TB_DATA_DIR": str(tmp_path / "data")}
+    served = await command("--port", str(free_port()), cwd=tmp_path, env=env, timeout=30)
+    ran = await command("run", "--in-process", *fix(make_repo(BUGGY)), cwd=tmp_path, env=env, timeout=30)
+    for code, _, err in (served, ran):
+        assert code == 2 and len(err) == 1, err
+        assert err[0].startswith("error: TB_MAX_TURNS='abc'") and "unset it" in err[0], err

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 
 import aiohttp
@@ -14,6 +16,7 @@ from tests.conftest import unique_marker
 from tests.fakes.messages_api import text, tool_use, turn
 
 from .conftest import ROOT, parse_sse, stack
+from .test_first_minutes import get_json, service
 from .test_run import BUGGY, TESTS, fix_script
 from .test_team import coder, planner, reviewer
 
@@ -43,8 +46,9 @@ def hostile_fix_script() -> list:
 
 
 @asynccontextmanager
-async def browser_page(url: str) -> AsyncIterator[Page]:
-    """A fresh headless Chromium page on the service's front page; nothing is fetched from the internet."""
+async def browser_page(url: str, console: list[str] | None = None) -> AsyncIterator[Page]:
+    """A fresh headless Chromium page on the service's front page; nothing is fetched from the internet. The
+    console's errors, from the first request on, go to `console` when given."""
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, timeout=30_000)
         try:
@@ -52,6 +56,9 @@ async def browser_page(url: str) -> AsyncIterator[Page]:
             page.set_default_timeout(30_000)
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
+            if console is not None:
+                page.on("console", lambda m: console.append(f"{m.text} ({m.location.get('url')})")
+                        if m.type == "error" else None)
             await page.goto(url)
             yield page
             assert errors == []
@@ -142,3 +149,30 @@ async def test_the_page_works_with_the_bearer_token_over_a_fetch_stream(pool, ma
         (ROOT / "docs").mkdir(exist_ok=True)  # the README's picture of the page
         if os.environ.get("TB_UPDATE_SCREENSHOT") == "1":  # the README's picture, refreshed on request
             await page.screenshot(path=ROOT / "docs" / "page.png", full_page=True)
+
+
+async def test_the_page_loads_without_a_console_error_and_shows_when_each_run_started_and_took(pool, make_repo):
+    console: list[str] = []
+    async with stack(pool, fix_script()) as s, browser_page(s.url, console) as page:
+        run_id = await start(page, make_repo(BUGGY), "Fix add(); its test fails.")
+        await expect(page.locator("#run-status")).to_have_text("success")
+        record = await get_json(f"{s.url}/runs/{run_id}")
+        row = page.locator(f'#runs li[data-id="{run_id}"]')
+        await expect(row.locator(".took")).to_have_text(re.compile(r"^took \d+\.\d s$"))
+        took = float((await row.locator(".took").text_content()).split()[1])
+        started = datetime.fromisoformat(await row.locator("time").get_attribute("datetime"))
+        await expect(row.locator("time")).not_to_be_empty()
+    assert abs(took - record["duration_s"]) <= 0.051
+    assert abs(started.timestamp() - record["created"]) < 0.01
+    assert console == []
+
+
+async def test_the_page_says_what_to_set_when_no_model_is_usable(mcp_config, make_repo, tmp_path):
+    async with service(mcp_config, tmp_path, {}) as svc, browser_page(svc.url) as page:
+        await expect(page.locator("#health-problem")).to_contain_text("ANTHROPIC_API_KEY")
+        await expect(page.locator("#health-problem")).to_be_visible()
+        await page.fill("#repo", str(make_repo(BUGGY)))
+        await page.fill("#prompt", "Fix add()")
+        await page.click("#go")
+        await expect(page.locator("#start-error")).to_contain_text("503")
+        await expect(page.locator("#start-error")).to_contain_text("ANTHROPIC_BASE_URL")

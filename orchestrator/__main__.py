@@ -13,39 +13,24 @@ import argparse
 import asyncio
 import errno
 import logging
-import os
-import shutil
 import signal
 import socket
 import sys
 from pathlib import Path
 
 from aiohttp import web
-from mcp import StdioServerParameters
 
 from common.net import is_loopback
 from common.redact import RedactingFilter, Redactor
 
 from . import telemetry
 from .app import WILDCARDS, build_app
-from .config import Settings
 from .connections import listen
-from .mcp_pool import ConfigError, ToolPool, load_config
-from .replay import TrajectoryError, is_replay
-from .replay import load as load_replay
 from .runs import RunManager
-from .store import SQLiteRunStore, StoreError
-from .model import AnthropicModel, anthropic_client
-from .run import Services
+from .store import SQLiteRunStore
+from .service import STARTUP_ERRORS, StartupError, build_services, find_mcp_config, settings_from_env
 
 log = logging.getLogger("orchestrator")
-
-
-class StartupError(Exception):
-    """The service or the command line cannot start; the message says what to do."""
-
-
-STARTUP_ERRORS = (StartupError, ConfigError, StoreError, TrajectoryError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,46 +42,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the MCP servers (default: ~/.config/tiny-backspace/mcp.json if present, else the "
                              "project's mcp.json)")
     return parser.parse_args(argv)
-
-
-def find_mcp_config() -> Path:
-    """The mcp.json to use when none is named: the user's own when present, else the project's. Never one in the
-    current folder: that is the user's repository, whose mcp.json (if any) is not ours."""
-    user = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "tiny-backspace" / "mcp.json"
-    project = Path(__file__).resolve().parent.parent / "mcp.json"
-    for path in (user, project):
-        if path.is_file():
-            return path
-    raise ConfigError(f"no mcp.json at {user} or {project}: pass --mcp-config PATH, or copy the project's mcp.json "
-                      f"to {user} with absolute commands")
-
-
-def settings_from_env() -> Settings:
-    """The settings, or a `StartupError` naming the variable whose value cannot be used."""
-    try:
-        return Settings.from_env()
-    except (SystemExit, ValueError) as exc:  # a bad TB_* value
-        raise StartupError(f"{exc}: correct it, or unset it for the default") from None
-
-
-def build_services(settings: Settings, mcp_config: Path | None = None) -> Services:
-    """The MCP tool pool (not yet started) and the model, as every run shares them."""
-    path = mcp_config or find_mcp_config()
-    specs = load_config(path)
-    for spec in specs:
-        # Found now rather than after START_SECONDS of a server that cannot start.
-        if isinstance(spec.target, StdioServerParameters) and shutil.which(spec.target.command) is None:
-            raise ConfigError(f"{path} starts the {spec.name} server with {spec.target.command}, which is not "
-                              "there: run ./tb serve once in the project (it makes .venv), or correct the command")
-    pool = ToolPool(specs)
-    if is_replay(settings.model):
-        return Services(settings, pool, load_replay(settings.model))
-    client, problem = anthropic_client()
-    if problem:
-        log.warning("runs are refused until a model is usable: %s", problem)
-    model = AnthropicModel(client, settings.model, settings.limits.max_output_tokens,
-                           settings.limits.overloaded_retries, settings.limits.overloaded_backoff_s)
-    return Services(settings, pool, model, model_problem=problem)
 
 
 def setup_logging() -> None:

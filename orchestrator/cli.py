@@ -301,7 +301,7 @@ async def in_process(args: argparse.Namespace, body: dict[str, Any]) -> int:
     """Start the service's app inside this process on a free loopback port, and watch the run through it."""
     from aiohttp import web
 
-    from .__main__ import STARTUP_ERRORS, build_services, settings_from_env
+    from .service import STARTUP_ERRORS, build_services, settings_from_env
     from .app import build_app
     from .connections import listen
     from .runs import RunManager

@@ -113,10 +113,12 @@ def anthropic_client() -> tuple[anthropic.AsyncAnthropic, str | None]:
     return client, NO_MODEL
 
 
-def _is_overloaded(exc: anthropic.APIStatusError) -> bool:
+def _overloaded_mid_stream(exc: anthropic.APIStatusError) -> bool:
+    """An overload the API reported inside a stream that had started (HTTP 200): the one failure the SDK does not
+    retry itself. An HTTP 529 it has already retried `max_retries` times; retrying it again would multiply."""
     body = exc.body if isinstance(exc.body, dict) else {}
     error = body.get("error") if isinstance(body.get("error"), dict) else body
-    return exc.status_code == 529 or (isinstance(error, dict) and error.get("type") == "overloaded_error")
+    return exc.status_code < 400 and isinstance(error, dict) and error.get("type") == "overloaded_error"
 
 
 class AnthropicModel:
@@ -141,7 +143,7 @@ class AnthropicModel:
                     return
                 except anthropic.APIStatusError as exc:
                     # An overload reported inside a started stream is not retried by the SDK: retry the turn.
-                    if not _is_overloaded(exc) or attempt == self.overloaded_retries:
+                    if not _overloaded_mid_stream(exc) or attempt == self.overloaded_retries:
                         raise
                     span.add_event("retry", {"attempt": attempt + 1, "error.type": "overloaded_error"})
                     yield Retrying(attempt + 1, "the model API is overloaded")

@@ -113,6 +113,16 @@ async def test_an_overloaded_api_is_retried_by_the_sdk_and_in_the_stream(pool, m
     assert not of_type(events, "error")
 
 
+async def test_an_overload_the_sdk_already_retried_is_not_retried_again(pool, make_repo):
+    # The SDK makes 1 + max_retries requests for an HTTP 529; a retry of our own on top would make 3 times as many.
+    script = [http_error(529), http_error(529), http_error(529)]
+    async with stack(pool, script, max_retries=2) as s:
+        _, events, _ = await post_code(s.url, {"repoUrl": str(make_repo(BUGGY)), "prompt": "Go", "mode": "single"})
+        assert len(s.api.requests) == 3
+    assert of_type(events, "error")[0]["reason"] == "model"
+    assert events[-1]["status"] == "error"
+
+
 async def test_a_model_api_that_is_down_ends_the_run_with_an_error(pool, make_repo, sandbox_root):
     dead = f"http://127.0.0.1:{free_port()}"
     client = anthropic.AsyncAnthropic(base_url=dead, api_key=API_KEY, max_retries=0)

@@ -11,10 +11,10 @@ import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from common import repos
 from common.net import is_loopback
 from common.redact import Redactor
 
@@ -25,7 +25,6 @@ from .replay import trajectory
 from .run import RunRequest, Services
 from .runs import RunManager
 
-OWNER_NAME = re.compile(r"^[A-Za-z0-9-]{1,39}/(?!\.\.?$)[A-Za-z0-9._-]{1,100}$")  # "." and ".." name no repository
 LAST_EVENT_DIGITS = 18  # any event number fits; a longer one would overflow the store's 64-bit integers
 RUNS = web.AppKey("runs", RunManager)
 REDACT = web.AppKey("redact", Redactor)
@@ -76,15 +75,18 @@ def validate(body: Any, services: Services, loopback: bool) -> RunRequest | web.
         return bad_request('mode must be "team" (planner, coder, reviewer) or "single" (one agent)')
     if body.get("on_disconnect", "continue") not in ("continue", "cancel"):
         return bad_request('on_disconnect must be "continue" (the run goes on) or "cancel"')
-    repo = repo.strip()
-    if OWNER_NAME.match(repo):
-        return RunRequest(repo_url=repo, prompt=prompt, mode=mode)
-    if repo.startswith(("https://", "http://")):
-        return _remote(repo, prompt, mode, services.settings.github_hosts)
-    local = _local_path(repo)
-    if local is None:
-        return bad_request("repoUrl must be https://github.com/owner/name, owner/name, or an absolute path or "
-                           "file:// URL of a local git repository")
+    hosts = services.settings.github_hosts
+    forms = (f"repoUrl must be owner/name, https://HOST/owner/name with HOST one of {', '.join(hosts)} "
+             "(TB_GITHUB_HOSTS), or an absolute path or file:// URL of a local git repository")
+    try:
+        ref = repos.parse(repo, hosts)
+    except repos.RepoError as exc:
+        return bad_request(f"{forms}: {exc}")
+    if ref.kind == "https":
+        return bad_request(f"{forms}: {ref.host} is not one of the GitHub hosts")
+    if ref.kind == "github":
+        return RunRequest(repo_url=str(ref), prompt=prompt, mode=mode)
+    local = ref.path.resolve()
     roots = services.settings.local_roots
     if not loopback and not any(local == r or r in local.parents for r in roots):
         return bad_request("local repositories are accepted only while the service listens on loopback, or under "
@@ -104,30 +106,6 @@ def _control_character(name: str, value: str) -> web.Response | None:
     shown = f"U+{code:04X}" + (f" ({label})" if label else "")
     return bad_request(f"{name} holds the control character {shown} at offset {found.start()} (counting from 0): "
                        "remove it; of the control characters only newline, tab and carriage return are accepted")
-
-
-def _remote(repo: str, prompt: str, mode: str, hosts: tuple[str, ...]) -> RunRequest | web.Response:
-    parts = urlsplit(repo)
-    try:
-        port = parts.port
-    except ValueError:
-        port = -1
-    if parts.username or parts.password:
-        return bad_request("repoUrl must not carry credentials; the github server holds the token")
-    path = parts.path.strip("/").removesuffix(".git")
-    if parts.scheme != "https" or (parts.hostname or "") not in hosts or not OWNER_NAME.match(path) \
-            or parts.query or parts.fragment or port is not None:
-        return bad_request(f"repoUrl must be https://HOST/owner/name with HOST one of {', '.join(hosts)} "
-                           "(TB_GITHUB_HOSTS), owner/name, or a local repository path")
-    return RunRequest(repo_url=f"https://{parts.hostname}/{path}", prompt=prompt, mode=mode)
-
-
-def _local_path(repo: str) -> Path | None:
-    if repo.startswith("file://"):
-        repo = urlsplit(repo).path
-    if not repo.startswith("/") or "\x00" in repo:
-        return None
-    return Path(repo).resolve()
 
 
 async def post_code(request: web.Request) -> web.StreamResponse:

@@ -52,7 +52,6 @@ class Settings:
     local_roots: tuple[Path, ...] = ()  # local repositories allowed under these, even off loopback
     ping_seconds: float = 15.0
     tool_result_chars: int = 30_000  # a longer tool result is cut to its head and tail before the model sees it
-    branch_prefix: str = "tb/"
     data_dir: Path = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "tiny-backspace"
     shutdown_grace_s: float = 30.0  # on SIGTERM, running runs get this long to finish
     review_rounds: int = 2  # coder-reviewer rounds before a draft pull request
@@ -104,7 +103,6 @@ class Settings:
             max_prompt_chars=num("TB_MAX_PROMPT_CHARS", cls.max_prompt_chars),
             local_roots=roots,
             ping_seconds=num("TB_PING_S", cls.ping_seconds, float),
-            branch_prefix=env.get("GITHUB_BRANCH_PREFIX", cls.branch_prefix),
             review_rounds=num("TB_REVIEW_ROUNDS", cls.review_rounds),
             data_dir=Path(env["TB_DATA_DIR"]) if env.get("TB_DATA_DIR") else cls.data_dir,
             api_token=env.get("TB_API_TOKEN") or None,

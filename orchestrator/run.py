@@ -80,7 +80,7 @@ class PublishGuard:
 
     PUBLISHED_TEXT = ("message", "title", "body", "branch", "head")
 
-    def __init__(self, pool: ToolPool, redact: Redactor, sandbox_id: str, branch_prefix: str = "tb/"):
+    def __init__(self, pool: ToolPool, redact: Redactor, sandbox_id: str, branch_prefix: str):
         self.pool = pool
         self.redact = redact
         self.sandbox_id = sandbox_id
@@ -139,6 +139,10 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, tr
     yield events("run", repo=request.repo_url, prompt=request.prompt, model=services.model.name, mode=request.mode,
                  events_url=f"/runs/{events.run_id}/events", trace_id=trace_id)
     try:
+        # The github server decides which branches it writes; asked first, so a repository it cannot serve is
+        # refused before any work is done.
+        forge = await _call(pool, "github", "get_repository", {"repo": request.repo_url}, limits.tool_seconds)
+        prefix = forge["branch_prefix"]
         yield events("status", stage="sandbox", message="cloning the repository into a sandbox")
         with telemetry.sandbox_span("create"):
             info = await _call(pool, "sandbox", "create_sandbox", {"repo_url": request.repo_url},
@@ -146,14 +150,14 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, tr
         sandbox_id = info["sandbox_id"]
         yield events("sandbox", **info)
         redact = Redactor()
-        guard = PublishGuard(pool, redact, sandbox_id, settings.branch_prefix)
+        guard = PublishGuard(pool, redact, sandbox_id, prefix)
         tools = RunTools(guard, sandbox_id, request.repo_url, info["base_commit"], limits.tool_seconds,
                          settings.tool_result_chars)
         crew = Crew(services.model, tools, budget, events, redact, settings.role_models)
         work = Work()
         stopped: LimitReached | None = None
         args = (crew, work, request.prompt, request.repo_url, info["default_branch"], limits.max_turns)
-        flow = (single(*args, settings.branch_prefix) if request.mode == "single"
+        flow = (single(*args, prefix) if request.mode == "single"
                 else team(*args, settings.review_rounds))
         try:
             async for event in flow:
@@ -161,7 +165,7 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, tr
         except LimitReached as exc:
             stopped = exc
             yield events("error", reason="limit", limit=exc.limit, message=str(exc))
-        async for event in _publish(request, tools, work, events, stopped, settings, redact):
+        async for event in _publish(request, tools, work, events, stopped, settings, redact, prefix):
             yield event
         status = "limit" if stopped else "success" if tools.pull_request else "no_changes"
         outcome = {"status": status}
@@ -186,7 +190,7 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, tr
 
 
 async def _publish(request: RunRequest, tools: RunTools, work: Work, events: EventLog, stopped: LimitReached | None,
-                   settings: Settings, redact: Redactor) -> AsyncIterator[Event]:
+                   settings: Settings, redact: Redactor, prefix: str) -> AsyncIterator[Event]:
     """Show the diff; open a pull request for changes no agent published: a draft when a limit stopped the run or
     the reviewer did not approve, saying why."""
     exported = await tools.export()
@@ -206,7 +210,7 @@ async def _publish(request: RunRequest, tools: RunTools, work: Work, events: Eve
                         None)
         yield events("status", stage="publish", message="opening a pull request" + (" (draft)" if draft_reason
                                                                                       else ""))
-        branch = f"{settings.branch_prefix}{_slug(request.prompt)}-{events.run_id[-6:]}"
+        branch = f"{prefix}{_slug(request.prompt)}-{events.run_id[-6:]}"
         title = _title(request.prompt)
         body = _body(request, work, changeset, draft_reason, events.run_id)
         repo, draft = request.repo_url, draft_reason is not None

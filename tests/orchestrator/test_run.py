@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+
+from orchestrator.mcp_pool import ToolPool, load_config
 
 from tests.conftest import git
 from tests.fakes.messages_api import text, tool_use, turn
@@ -101,3 +104,22 @@ async def test_idle_streams_get_ping_comments_and_long_results_are_cut_for_the_m
     fed = s.api.requests[1]["messages"][-1]["content"][0]["content"]
     assert len(fed) < 2200 and "characters dropped" in fed
     assert fed.lstrip().startswith("{") and fed.rstrip().endswith("}")
+
+
+async def test_the_branch_prefix_is_the_github_servers_alone(mcp_config, make_repo, tmp_path):
+    config = json.loads(mcp_config.read_text())
+    config["mcpServers"]["github"]["env"]["GITHUB_BRANCH_PREFIX"] = "bot/"  # set in mcp.json only
+    path = tmp_path / "mcp.json"
+    path.write_text(json.dumps(config))
+    bot_pool = ToolPool(load_config(path, env={"PATH": os.environ["PATH"]}))
+    await bot_pool.start(wait_s=60)
+    try:
+        repo = make_repo(BUGGY)
+        edit = turn(tool_use("sandbox_edit_file", {"path": "calc.py", "old_text": "a - b", "new_text": "a + b"}))
+        async with stack(bot_pool, [edit, turn(text("Fixed."))]) as s:
+            _, events, _ = await post_code(s.url, {"repoUrl": str(repo), "prompt": "Fix add()", "mode": "single"})
+    finally:
+        await bot_pool.close()
+    assert events[-1]["status"] == "success", of_type(events, "error")
+    head = of_type(events, "pull_request")[0]["head"]
+    assert head.startswith("bot/") and git(repo, "branch", "--list", "bot/*").strip().endswith(head)

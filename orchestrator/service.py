@@ -10,6 +10,8 @@ from pathlib import Path
 
 from mcp import StdioServerParameters
 
+from common.settings import ConfigError as BadSettings
+
 from .config import Settings
 from .mcp_pool import ConfigError, ToolPool, load_config
 from .model import AnthropicModel, anthropic_client
@@ -44,8 +46,8 @@ def settings_from_env() -> Settings:
     """The settings, or a `StartupError` naming the variable whose value cannot be used."""
     try:
         return Settings.from_env()
-    except (SystemExit, ValueError) as exc:  # a bad TB_* value
-        raise StartupError(f"{exc}: correct it, or unset it for the default") from None
+    except BadSettings as exc:  # bad TB_* values
+        raise StartupError(f"{exc}: correct them, or unset them for the defaults") from None
 
 
 def build_services(settings: Settings, mcp_config: Path | None = None) -> Services:

@@ -37,3 +37,13 @@ def test_every_bad_value_is_named_at_once_and_a_secret_is_never_repeated():
     assert "short" not in message.replace("is too short", "")
     with pytest.raises(ConfigError, match="X_COUNT='0': must be 1 or more"):
         read(Example, {"X_COUNT": "0"})
+
+
+def test_the_orchestrator_reads_its_settings_the_same_way():
+    from orchestrator.config import Settings
+
+    got = Settings.from_env({"TB_OVERLOADED_RETRIES": "0", "TB_LOCAL_ROOTS": "/srv/a:/srv/b", "TB_PLANNER_MODEL": "m",
+                             "TB_GITHUB_HOSTS": "GitHub.com, ghe.example.com", "TB_API_TOKEN": "${TB_API_TOKEN}"})
+    assert got.limits.overloaded_retries == 0 and got.local_roots == (Path("/srv/a"), Path("/srv/b"))
+    assert got.role_models == {"planner": "m"} and got.github_hosts == ("github.com", "ghe.example.com")
+    assert got.api_token is None

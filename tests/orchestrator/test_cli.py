@@ -165,9 +165,10 @@ async def test_a_port_in_use_is_one_line_saying_what_to_do(tmp_path):
 
 
 async def test_a_bad_variable_is_one_line_naming_it(make_repo, tmp_path):
-    env = {"TB_MAX_TURNS": "abc", "TB_DATA_DIR": str(tmp_path / "data")}
+    env = {"TB_MAX_TURNS": "abc", "TB_OVERLOADED_RETRIES": "-1", "TB_DATA_DIR": str(tmp_path / "data")}
     served = await command("--port", str(free_port()), cwd=tmp_path, env=env, timeout=30)
     ran = await command("run", "--in-process", *fix(make_repo(BUGGY)), cwd=tmp_path, env=env, timeout=30)
     for code, _, err in (served, ran):
         assert code == 2 and len(err) == 1, err
-        assert err[0].startswith("error: TB_MAX_TURNS='abc'") and "unset it" in err[0], err
+        assert err[0].startswith("error: bad configuration: TB_MAX_TURNS='abc': expected a whole number"), err
+        assert "TB_OVERLOADED_RETRIES='-1': must be 0 or more" in err[0] and "unset them" in err[0], err

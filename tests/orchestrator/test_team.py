@@ -161,7 +161,8 @@ async def test_a_malformed_hand_over_is_an_error_the_agent_can_fix(pool, make_re
 
 async def test_each_role_can_have_its_own_model_and_is_priced_at_it(pool, make_repo):
     roles = {"planner": "claude-haiku-test", "reviewer": "claude-opus-test"}
-    async with stack(pool, planner() + coder() + reviewer("approve"), role_models=roles) as s:
+    async with stack(pool, planner() + coder() + reviewer("approve"), planner_model=roles["planner"],
+                     reviewer_model=roles["reviewer"]) as s:
         _, events, _ = await post_code(s.url, request(make_repo(BUGGY)))
     asked = [r["model"] for r in s.api.requests]
     assert asked == ["claude-haiku-test"] * 2 + ["claude-sonnet-test"] * 3 + ["claude-opus-test"] * 2

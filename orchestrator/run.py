@@ -216,19 +216,9 @@ async def _publish(request: RunRequest, tools: RunTools, work: Work, events: Eve
         repo, draft = request.repo_url, draft_reason is not None
         timeout = min(settings.limits.tool_seconds, PUBLISH_CALL_SECONDS)
         with telemetry.span("publish", {"tb.branch": branch, "tb.draft": draft}):
-            ref = await _call(tools.pool, "github", "create_branch", {"repo": repo, "branch": branch,
-                                                                      "from_sha": tools.base_commit}, timeout)
-            try:
-                await _call(tools.pool, "github", "commit_changes", {"repo": repo, "branch": branch,
-                                                                     "message": title, "changes": changeset}, timeout)
-            except RunFailed as exc:
-                if not ref.get("created"):
-                    raise
-                # No tool deletes a branch; say which one is left so that someone can.
-                where = ref.get("repo") or repo
-                how = f"git -C {where} branch -D {branch}" if where.startswith("/") else "on GitHub"
-                raise RunFailed(f"{exc}. The branch {branch} made for it is left empty in {where}: delete it "
-                                f"({how})") from None
+            # commit_changes makes the branch at the new commit: a changeset the forge refuses leaves no branch.
+            await _call(tools.pool, "github", "commit_changes", {"repo": repo, "branch": branch, "message": title,
+                                                                 "changes": changeset}, timeout)
             pr = await _call(tools.pool, "github", "open_pull_request", {"repo": repo, "head": branch,
                                                                          "title": title, "body": body,
                                                                          "draft": draft}, timeout)

@@ -134,7 +134,8 @@ class LocalForge:
         return BranchRef(ref=ref, sha=sha, repo=str(self.path), created=created)
 
     async def commit_changes(self, branch: str, message: str, changes: Changeset) -> CommitResult:
-        """Commit the changeset on top of `branch`, which must still be at the changeset's base commit."""
+        """Commit the changeset on top of `branch`, which must still be at the changeset's base commit, or is made at
+        the new commit when it does not exist yet."""
         check_writable_branch(branch, self.prefix, *await self._protected())
         check_message(message)
         decoded = decode_changeset(changes)
@@ -142,9 +143,7 @@ class LocalForge:
             refuse_workflow_changes(decoded)
         base = decoded.base_commit
         tip = await self._branch_sha(branch)
-        if tip is None:
-            raise ForgeError(f"branch {branch!r} does not exist; call create_branch first")
-        if tip != base:
+        if tip is not None and tip != base:
             raise ForgeError(f"branch {branch!r} moved: it is at {tip} but the changes are based on {base}; "
                              "export the changes again from that commit or use a new branch")
         with tempfile.TemporaryDirectory(prefix="tb-commit-") as tmp:
@@ -167,8 +166,9 @@ class LocalForge:
             raise ForgeError("the changeset changes nothing in the base commit; there is nothing to commit")
         commit = await self._git("commit-tree", "--no-gpg-sign", tree, "-p", base, "-F", "-",
                                  stdin=message.encode())
+        # A missing branch is made only now, at the new commit: a changeset refused above leaves nothing behind.
         if not await self._ok("update-ref", "-m", "tiny-backspace: commit_changes", f"refs/heads/{branch}",
-                              commit, base):
+                              commit, base if tip is not None else zero):
             raise ForgeError(f"branch {branch!r} moved while committing; export the changes again and retry")
         return CommitResult(sha=commit, branch=branch, parent=base, files_written=len(decoded.files),
                             files_deleted=len(decoded.deleted))

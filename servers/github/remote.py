@@ -137,10 +137,11 @@ class GitHubForge:
         base = decoded.base_commit
         try:
             ref = target.get_git_ref(f"heads/{branch}")
-            tip = ref.object.sha
         except UnknownObjectException:
-            raise ForgeError(f"branch {branch!r} does not exist in {target.full_name}; call create_branch first") \
-                from None
+            ref = None  # made below, at the new commit, so that a refused changeset leaves no branch behind
+        tip = ref.object.sha if ref is not None else base
+        if ref is None:
+            self._await_commit(target, base, patient=target is not upstream)
         if tip != base:
             raise ForgeError(f"branch {branch!r} moved: it is at {tip} but the changes are based on {base}; "
                              "export the changes again from that commit or use a new branch")
@@ -154,7 +155,10 @@ class GitHubForge:
             raise ForgeError("the changeset changes nothing in the base commit; there is nothing to commit")
         commit = target.create_git_commit(message, tree, [parent])
         try:
-            ref.edit(commit.sha, force=False)
+            if ref is None:
+                target.create_git_ref(f"refs/heads/{branch}", commit.sha)
+            else:
+                ref.edit(commit.sha, force=False)
         except GithubException as exc:
             if exc.status != 422:
                 raise

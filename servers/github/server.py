@@ -121,7 +121,7 @@ def build_server(settings: Settings | None = None) -> MCPServer:
                                                   "then details.", min_length=1, max_length=65_536)],
         changes: Annotated[Changeset, Field(description="The changeset from the sandbox's export_changes.")],
     ) -> CommitResult:
-        """Commit a changeset on a branch that is still at the changeset's base commit."""
+        """Commit a changeset on a branch that is still at the changeset's base commit (made there when missing)."""
         leaking = redact.files_with_secrets(changes.model_dump())
         refuse_own_secrets(leaking + ["the commit message"] if redact.holds_secret(message) else leaking)
         return await forge_for(repo).commit_changes(branch, message, changes)

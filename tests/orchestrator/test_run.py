@@ -123,3 +123,15 @@ async def test_the_branch_prefix_is_the_github_servers_alone(mcp_config, make_re
     assert events[-1]["status"] == "success", of_type(events, "error")
     head = of_type(events, "pull_request")[0]["head"]
     assert head.startswith("bot/") and git(repo, "branch", "--list", "bot/*").strip().endswith(head)
+
+
+async def test_a_changeset_the_forge_refuses_leaves_no_branch_behind(pool, make_repo):
+    repo = make_repo(BUGGY)
+    script = [turn(tool_use("sandbox_write_file", {"path": ".github/workflows/ci.yml", "content": "on: push\n"})),
+              turn(text("Added CI."))]
+    async with stack(pool, script) as s:
+        _, events, _ = await post_code(s.url, {"repoUrl": str(repo), "prompt": "Add CI", "mode": "single"})
+    error = of_type(events, "error")[0]
+    assert ".github/workflows/ci.yml" in error["message"] and "GITHUB_ALLOW_WORKFLOW_CHANGES" in error["message"]
+    assert events[-1]["status"] == "error"
+    assert git(repo, "branch", "--list", "tb/*") == ""

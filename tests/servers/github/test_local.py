@@ -108,8 +108,14 @@ async def test_a_branch_that_moved_since_its_base_is_refused(repo: Path) -> None
     with pytest.raises(ForgeError, match="moved"):
         await forge.commit_changes("tb/moved", "two", changes(base, {"two.txt": b"2"}))
     assert git(repo, "rev-parse", "tb/moved") == first.sha
-    with pytest.raises(ForgeError, match="does not exist; call create_branch"):
-        await forge.commit_changes("tb/never", "msg", changes(base, {"a": b"a"}))
+
+async def test_a_commit_to_a_missing_branch_makes_it_and_a_refused_one_leaves_none(repo: Path) -> None:
+    forge, base = LocalForge(repo, "tb/"), git(repo, "rev-parse", "main")
+    made = await forge.commit_changes("tb/new", "msg", changes(base, {"a.txt": b"a"}))
+    assert git(repo, "rev-parse", "tb/new") == made.sha and git(repo, "rev-parse", "tb/new^") == base
+    with pytest.raises(ForgeError, match="workflow"):
+        await forge.commit_changes("tb/ci", "msg", changes(base, {".github/workflows/x.yml": b"on: push"}))
+    assert git(repo, "branch", "--list", "tb/ci") == ""
 
 
 async def test_create_branch_succeeds_again_at_the_same_sha_and_refuses_another(repo: Path) -> None:

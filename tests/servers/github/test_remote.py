@@ -193,3 +193,11 @@ async def test_an_issue_is_read_with_its_labels(fake: FakeGitHub) -> None:
     assert (issue.number, issue.title, issue.labels, issue.author) == (7, "Login fails", ["bug"], "reporter")
     with pytest.raises(ForgeError, match="issue #8 was not found"):
         await forge(fake).get_issue(8)
+
+
+async def test_a_commit_to_a_missing_branch_makes_the_branch_last(fake: FakeGitHub) -> None:
+    gh, base = forge(fake), fake.repos["octo/demo"].refs["main"]
+    made = await gh.commit_changes("tb/new", "msg", changes(base, {"a.txt": b"a"}))
+    assert fake.repos["octo/demo"].refs["tb/new"] == made.sha
+    writes = [r.path for r in fake.requests if r.method != "GET"]
+    assert writes[-1].endswith("/git/refs")  # the ref is made only once the commit exists

@@ -162,9 +162,7 @@ async def stdio_server(root: Path) -> AsyncIterator[Client]:
 def bare_bwrap_argv(sandbox: HostSandbox) -> list[str]:
     """The backend's own argv for `true`, up to and including bubblewrap's `--`, then `true` alone."""
     argv = sandbox.jail_argv(0, ".")[0]
-    argv = argv[: argv.index("--") + 1] + ["true"]
-    at = argv.index("--ro-bind-data")  # the baseline has no script to deliver
-    return argv[:at] + argv[at + 3:]
+    return argv[: argv.index("--") + 1] + ["true"]
 
 
 async def bench_exec(stdio: Client, manager: SandboxManager, repo: Path) -> Result:

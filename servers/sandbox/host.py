@@ -218,9 +218,10 @@ class HostSandbox:
             self._calls.release()
 
     async def _run(self, command: str, timeout_s: float, cwd: str, cap: int, read_only: bool) -> ExecResult:
-        script = self.limits.shell_prefix(address_space=self.cgroup is None) + command
-        # The script travels in a memory file, not in argv, where every local user could read it in /proc.
+        # The script travels in a memory file, not in argv, where every local user could read it in /proc. bash
+        # reads it through /dev/fd/N on a descriptor of its own, so the command first closes the one it inherits.
         script_fd = os.memfd_create("tb-command", os.MFD_CLOEXEC)
+        script = f"exec {script_fd}<&-; " + self.limits.shell_prefix(address_space=self.cgroup is None) + command
         try:
             os.pwrite(script_fd, script.encode("utf-8", "replace"), 0)  # read from offset 0
             argv, host_cwd = self.jail_argv(script_fd, cwd, read_only)

@@ -12,7 +12,6 @@ from .host import SANDBOX_ENV, HostSandbox
 WORKDIR = "/workspace"
 TMPFS_BYTES = str(1024**3)  # each scratch tmpfs; memory-backed, so bounded (and charged to the sandbox's cgroup)
 SHM_BYTES = str(256 * 1024**2)
-COMMAND = "/run/tb-command"
 
 
 def _system_binds() -> list[str]:
@@ -59,6 +58,5 @@ class BwrapSandbox(HostSandbox):
         ]
         for key, value in SANDBOX_ENV.items():
             bwrap += ["--setenv", key, value]
-        # bubblewrap copies the script into a read-only file of the jail and closes the descriptor.
-        bwrap += ["--ro-bind-data", str(script_fd), COMMAND, "--chdir", inside, "--", "bash", COMMAND]
+        bwrap += ["--chdir", inside, "--", "bash", f"/dev/fd/{script_fd}"]
         return bwrap, None

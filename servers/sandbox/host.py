@@ -28,6 +28,7 @@ from common.changeset import MAX_CHANGESET_BYTES, ChangedFile, Changeset
 from . import files, listing, volume
 from .base import ExecResult, SandboxError, SandboxInfo
 from .cgroup import Cgroup
+from .system import run_tool
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -358,15 +359,6 @@ async def collect_changes(base: str, run: Callable[[str, int], Awaitable[ExecRes
     if len(diff) > DIFF_CAP:
         diff = diff[:DIFF_CAP] + f"\n… [diff cut at {DIFF_CAP} characters; the changeset holds every file whole]\n"
     return Changeset(base_commit=base, files=out, deleted=deleted), diff
-
-
-async def run_tool(*argv: str) -> None:
-    """Run a coreutils command (they walk any depth of tree without recursion limits); fail with its stderr."""
-    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
-                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    _, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise SandboxError(f"{argv[0]} failed: {err.decode('utf-8', 'replace').strip()[-500:]}")
 
 
 async def remove_tree(path: Path) -> None:

@@ -46,7 +46,7 @@ class BwrapSandbox(HostSandbox):
             shutil.which("bwrap") or "bwrap",
             *_system_binds(),
             "--ro-bind" if read_only else "--bind", str(self.repo), WORKDIR,
-            # /dev is a tmpfs of half the host's memory that bubblewrap cannot size: read-only, but for a sized /dev/shm.
+            # /dev is a tmpfs of half the host's memory that bubblewrap cannot size: read-only, but a sized /dev/shm.
             "--proc", "/proc", "--dev", "/dev", "--perms", "01777", "--size", SHM_BYTES, "--tmpfs", "/dev/shm",
             "--remount-ro", "/dev",
             "--size", TMPFS_BYTES, "--tmpfs", "/tmp", "--size", TMPFS_BYTES, "--tmpfs", "/var/tmp",

@@ -24,7 +24,8 @@ from .base import BackendUnavailable, Sandbox, SandboxError, SandboxInfo
 from .cgroup import Budget, Cgroup, Hierarchy
 from .clone import clone, refuse_under
 from . import volume
-from .host import Limits, drop_groups, remove_tree, run_tool
+from .host import Limits, drop_groups, remove_tree
+from .system import run_tool
 from .modal_setup import ModalSettings, ModalUnavailable, has_credentials
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,8 @@ from common.changeset import MAX_CHANGESET_BYTES, Changeset
 
 from . import files, listing, remote_files
 from .base import BackendUnavailable, ExecResult, SandboxError, SandboxInfo
-from .host import OUTPUT_CAP, SANDBOX_ENV, Limits, _capture, collect_changes, run_tool
+from .host import OUTPUT_CAP, SANDBOX_ENV, Limits, _capture, collect_changes
+from .system import run_tool
 from .modal_setup import ModalSettings, ModalUnavailable, has_credentials, image, import_modal, why_unavailable
 
 log = logging.getLogger(__name__)

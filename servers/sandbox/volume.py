@@ -11,7 +11,6 @@ system with only the per-file size limit (the README says so).
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import errno
 import os
@@ -20,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from .base import SandboxError
+from .system import run_tool
 
 # No journal (nothing to recover: the volume dies with its sandbox), few block-group copies, lazily zeroed tables,
 # an inode per 16 KiB (node_modules-like trees are many small files): a few milliseconds to make.
@@ -47,34 +47,21 @@ def unavailable() -> str | None:
     return None
 
 
-async def _tool(*argv: str) -> None:
-    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
-                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    try:
-        async with asyncio.timeout(TIMEOUT_S):
-            _, err = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise SandboxError(f"{argv[0]} took longer than {TIMEOUT_S} s") from None
-    if proc.returncode != 0:
-        raise SandboxError(f"{argv[0]} failed: {err.decode('utf-8', 'replace').strip()[-500:]}")
-
-
 async def make(home: Path, size_mib: int) -> Path:
     """A fresh file system of `size_mib` mounted at `home`/volume; the mount point."""
     point = home / "volume"
     point.mkdir(mode=0o711)
     if fs_type(home) == "tmpfs":
-        await _tool("mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0711,nosuid,nodev", "tmpfs", str(point))
+        await run_tool("mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0711,nosuid,nodev", "tmpfs", str(point),
+                       timeout=TIMEOUT_S)
         return point
     image = home / "volume.img"
     with open(image, "wb") as f:
         os.fchmod(f.fileno(), 0o600)
         _reserve(f.fileno(), size_mib * 1024 * 1024, home)
-    await _tool("mkfs.ext4", *MKFS, str(image))
+    await run_tool("mkfs.ext4", *MKFS, str(image), timeout=TIMEOUT_S)
     # nosuid and nodev: nothing the sandbox plants in its volume is a way up or a device.
-    await _tool("mount", "-o", "loop,nosuid,nodev,noatime", str(image), str(point))
+    await run_tool("mount", "-o", "loop,nosuid,nodev,noatime", str(image), str(point), timeout=TIMEOUT_S)
     point.chmod(0o711)
     return point
 
@@ -129,6 +116,6 @@ async def unmount_under(path: Path) -> None:
     """Unmount every volume at or below `path` (their loop devices go with them)."""
     for point in mounts_under(path):
         try:
-            await _tool("umount", point)
+            await run_tool("umount", point, timeout=TIMEOUT_S)
         except SandboxError:  # still busy: detach it now, the kernel frees it when the last user lets go
-            await _tool("umount", "--lazy", point)
+            await run_tool("umount", "--lazy", point, timeout=TIMEOUT_S)

@@ -192,7 +192,7 @@ def test_agents_model_calls_and_tool_calls_nest_under_the_run(traced: TracedRun)
     assert traced.parents("publish") == {"run"}
     assert traced.parents("execute_tool create_sandbox") == {"sandbox.create"}
     assert traced.parents("execute_tool destroy_sandbox") == {"sandbox.destroy"}
-    for tool in ("create_branch", "commit_changes", "open_pull_request"):
+    for tool in ("commit_changes", "open_pull_request"):  # commit_changes makes the branch
         assert traced.parents(f"execute_tool {tool}") == {"publish"}
     # Under every tool span, the mcp SDK's client span that carries the trace to the server.
     for span in traced.spans:
@@ -240,7 +240,7 @@ def test_the_servers_spans_join_the_run_trace_over_stdio_and_over_http(traced: T
         assert span.attributes["process.exit.code"] == 0 and span.attributes["tb.exec.timed_out"] is False
         assert chain(span)[:4] == ["sandbox.exec", "tools/call exec", "MCP send tools/call exec",
                                    "execute_tool exec"]
-    for tool in ("create_branch", "commit_changes", "open_pull_request"):
+    for tool in ("commit_changes", "open_pull_request"):  # commit_changes makes the branch
         (forge,) = [s for s in server_spans if s.name == f"forge.{tool}"]
         assert forge.service == "tiny-backspace-github" and forge.attributes["tb.forge"] == "local"
         assert chain(forge) == [f"forge.{tool}", f"tools/call {tool}", f"MCP send tools/call {tool}",

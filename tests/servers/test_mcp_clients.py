@@ -8,12 +8,9 @@ import base64
 import importlib.metadata
 import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -23,6 +20,7 @@ from mcp import Client, StdioServerParameters
 from mcp_types import CallToolResult
 
 from tests.conftest import git, held_client
+from tests.servers.sandbox.conftest import free_port, sandbox_root  # noqa: F401 - sandbox_root is a fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 VERSION = importlib.metadata.version("tiny-backspace")
@@ -32,21 +30,6 @@ NOT_NEWLINES = {"line separator": "\u2028", "next line": "\u0085", "form feed": 
 
 def server_env(**extra: str) -> dict[str, str]:
     return {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "SANDBOX_BACKEND": "local", **extra}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def sandbox_root() -> Iterator[Path]:
-    """A sandbox root the unprivileged sandbox user can reach (pytest's own tmp_path is private to root)."""
-    root = Path(tempfile.mkdtemp(prefix="tb-test-clients-"))
-    root.chmod(0o711)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def stdio(server: str, **env: str) -> StdioServerParameters:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from common import repos
 from common.git import UnsafeRepository, check_self_contained, git_dirs, host_git_env
 
 from .base import SandboxError
+from .system import run_tool
 
 CLONE_TIMEOUT_S = 300
 _REF = re.compile(r"^(?!-)(?!.*\.\.)[A-Za-z0-9._/@+-]{1,250}$")
@@ -48,18 +48,7 @@ def refuse_under(repo_url: str, root: Path) -> None:
 
 async def git(*args: str, cwd: Path | None = None, timeout: float = CLONE_TIMEOUT_S) -> str:
     """Run host git with a clean environment; a `SandboxError` carries its stderr."""
-    proc = await asyncio.create_subprocess_exec(
-        "git", *args, cwd=cwd, env=GIT_ENV, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise SandboxError(f"git {args[0]} took longer than {timeout:g} s") from None
-    if proc.returncode != 0:
-        raise SandboxError(f"git {args[0]} failed: {err.decode('utf-8', 'replace').strip()[-800:]}")
-    return out.decode("utf-8", "replace").strip()
+    return await run_tool("git", *args, cwd=cwd, env=GIT_ENV, timeout=timeout, what=f"git {args[0]}")
 
 
 def refuse_borrowed_objects(path: Path, name: str) -> None:

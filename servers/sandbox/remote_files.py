@@ -75,14 +75,12 @@ def reply(op: str, out: bytes, err: bytes, code: int) -> Any:
 
 
 def shaped(value: Any, kind: str) -> Any:
-    """`value` if it has the shape of a `kind` result ("text", "count" or "listing"); the reply comes from the
-    sandbox, which the agent controls."""
+    """`value` if it has the shape of a `kind` result ("text" or "count"); the reply comes from the sandbox, which
+    the agent controls."""
     ok = {
         "text": isinstance(value, str),
         "count": isinstance(value, int) and not isinstance(value, bool),
-        "listing": isinstance(value, list) and len(value) == 2 and isinstance(value[1], bool)
-        and isinstance(value[0], list) and all(isinstance(v, str) for v in value[0]),
     }[kind]
     if not ok:
         raise SandboxError("the sandbox answered a file tool with a malformed reply")
-    return tuple(value) if kind == "listing" else value
+    return value

@@ -24,18 +24,8 @@ TOKEN = "tb-cli-test-token-" + "y" * 24
 
 async def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 90) -> tuple[int, str, str]:
     """Run the CLI to its end: (exit code, stdout, stderr)."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("TB_", "ANTHROPIC_"))}
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "orchestrator", "run", *args, cwd=ROOT,
-                                                env=base | (env or {}), stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
-    try:
-        async with asyncio.timeout(timeout):
-            out, err = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    return proc.returncode, out.decode(), err.decode()
+    code, out, err = await command("run", *args, cwd=ROOT, env=env or {}, timeout=timeout)
+    return code, out, "\n".join(err)
 
 
 def fix(repo: Path, *extra: str) -> list[str]:

@@ -46,6 +46,15 @@ print("swapped")
 """
 
 
+def together(count: int) -> str:
+    """Python lines that wait (20 s at most) until `count` commands of the sandbox reached them: proof that they ran
+    at the same time."""
+    return ("open(f'ready.{sys.argv[1]}', 'w').close()\n"
+            "end = time.monotonic() + 20\n"
+            f"while len([f for f in os.listdir('.') if f.startswith('ready.')]) < {count} and time.monotonic() < end:\n"
+            "    time.sleep(0.01)\n")
+
+
 @pytest.fixture
 def host_secret() -> Iterator[tuple[Path, str]]:
     """A root-only folder on the host holding a canary file; the sandbox must never see its content or name."""
@@ -133,11 +142,7 @@ async def test_one_turn_of_concurrent_commands_shares_one_process_budget(sandbox
              "        time.sleep(60)\n"
              "        os._exit(0)\n"
              "    n += 1\n"
-             "open(f'ready.{sys.argv[1]}', 'w').close()\n"
-             "end = time.monotonic() + 20\n"
-             "while len([f for f in os.listdir('.') if f.startswith('ready.')]) < 4 and time.monotonic() < end:\n"
-             "    time.sleep(0.01)\n"
-             "print('started', n)\n")
+             + together(4) + "print('started', n)\n")
     async with await jailed_client(sandbox_root, budget=Budget(pids=120)) as c:
         sid = await sandbox(c, make_repo({"forks.py": forks}))
         with anyio.fail_after(90):
@@ -154,11 +159,7 @@ async def test_one_turn_of_concurrent_commands_shares_one_memory_budget(sandbox_
             "block = bytearray(200 << 20)\n"
             "for i in range(0, len(block), 4096):\n"
             "    block[i] = 1\n"
-            "open(f'ready.{sys.argv[1]}', 'w').close()\n"
-            "end = time.monotonic() + 15\n"
-            "while len([f for f in os.listdir('.') if f.startswith('ready.')]) < 3 and time.monotonic() < end:\n"
-            "    time.sleep(0.01)\n"
-            "print('held')\n")
+            + together(3) + "print('held')\n")
     async with await jailed_client(sandbox_root, budget=Budget(memory_mib=384)) as c:
         sid = await sandbox(c, make_repo({"hold.py": hold}))
         with anyio.fail_after(90):

@@ -1,13 +1,14 @@
-"""`python -m bench [sandbox|orchestrator|load ...]`: run every benchmark, or the named ones; the exit status is 1
+"""`python -m bench [sandbox|egress|orchestrator|load ...]`: run every benchmark, or the named ones; the exit status is 1
 when a target was missed."""
 
 import asyncio
 import sys
 
-from . import load, orchestrator, sandbox
+from . import egress, load, orchestrator, sandbox
 from .sandbox import Result
 
-BENCHMARKS = {"sandbox": sandbox.main, "orchestrator": orchestrator.main, "load": load.main}
+BENCHMARKS = {"sandbox": sandbox.main, "egress": egress.main, "orchestrator": orchestrator.main,
+              "load": load.main}
 
 
 async def run_all(names: list[str]) -> list[Result]:

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from mcp import Client
 
+pytest_plugins = ["tests.fakes.package_index"]  # the `package_index` fixture: PyPI and npm on loopback
+
 GIT_ENV = {"GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "Test",
            "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "Test",
            "GIT_COMMITTER_EMAIL": "test@example.com"}
@@ -22,9 +24,11 @@ GIT_ENV = {"GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1", "GIT_AU
 def remove_sandbox_root(root: Path) -> None:
     """Remove a test's sandbox root as the next server on it would: what its servers left (a server a test killed
     leaves volumes mounted and control groups behind) is reaped first."""
+    from servers.sandbox import volume
     from servers.sandbox.manager import SandboxManager, Settings
 
     asyncio.run(SandboxManager(Settings(backend="local", root=root)).reap_orphans())
+    asyncio.run(volume.unmount_under(root))  # the prepared environments it kept
     subprocess.run(["rm", "-rf", "--one-file-system", "--", str(root)], check=False)
 
 

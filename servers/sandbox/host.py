@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import contextlib
 import ctypes
 import os
@@ -79,12 +80,26 @@ class Captured:
     truncated: bool
 
 
-async def _capture(stream: asyncio.StreamReader, cap: int) -> Captured:
+Output = Callable[[str], None]  # receives a command's output as it comes, for a client watching it live
+
+
+@dataclass(frozen=True)
+class SetupMounts:
+    """What a setup's jail has that a command's has not: the environment to fill, and the way to the network."""
+
+    env_dir: Path  # mounted read-write at /env
+    egress_socket: Path | None  # the egress proxy's Unix socket, bound into the jail
+
+
+async def _capture(stream: asyncio.StreamReader, cap: int, on_output: Output | None = None) -> Captured:
     """Read a stream to its end, keeping its first and last `cap // 2` bytes."""
     half = cap // 2
     head, tail = bytearray(), bytearray()
     dropped = 0
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
     while chunk := await stream.read(65536):
+        if on_output is not None:
+            on_output(decoder.decode(chunk))
         if len(head) < half:
             take = half - len(head)
             head += chunk[:take]
@@ -184,6 +199,13 @@ class HostSandbox:
         self._files = ThreadPoolExecutor(1, thread_name_prefix=f"files-{info.sandbox_id[:12]}")
         self._calls = asyncio.Semaphore(max_calls)
         self.max_calls = max_calls
+        self.environment: Path | None = None  # the prepared environment every command sees at /env, read-only
+        self.on_destroy: list[Callable[[], None]] = []
+
+    def use_environment(self, path: Path, release: Callable[[], None]) -> None:
+        """Give every later command the environment at `path`; `release` runs when the sandbox is destroyed."""
+        self.environment = path
+        self.on_destroy.append(release)
 
     @property
     def env(self) -> dict[str, str]:
@@ -196,13 +218,15 @@ class HostSandbox:
         join = self.cgroup.join_argv() if self.cgroup else []
         return [*join, SETPRIV, *ids, "--pdeathsig", "SIGKILL", "--"]
 
-    def jail_argv(self, script_fd: int, cwd: str, read_only: bool = False) -> tuple[list[str], str | None]:
+    def jail_argv(self, script_fd: int, cwd: str, read_only: bool = False, setup: SetupMounts | None = None
+                  ) -> tuple[list[str], str | None]:
         """The argv that runs the shell script in the descriptor `script_fd` in `cwd` (relative to the
-        repository), and the host cwd to start it in."""
+        repository), and the host cwd to start it in; with `setup`, in a setup's jail."""
         raise NotImplementedError
 
     async def run(self, command: str, timeout_s: float, workdir: str = ".", cap: int = OUTPUT_CAP,
-                  read_only: bool = False) -> ExecResult:
+                  read_only: bool = False, on_output: Output | None = None, setup: SetupMounts | None = None
+                  ) -> ExecResult:
         """Run `command` in the jail; kill everything it started when it ends or times out."""
         self._check_alive()
         cwd = files.normalize(workdir, allow_root=True)
@@ -214,18 +238,19 @@ class HostSandbox:
             raise SandboxError(f"{self.max_calls} commands were already running in this sandbox for all of "
                                f"{timeout_s:g} s; wait for them to finish, or run fewer at once") from None
         try:
-            return await self._run(command, timeout_s, cwd, cap, read_only)
+            return await self._run(command, timeout_s, cwd, cap, read_only, on_output, setup)
         finally:
             self._calls.release()
 
-    async def _run(self, command: str, timeout_s: float, cwd: str, cap: int, read_only: bool) -> ExecResult:
+    async def _run(self, command: str, timeout_s: float, cwd: str, cap: int, read_only: bool,
+                   on_output: Output | None, setup: SetupMounts | None) -> ExecResult:
         # The script travels in a memory file, not in argv, where every local user could read it in /proc. bash
         # reads it through /dev/fd/N on a descriptor of its own, so the command first closes the one it inherits.
         script_fd = os.memfd_create("tb-command", os.MFD_CLOEXEC)
         script = f"exec {script_fd}<&-; " + self.limits.shell_prefix(address_space=self.cgroup is None) + command
         try:
             os.pwrite(script_fd, script.encode("utf-8", "replace"), 0)  # read from offset 0
-            argv, host_cwd = self.jail_argv(script_fd, cwd, read_only)
+            argv, host_cwd = self.jail_argv(script_fd, cwd, read_only, setup)
             proc = await asyncio.create_subprocess_exec(
                 *self.spawn_prefix(), *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, env=self.env, cwd=host_cwd, start_new_session=True,
@@ -235,7 +260,7 @@ class HostSandbox:
         self._groups.add(proc.pid)
         if self._destroyed:  # destroyed while we were starting it
             self._kill_group(proc.pid)
-        readers = asyncio.gather(_capture(proc.stdout, cap), _capture(proc.stderr, cap))
+        readers = asyncio.gather(_capture(proc.stdout, cap, on_output), _capture(proc.stderr, cap, on_output))
         readers.add_done_callback(lambda f: f.cancelled() or f.exception())
         timed_out = False
         try:
@@ -270,8 +295,11 @@ class HostSandbox:
         if self._destroyed:
             raise SandboxError(f"sandbox {self.info.sandbox_id} was destroyed; create a new one")
 
-    async def exec(self, command: str, timeout_s: float, workdir: str, read_only: bool = False) -> ExecResult:
-        return await self.run(command, timeout_s, workdir, read_only=read_only)
+    async def exec(self, command: str, timeout_s: float, workdir: str, read_only: bool = False,
+                   on_output: Output | None = None) -> ExecResult:
+        if self.environment is not None:  # what the setup exported: PATH, VIRTUAL_ENV…
+            command = "if [ -r /env/profile ]; then . /env/profile; fi\n" + command
+        return await self.run(command, timeout_s, workdir, read_only=read_only, on_output=on_output)
 
     def _as_owner(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         with as_user(self.owner):
@@ -328,6 +356,8 @@ class HostSandbox:
                     while _kill_uid(self.owner[0]):
                         await asyncio.sleep(0.01)
         await remove_tree(self.home)
+        for release in self.on_destroy:
+            release()
 
 
 async def collect_changes(base: str, run: Callable[[str, int], Awaitable[ExecResult]],

@@ -7,11 +7,14 @@ import os
 import shutil
 
 from .base import BackendUnavailable
-from .host import SANDBOX_ENV, HostSandbox
+from .environment import ENV_DIR
+from .host import SANDBOX_ENV, HostSandbox, SetupMounts
 
 WORKDIR = "/workspace"
 TMPFS_BYTES = str(1024**3)  # each scratch tmpfs; memory-backed, so bounded (and charged to the sandbox's cgroup)
 SHM_BYTES = str(256 * 1024**2)
+SOURCE = "/run/tb-source"  # the repository, read-only, in a setup's jail
+EGRESS_SOCKET = "/run/tb-egress.sock"
 
 
 def _system_binds() -> list[str]:
@@ -40,17 +43,33 @@ class BwrapSandbox(HostSandbox):
                 "together with SANDBOX_ALLOW_UNSAFE=1 to run commands without isolation"
             )
 
-    def jail_argv(self, script_fd: int, cwd: str, read_only: bool = False) -> tuple[list[str], str | None]:
+    def jail_argv(self, script_fd: int, cwd: str, read_only: bool = False, setup: SetupMounts | None = None
+                  ) -> tuple[list[str], str | None]:
         inside = WORKDIR if cwd == "." else f"{WORKDIR}/{cwd}"
+        if setup is not None:
+            # A setup works in a throwaway copy of the repository (its script copies SOURCE into this tmpfs):
+            # whatever it writes there is gone with it, so the environment is all it leaves, and a cached one
+            # fits every later clone.
+            workspace = ["--ro-bind", str(self.repo), SOURCE, "--size", TMPFS_BYTES, "--tmpfs", WORKDIR,
+                         "--bind", str(setup.env_dir), ENV_DIR]
+            if setup.egress_socket is not None:
+                workspace += ["--bind", str(setup.egress_socket), EGRESS_SOCKET]
+        else:
+            workspace = ["--ro-bind" if read_only else "--bind", str(self.repo), WORKDIR]
+            if self.environment is not None:
+                workspace += ["--ro-bind", str(self.environment), ENV_DIR]
+                if self.environment.joinpath("node_modules").is_dir():
+                    # On the resolution path of everything under /workspace, and npm run puts its .bin on PATH.
+                    workspace += ["--symlink", f"{ENV_DIR}/node_modules", "/node_modules"]
         bwrap = [
             shutil.which("bwrap") or "bwrap",
             *_system_binds(),
-            "--ro-bind" if read_only else "--bind", str(self.repo), WORKDIR,
             # /dev is a tmpfs of half the host's memory that bubblewrap cannot size: read-only, but a sized /dev/shm.
             "--proc", "/proc", "--dev", "/dev", "--perms", "01777", "--size", SHM_BYTES, "--tmpfs", "/dev/shm",
             "--remount-ro", "/dev",
             "--size", TMPFS_BYTES, "--tmpfs", "/tmp", "--size", TMPFS_BYTES, "--tmpfs", "/var/tmp",
             "--size", "1048576", "--tmpfs", "/run",
+            *workspace,  # after /run, which holds a setup's mounts
             "--unshare-all", "--unshare-user", "--disable-userns", "--uid", "1000", "--gid", "1000",
             "--hostname", "sandbox",
             "--cap-drop", "ALL", "--die-with-parent", "--new-session", "--clearenv",

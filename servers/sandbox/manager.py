@@ -20,11 +20,12 @@ from pathlib import Path
 
 from common.settings import ConfigError, at_least, between, one_of, read, setting
 
-from .base import BackendUnavailable, Sandbox, SandboxError, SandboxInfo
+from .base import BackendUnavailable, EnvironmentInfo, Sandbox, SandboxError, SandboxInfo
 from .cgroup import Budget, Cgroup, Hierarchy
 from .clone import clone, refuse_under
-from . import volume
-from .host import Limits, drop_groups, remove_tree
+from . import egress, prepare, volume
+from .envcache import EnvCache
+from .host import HostSandbox, Limits, Output, drop_groups, remove_tree
 from .system import run_tool
 from .modal_setup import ModalSettings, ModalUnavailable, has_credentials
 
@@ -38,6 +39,14 @@ BACKENDS = {
 }
 # `auto`: Modal when credentials exist, the local backend otherwise or when Modal fails at create.
 CHOICES = [*BACKENDS, "auto"]
+
+
+def _allowlist_problem(value: str) -> str | None:
+    try:
+        egress.Allowlist.parse(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,13 @@ class Settings:
     # Each repository's own file system; 0 leaves it on the sandbox root's.
     disk_mib: int = setting("SANDBOX_DISK_MIB", 2048, check=lambda v: None if v == 0 or v >= 16 else
                             "must be 0 (no volume) or 16 or more")
+    # The setup phase: `auto` runs a request's setup, else the repository's .tb/setup.sh, else a detected one.
+    setup: str = setting("SANDBOX_SETUP", "auto", check=one_of("auto", "off"))
+    setup_allow: str = setting("SANDBOX_SETUP_ALLOW", ",".join(egress.DEFAULT_ALLOW), check=_allowlist_problem)
+    setup_env: tuple[str, ...] = setting("SANDBOX_SETUP_ENV", ())  # variables of ours given to setup alone
+    setup_timeout_s: float = setting("SANDBOX_SETUP_TIMEOUT_S", 900, check=between(1, 3600))
+    env_disk_mib: int = setting("SANDBOX_ENV_DISK_MIB", 4096, check=at_least(64))
+    env_cache_mib: int = setting("SANDBOX_ENV_CACHE_MIB", 16384, check=at_least(0))
     modal: ModalSettings = field(default_factory=ModalSettings)
 
     @classmethod
@@ -182,23 +198,26 @@ class SandboxManager:
         # Why repositories get no volume of their own; None while volumes work (or are not yet tried).
         self._no_volume: str | None = "SANDBOX_DISK_MIB=0" if settings.disk_mib <= 0 else volume.unavailable()
         self._volumes_worked = False
+        self._envs: EnvCache | None = None  # prepared environments, made on first use
         if self._no_volume and settings.disk_mib > 0:
             log.warning("no disk cap per sandbox (%s): a sandbox can fill the file system of SANDBOX_ROOT",
                         self._no_volume)
         drop_groups()
 
-    async def create(self, repo_url: str, ref: str | None) -> SandboxInfo:
+    async def create(self, repo_url: str, ref: str | None, setup: str | None = None,
+                     on_output: Output | None = None) -> SandboxInfo:
         (self.modal_cls if self.settings.backend == "modal" else self.backend_cls).check(self.settings.allow_unsafe)
         if len(self._sandboxes) + self._pending >= self.settings.max_sandboxes:
             raise SandboxError(f"this server already holds {self.settings.max_sandboxes} sandboxes; "
                                "destroy one you no longer need")
         self._pending += 1
         try:
-            return await self._create(repo_url, ref)
+            return await self._create(repo_url, ref, setup, on_output)
         finally:
             self._pending -= 1
 
-    async def _create(self, repo_url: str, ref: str | None) -> SandboxInfo:
+    async def _create(self, repo_url: str, ref: str | None, setup: str | None, on_output: Output | None
+                      ) -> SandboxInfo:
         root = _own_root(self.settings.root)
         refuse_under(repo_url, root)
         sandbox_id = "sbx_" + secrets.token_urlsafe(18)
@@ -240,7 +259,32 @@ class SandboxManager:
         if owner:
             self._owners[sandbox_id] = owner
         self._register(sandbox, repo_url)
+        try:
+            info.environment = await self._environment(sandbox, repo_url, setup, on_output)
+        except BaseException:
+            await asyncio.shield(self.destroy(sandbox_id))
+            raise
         return info
+
+    async def _environment(self, sandbox: HostSandbox, repo_url: str, setup: str | None,
+                           on_output: Output | None) -> EnvironmentInfo | None:
+        """Prepare the sandbox's environment (see prepare.py); None when setup is off or there is nothing to do."""
+        if self.settings.setup == "off" and setup is None:
+            return None
+        plan = prepare.read_plan(sandbox, setup)
+        if plan is None:
+            return EnvironmentInfo(status="none", source="none")
+        secrets = {name: os.environ[name] for name in self.settings.setup_env if name in os.environ}
+        policy = prepare.SetupPolicy(egress.Allowlist.parse(self.settings.setup_allow),
+                                     self.settings.setup_timeout_s, secrets)
+        return await prepare.prepare(sandbox, plan, repo_url, self._env_cache(), policy, on_output)
+
+    def _env_cache(self) -> EnvCache:
+        if self._envs is None:
+            root = self.settings.root
+            disk = self._no_volume is None and volume.fs_type(root) != "tmpfs"
+            self._envs = EnvCache(root, self.settings.env_disk_mib, self.settings.env_cache_mib, disk)
+        return self._envs
 
     async def _volume(self, home: Path) -> Path:
         """Where the repository goes: a volume of its own when the host allows one, else `home` itself."""

@@ -24,7 +24,7 @@ from common.changeset import MAX_CHANGESET_BYTES, Changeset
 
 from . import files, listing, remote_files
 from .base import BackendUnavailable, ExecResult, SandboxError, SandboxInfo
-from .host import OUTPUT_CAP, SANDBOX_ENV, Limits, _capture, collect_changes
+from .host import OUTPUT_CAP, SANDBOX_ENV, Limits, Output, _capture, collect_changes
 from .system import run_tool
 from .modal_setup import ModalSettings, ModalUnavailable, has_credentials, image, import_modal, why_unavailable
 
@@ -137,16 +137,19 @@ class ModalSandbox:
         if self._destroyed:
             raise SandboxError(f"sandbox {self.info.sandbox_id} was destroyed; create a new one")
 
-    async def exec(self, command: str, timeout_s: float, workdir: str, read_only: bool = False) -> ExecResult:
+    async def exec(self, command: str, timeout_s: float, workdir: str, read_only: bool = False,
+                   on_output: Output | None = None) -> ExecResult:
         cwd = files.normalize(workdir, allow_root=True)
         where = self.root if cwd == "." else f"{self.root}/{cwd}"
-        result = await self._run(self.limits.shell_prefix() + command, timeout_s, where, read_only, OUTPUT_CAP)
+        result = await self._run(self.limits.shell_prefix() + command, timeout_s, where, read_only, OUTPUT_CAP,
+                                 on_output)
         if result.exit_code == 97 and result.stderr == NOT_A_DIRECTORY.decode():
             raise SandboxError(f"directory {cwd!r} does not exist or is a symbolic link; use a directory of the "
                                "repository (list_files shows them)")
         return result
 
-    async def _run(self, script: str, timeout_s: float, where: str, read_only: bool, cap: int) -> ExecResult:
+    async def _run(self, script: str, timeout_s: float, where: str, read_only: bool, cap: int,
+                   on_output: Output | None = None) -> ExecResult:
         self._check_alive()
         started = time.monotonic()
         try:
@@ -154,8 +157,9 @@ class ModalSandbox:
                 proc = await self.sandbox.exec.aio(
                     "bash", "-c", EXEC_WRAPPER, "tb-exec", where, f"{timeout_s:g}", "1" if read_only else "0",
                     script, timeout=math.ceil(timeout_s + EXEC_GRACE_S), env=SANDBOX_ENV, text=False)
-                out, err, code = await asyncio.gather(_capture(_Chunks(proc.stdout), cap),
-                                                      _capture(_Chunks(proc.stderr), cap), proc.wait.aio())
+                out, err, code = await asyncio.gather(_capture(_Chunks(proc.stdout), cap, on_output),
+                                                      _capture(_Chunks(proc.stderr), cap, on_output),
+                                                      proc.wait.aio())
         except TimeoutError:
             return ExecResult(exit_code=-1, stdout="", stderr=f"[no answer from Modal within {timeout_s:g} s and "
                               f"{EXEC_GRACE_S} s more]", timed_out=True, truncated=False)

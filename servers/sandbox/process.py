@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 
 from .base import BackendUnavailable, SandboxError
-from .host import SANDBOX_ENV, HostSandbox
+from .host import SANDBOX_ENV, HostSandbox, SetupMounts
 
 
 class ProcessSandbox(HostSandbox):
@@ -32,7 +32,11 @@ class ProcessSandbox(HostSandbox):
         scratch = str(self.home / "tmp")
         return SANDBOX_ENV | {"HOME": scratch, "TMPDIR": scratch}
 
-    def jail_argv(self, script_fd: int, cwd: str, read_only: bool = False) -> tuple[list[str], str | None]:
+    def jail_argv(self, script_fd: int, cwd: str, read_only: bool = False, setup: SetupMounts | None = None
+                  ) -> tuple[list[str], str | None]:
+        if setup is not None:
+            raise SandboxError("setup needs the bubblewrap backend (SANDBOX_BACKEND=local): this backend cannot "
+                               "give a setup its own /env and network; commands run without an environment")
         if read_only:
             raise SandboxError("read-only commands need the bubblewrap backend (SANDBOX_BACKEND=local)")
         return [shutil.which("bash") or "/bin/bash", f"/dev/fd/{script_fd}"], str(self.repo / cwd)

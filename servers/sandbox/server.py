@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, ParamSpec, TypeVar
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
 
+from common.redact import Redactor, secret_values
+
 from .. import telemetry
 from ..toolserver import ToolServer
 from .base import Changeset, ExecResult, SandboxError, SandboxInfo
+from .environment import DECLARED, MAX_SETUP_CHARS
 from .files import MAX_READ_LINES
 from .manager import SandboxManager, Settings
+from .progress import Relay
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -72,7 +77,10 @@ def _tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
 
 def build_server(settings: Settings | None = None) -> MCPServer:
     """The sandbox MCP server over the backend chosen by `settings` (read from the environment by default)."""
-    manager = SandboxManager(settings or Settings.from_env())
+    settings = settings or Settings.from_env()
+    manager = SandboxManager(settings)
+    # Live output is masked like everything else the server says: its own secrets, and those given to setup alone.
+    redactor = Redactor([*secret_values(), *(os.environ[n] for n in settings.setup_env if n in os.environ)])
 
     @asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[SandboxManager]:
@@ -101,9 +109,20 @@ def build_server(settings: Settings | None = None) -> MCPServer:
                                                    "repository.", max_length=2048)],
         ref: Annotated[str | None, Field(description="Branch, tag or commit to check out; the default branch if "
                                                      "omitted.", max_length=250)] = None,
+        setup: Annotated[str | None, Field(
+            description=f"A bash script that installs what the repository needs into /env (outside the "
+                        f"repository), with network access to the package registries only. Omitted: the "
+                        f"repository's own {DECLARED}, else one detected from its manifests (Python, Node, Go). "
+                        f"An empty string: no setup.", max_length=MAX_SETUP_CHARS)] = None,
+        ctx: Context | None = None,
     ) -> SandboxInfo:
-        """Clone a repository into a new isolated sandbox and return its id and base commit."""
-        return await manager.create(repo_url, ref)
+        """Clone a repository into a new isolated sandbox, prepare its environment, and return its id, base commit
+        and what the environment holds; the setup's output streams as progress notifications."""
+        relay = Relay(ctx, redactor)
+        try:
+            return await manager.create(repo_url, ref, setup, relay)
+        finally:
+            await relay.close()
 
     @mcp.tool(name="exec", annotations=WRITES)
     @_tool_errors
@@ -117,19 +136,25 @@ def build_server(settings: Settings | None = None) -> MCPServer:
                                       max_length=4096)] = ".",
         read_only: Annotated[bool, Field(description="Mount the repository read-only for this command, for "
                                                      "inspection that must change nothing.")] = False,
+        ctx: Context | None = None,
     ) -> ExecResult:
         """Run a shell command in the sandbox (no network); a non-zero exit code is a normal result.
 
         stdout and stderr are each capped at about 30 000 characters, keeping the head and the tail.
-        Processes started in the background are killed when the command returns.
+        Processes started in the background are killed when the command returns. The output also streams as
+        progress notifications while the command runs.
         """
         if not command.strip():
             raise SandboxError("command is empty; give a shell command such as 'ls -la' or 'pytest -q'")
         sandbox = manager.get(sandbox_id)
         attributes = {"tb.sandbox.backend": sandbox.info.backend, "tb.exec.timeout_s": timeout_s,
                       "tb.exec.read_only": read_only}
+        relay = Relay(ctx, redactor)
         with telemetry.span("sandbox.exec", attributes) as span:
-            result = await sandbox.exec(command, timeout_s, workdir, read_only)
+            try:
+                result = await sandbox.exec(command, timeout_s, workdir, read_only, on_output=relay)
+            finally:
+                await relay.close()
             span.set_attributes({"process.exit.code": result.exit_code, "tb.exec.timed_out": result.timed_out,
                                  "tb.exec.truncated": result.truncated})
         return result

@@ -7,8 +7,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -104,3 +106,31 @@ async def sandbox_client(request: pytest.FixtureRequest, sandbox_root: Path, mon
     async with held_client(target) as client:
         client.connection = kind  # type: ignore[attr-defined]
         yield client
+
+
+class Watched:
+    """An MCP client of a sandbox server, and the live output each call streamed."""
+
+    def __init__(self, client: Client):
+        self.client = client
+
+    async def call(self, tool: str, **arguments: Any) -> tuple[dict, str]:
+        seen: list[str] = []
+
+        async def progress(_: float, __: float | None, message: str | None) -> None:
+            seen.append(message or "")
+
+        result = await self.client.call_tool(tool, arguments, progress_callback=progress)
+        assert not result.is_error, result.content[0].text
+        return result.structured_content, "".join(seen)
+
+
+@pytest.fixture
+async def sandbox_servers(sandbox_root: Path) -> AsyncIterator[Callable[..., Awaitable[Watched]]]:
+    """A factory of in-process sandbox servers on one root (so they share its environment cache)."""
+    async with AsyncExitStack() as stack:
+        async def start(**settings: Any) -> Watched:
+            server = build_server(Settings(backend="local", root=sandbox_root, **settings))
+            return Watched(await stack.enter_async_context(held_client(server)))
+
+        yield start

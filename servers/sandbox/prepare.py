@@ -1,0 +1,134 @@
+"""A sandbox's setup phase: find its environment in the cache, or build it in the sandbox's own jail (same uid,
+same budget) with a way out through the egress proxy to allowlisted hosts only; then every later command of the
+sandbox sees it read-only at /env, with no network at all.
+
+A setup that fails is a result, not an error: the sandbox is made without an environment and says why.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.redact import Redactor, encodings, secret_values
+
+from . import egress, environment, files
+from .base import EnvironmentInfo, SandboxError
+from .envcache import EnvCache
+from .host import HostSandbox, Output, SetupMounts
+from .local import EGRESS_SOCKET, SOURCE, WORKDIR
+from .system import run_tool
+
+TAIL_CHARS = 2000
+PLAN_READ_BYTES = 16 * 1024 * 1024  # lockfiles of large projects run to megabytes
+
+
+class SetupFailed(Exception):
+    """The setup ran and failed; the message says how, `tail` holds the end of its output."""
+
+    def __init__(self, message: str, tail: str = ""):
+        super().__init__(message)
+        self.tail = tail
+
+
+@dataclass(frozen=True)
+class SetupPolicy:
+    """The operator's rules for every setup."""
+
+    allow: egress.Allowlist
+    timeout_s: float
+    secrets: Mapping[str, str]  # variables given to the setup alone (a private index's token)
+
+
+def read_plan(sandbox: HostSandbox, requested: str | None) -> environment.Plan | None:
+    """The setup a sandbox's repository asks for (see `environment.plan`), read as the sandbox's own user."""
+    def read(path: str) -> bytes | None:
+        try:
+            return sandbox._as_owner(files.read_bytes, sandbox.repo, path, PLAN_READ_BYTES)
+        except (SandboxError, OSError):
+            return None
+    return environment.plan(requested, read)
+
+
+async def prepare(sandbox: HostSandbox, plan: environment.Plan, repo: str, cache: EnvCache, policy: SetupPolicy,
+                  on_output: Output | None = None) -> EnvironmentInfo:
+    """The sandbox's environment, from the cache or built now; `on_output` gets the setup's output as it runs."""
+    started = time.monotonic()
+    info = EnvironmentInfo(status="ready", source=plan.source, detected=plan.detected, script=plan.script,
+                           test_commands=plan.test_commands)
+    key = plan.key(repo, environment.toolchain())
+    redact = Redactor([*secret_values(), *policy.secrets.values()])
+    try:
+        lease = await cache.get(key, lambda folder: _build(sandbox, plan, folder, policy, on_output, redact))
+    except SetupFailed as exc:
+        return info.model_copy(update={"status": "failed", "error": redact(str(exc)), "output_tail": exc.tail,
+                                       "duration_s": round(time.monotonic() - started, 3)})
+    except SandboxError as exc:
+        return info.model_copy(update={"status": "failed", "error": redact(f"setup could not run: {exc}"),
+                                       "duration_s": round(time.monotonic() - started, 3)})
+    sandbox.use_environment(lease.path, lease.release)
+    if lease.cached and on_output is not None:
+        on_output(f"environment {key[:12]} from the cache (prepared in {lease.meta.get('duration_s', 0):g} s)\n")
+    return info.model_copy(update={"cached": lease.cached, "installed": lease.meta.get("installed", []),
+                                   "output_tail": "" if lease.cached else lease.meta.get("output_tail", ""),
+                                   "duration_s": round(time.monotonic() - started, 3)})
+
+
+def _script(plan: environment.Plan, policy: SetupPolicy, egress_prefix: str) -> str:
+    exports = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in policy.secrets.items())
+    return (f"umask 022\nexport TB_ENV={environment.ENV_DIR}\n{exports}{egress_prefix}\n"
+            f"cp -a {SOURCE}/. {WORKDIR}/ || "
+            "{ echo 'setup: could not copy the repository' >&2; exit 1; }\n"
+            f"touch {environment.ENV_DIR}/profile\n{plan.script}\n")
+
+
+async def _build(sandbox: HostSandbox, plan: environment.Plan, folder: Path, policy: SetupPolicy,
+                 on_output: Output | None, redact: Redactor) -> dict[str, Any]:
+    """Run the setup into `folder`; what it installed, or `SetupFailed`."""
+    started = time.monotonic()
+    if sandbox.owner:
+        await run_tool("chown", f"{sandbox.owner[0]}:{sandbox.owner[1]}", "--", str(folder))
+    socket = sandbox.home / "egress.sock"
+    proxy = await egress.start(socket, policy.allow, on_log=_lines_to(on_output), owner=sandbox.owner)
+    try:
+        result = await sandbox.run(_script(plan, policy, egress.jail_prefix(EGRESS_SOCKET)), policy.timeout_s,
+                                   on_output=on_output, setup=SetupMounts(folder, socket))
+    finally:
+        await proxy.close()
+        socket.unlink(missing_ok=True)
+    tail = redact((result.stdout + result.stderr)[-TAIL_CHARS:])  # kept in the cache's records, and shown
+    if result.timed_out:
+        raise SetupFailed(f"setup ran past its {policy.timeout_s:g} s limit (SANDBOX_SETUP_TIMEOUT_S); make it "
+                          "faster or raise the limit", tail)
+    if result.exit_code != 0:
+        last = next((line for line in reversed(result.stderr.splitlines()) if line.strip()), "")
+        refused = f"; the egress proxy refused {', '.join(proxy.refused[:3])}" if proxy.refused else ""
+        raise SetupFailed(f"setup failed (exit {result.exit_code}): {last.strip()[:500]}{refused}", tail)
+    no_network = SetupMounts(folder, None)
+    if policy.secrets:
+        await _refuse_kept_secrets(sandbox, policy, no_network)
+    inventory = await sandbox.run(environment.INVENTORY, 120, setup=no_network)
+    return {"installed": [line for line in inventory.stdout.splitlines() if line.strip()][:20],
+            "duration_s": round(time.monotonic() - started, 3), "output_tail": tail}
+
+
+async def _refuse_kept_secrets(sandbox: HostSandbox, policy: SetupPolicy, jail: SetupMounts) -> None:
+    """Fail a setup that wrote one of its secrets into the environment, which every agent would then read."""
+    forms = sorted({form for value in policy.secrets.values() for form in encodings(value)})
+    patterns = "".join(f" -e {shlex.quote(form)}" for form in forms)
+    found = await sandbox.run(f"grep -rlsF{patterns} {environment.ENV_DIR} | head -20", 120, setup=jail)
+    if found.stdout.strip():
+        names = ", ".join(found.stdout.split()[:5])
+        raise SetupFailed(f"setup left a secret given to setup alone ({', '.join(policy.secrets)}) in the "
+                          f"environment ({names}), where the agents would read it; write credentials under $HOME "
+                          "(discarded when setup ends), never under /env")
+
+
+def _lines_to(on_output: Output | None):
+    if on_output is None:
+        return None
+    return lambda line: on_output(line.rstrip("\n") + "\n")

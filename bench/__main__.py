@@ -4,11 +4,11 @@ when a target was missed."""
 import asyncio
 import sys
 
-from . import egress, load, orchestrator, sandbox
+from . import egress, environment, load, orchestrator, sandbox
 from .sandbox import Result
 
 BENCHMARKS = {"sandbox": sandbox.main, "egress": egress.main, "orchestrator": orchestrator.main,
-              "load": load.main}
+              "load": load.main, "environment": environment.main}
 
 
 async def run_all(names: list[str]) -> list[Result]:

@@ -33,7 +33,8 @@ ADMISSION = web.AppKey("admission", Admission)
 MAX_BODY = 256 * 1024
 WILDCARDS = {"", "0.0.0.0", "::"}  # listening on every address names none a client would send as Host
 PAGE = Path(__file__).parent / "web" / "index.html"
-FIELDS = ("repoUrl", "prompt", "mode", "on_disconnect")  # what POST /code accepts; anything else is refused
+FIELDS = ("repoUrl", "prompt", "mode", "on_disconnect", "setup")  # what POST /code accepts; anything else is refused
+SETUP_CHARS = 20_000  # the sandbox server's own limit on a setup script
 # C0 and C1 controls and DEL: text that git, terminals and pull requests refuse or act on. Newline, tab and carriage
 # return are text.
 CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -67,7 +68,13 @@ def validate(body: Any, services: Services, loopback: bool) -> RunRequest | web.
     if len(prompt) > limit:
         return bad_request(f"prompt is {len(prompt)} characters, over the limit of {limit} (TB_MAX_PROMPT_CHARS)",
                            413)
-    for name, value in (("repoUrl", repo), ("prompt", prompt)):
+    setup = body.get("setup")
+    if setup is not None and not isinstance(setup, str):
+        return bad_request('setup must be a string: a bash script that installs the repository\'s dependencies, or "" '
+                           "for no setup")
+    if setup is not None and len(setup) > SETUP_CHARS:
+        return bad_request(f"setup is {len(setup)} characters, over the limit of {SETUP_CHARS}", 413)
+    for name, value in (("repoUrl", repo), ("prompt", prompt), ("setup", setup or "")):
         if refused := _control_character(name, value):
             return refused
     mode = body.get("mode", "team")
@@ -85,7 +92,7 @@ def validate(body: Any, services: Services, loopback: bool) -> RunRequest | web.
     if ref.kind == "https":
         return bad_request(f"{forms}: {ref.host} is not one of the GitHub hosts")
     if ref.kind == "github":
-        return RunRequest(repo_url=str(ref), prompt=prompt, mode=mode)
+        return RunRequest(repo_url=str(ref), prompt=prompt, mode=mode, setup=setup)
     local = ref.path.resolve()
     roots = services.settings.local_roots
     if not loopback and not any(local == r or r in local.parents for r in roots):
@@ -93,7 +100,7 @@ def validate(body: Any, services: Services, loopback: bool) -> RunRequest | web.
                            "a root listed in TB_LOCAL_ROOTS", 403)
     if not (local / ".git").exists() and not (local / "HEAD").is_file():
         return bad_request(f"{local} is not a git repository")
-    return RunRequest(repo_url=str(local), prompt=prompt, mode=mode)
+    return RunRequest(repo_url=str(local), prompt=prompt, mode=mode, setup=setup)
 
 
 def _control_character(name: str, value: str) -> web.Response | None:

@@ -59,6 +59,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                                         "mcp.json if present, else the project's mcp.json)")
     parser.add_argument("--replay", type=Path, metavar="PATH",
                         help="run in process, the model replaying this trajectory (GET /runs/<id>/trajectory)")
+    parser.add_argument("--setup", metavar="FILE|-",
+                        help="a bash script (from FILE, or - for stdin) that installs the repository's dependencies "
+                             "into /env before the agents start; an empty file means no setup. Default: the "
+                             "repository's .tb/setup.sh, else what the sandbox detects (Python, Node, Go)")
     args = parser.parse_args(argv)
     if args.instruction is None and args.replay is None:
         parser.error("say what to change (the instruction), or pass --replay PATH to use a recorded one")
@@ -73,6 +77,14 @@ def recorded_request(path: Path) -> dict[str, Any]:
         return read(path).get("request") or {}
     except TrajectoryError as exc:
         raise CannotStart(str(exc)) from None
+
+
+def setup_argument(source: str) -> str:
+    """The text of the setup script `--setup` names: a file's, or standard input's for `-`."""
+    try:
+        return sys.stdin.read() if source == "-" else Path(source).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CannotStart(f"cannot read the setup script {source}: {exc}") from None
 
 
 def repo_argument(repo: str) -> str:
@@ -138,6 +150,7 @@ class Terminal:
         self.state = "starting"
         self.agent = ""
         self.text = ""  # the model's text since the last line printed, shown whole when something else happens
+        self.output: dict[str, str] = {}  # per call, the output's last line while it has no newline yet
 
     def paint(self, key: str, text: str) -> str:
         return f"\x1b[{COLOURS[key]}m{text}\x1b[0m" if self.live else text
@@ -158,6 +171,36 @@ class Terminal:
             for text_line in self.text.strip().splitlines():
                 self.line(f"  {text_line}")
         self.text = ""
+        for partial in self.output.values():
+            self.output_line(partial)
+        self.output.clear()
+
+    def output_line(self, text: str) -> None:
+        self.line(self.paint("dim", f"     | {text}"))
+
+    def show_output(self, e: dict[str, Any]) -> None:
+        """A running tool's output: each whole line as it arrives, dimmed and indented under the call."""
+        key = str(e.get("id") or e.get("tool"))
+        *done, rest = (self.output.pop(key, "") + e.get("text", "")).split("\n")
+        for output_line in done:
+            self.output_line(output_line)
+        if rest:
+            self.output[key] = rest
+
+    def show_environment(self, e: dict[str, Any]) -> None:
+        if e.get("status") == "none":
+            return self.line("- environment: nothing to set up")
+        failed = e.get("status") == "failed"
+        facts = [str(e.get("source"))] + (["cached"] if e.get("cached") else [])
+        if e.get("duration_s") is not None:
+            facts.append(f"{e['duration_s']} s")
+        self.line(self.paint("err" if failed else "ok", f"- environment {e.get('status')}") + f" ({', '.join(facts)})")
+        for item in e.get("installed") or []:
+            self.line(f"    {item}")
+        if e.get("test_commands"):
+            self.line(f"    tests: {', '.join(e['test_commands'])}")
+        for error_line in str(e.get("error") or "").splitlines():
+            self.line(self.paint("err", f"    {error_line}"))
 
     def show(self, event: dict[str, Any]) -> None:
         """Render one event, with every string in it cleaned of what could drive the terminal."""
@@ -170,6 +213,9 @@ class Terminal:
         if kind == "tool_call" and e.get("state") == "streaming":
             self.state = f"calling {e['name']}"
             return self.status()
+        if kind == "output":
+            self.show_output(e)
+            return self.status()
         self.flush_text()
         if kind == "run":
             self.line(f"{self.paint('bold', e['run_id'])} {e.get('repo', '')} ({e.get('mode')}, "
@@ -180,6 +226,8 @@ class Terminal:
         elif kind == "sandbox":
             self.line(f"- sandbox {e.get('sandbox_id')} ({e.get('backend')}) at {str(e.get('base_commit'))[:10]}"
                       + (f": {e['note']}" if e.get("note") else ""))
+        elif kind == "environment":
+            self.show_environment(e)
         elif kind == "agent":
             self.agent = e["agent"] if e["state"] == "start" else ""
             self.line(self.paint("bold", f"== {e['agent']} {e['state']}")
@@ -388,6 +436,8 @@ def main(argv: list[str]) -> int:
         request = recorded_request(args.replay) if args.replay else {}
         body = {"repoUrl": repo_argument(args.repo), "prompt": args.instruction or request.get("prompt", ""),
                 "mode": args.mode or request.get("mode", "team")}
+        if args.setup is not None:
+            body["setup"] = setup_argument(args.setup)
         if args.in_process or args.replay:
             return asyncio.run(in_process(args, body))
         return asyncio.run(watch(args.service, args.token, body, args.json))

@@ -22,6 +22,10 @@ class EventLog:
         self.seq += 1
         return {"type": type, "run_id": self.run_id, "seq": self.seq, "ts": round(time.time(), 3), **fields}
 
+    def rewind(self, seq: int) -> None:
+        """Number the next event `seq + 1`: those made after `seq` were never sent, so their numbers are free."""
+        self.seq = seq
+
 
 def sse(event: Event, redact: Redactor) -> bytes:
     """One SSE message, its data redacted; `data:` lines never hold a raw newline, since JSON escapes them."""

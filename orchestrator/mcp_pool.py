@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,8 +187,10 @@ class ToolPool:
         return {name: {"state": c.state, "tools": len(c.tools), "restarts": c.restarts, "error": c.error}
                 for name, c in self.connections.items()}
 
-    async def call(self, server: str, tool: str, arguments: dict[str, Any], timeout_s: float) -> CallToolResult:
-        """Call a tool; `TimeoutError` past `timeout_s`, `ServerUnavailable` when the server is down or lost."""
+    async def call(self, server: str, tool: str, arguments: dict[str, Any], timeout_s: float,
+                   on_progress: Callable[[str], None] | None = None) -> CallToolResult:
+        """Call a tool; `TimeoutError` past `timeout_s`, `ServerUnavailable` when the server is down or lost. The
+        text of each progress message the tool sends while it runs (a command's output) goes to `on_progress`."""
         conn = self.connections.get(server)
         if conn is None:
             raise ServerUnavailable(f"no MCP server named {server!r} in the configuration")
@@ -197,7 +199,8 @@ class ToolPool:
         try:
             with telemetry.tool_span(server, tool, arguments) as traced:
                 async with asyncio.timeout(timeout_s):
-                    result = await conn.client.call_tool(tool, arguments)
+                    result = await conn.client.call_tool(tool, arguments,
+                                                         progress_callback=_progress(on_progress))
                 traced.done(result.is_error, result.content)
                 return result
         except MCPError as exc:
@@ -211,3 +214,15 @@ class ToolPool:
         except (OSError, EOFError) as exc:
             conn.lost.set()
             raise ServerUnavailable(f"MCP server {server!r} connection failed during {tool}: {exc}") from None
+
+
+def _progress(on_progress: Callable[[str], None] | None) -> Callable[..., Any] | None:
+    """The SDK's progress callback, passing on each message's text; None asks the server for no progress."""
+    if on_progress is None:
+        return None
+
+    async def progress(_progress: float, _total: float | None, message: str | None) -> None:
+        if message:
+            on_progress(message)
+
+    return progress

@@ -101,7 +101,7 @@ class RoleTools:
                 self._specs.append(self.role.submit)
         return self._specs
 
-    async def call(self, name: str, arguments: dict[str, Any]) -> ToolOutput:
+    async def call(self, name: str, arguments: dict[str, Any], call_id: str = "") -> ToolOutput:
         submit = self.role.submit
         if submit and name == submit["name"]:
             problem = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(
@@ -119,4 +119,4 @@ class RoleTools:
             return ToolOutput(f"{problem}; the tools are: {known}", is_error=True)
         if name == "sandbox_exec":
             arguments = {**arguments, "read_only": self.role.read_only}
-        return await self.base.call(name, arguments)
+        return await self.base.call(name, arguments, call_id, agent=self.role.name)

@@ -16,7 +16,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ from .config import Settings
 from .events import Event, EventLog
 from .mcp_pool import ServerUnavailable, ToolPool
 from .model import Model
+from .output import LiveOutput, fit
 from .prompts import format_plan
 from .team import Crew, Work, single, team
 from .tools import RunTools, ToolFailed, result_text
@@ -38,6 +39,10 @@ from .tools import RunTools, ToolFailed, result_text
 log = logging.getLogger(__name__)
 CLEANUP_SECONDS = 30
 PUBLISH_CALL_SECONDS = 120  # each publishing call; publishing also follows a run that hit its wall-clock limit
+# What the `environment` event carries of create_sandbox's `environment`; the script is cut, as it may be long.
+ENVIRONMENT_FIELDS = ("status", "source", "detected", "script", "cached", "duration_s", "installed", "test_commands",
+                      "error", "output_tail")
+SCRIPT_CHARS = 4000
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class RunRequest:
     repo_url: str
     prompt: str
     mode: str = "team"  # "team": planner, coder, reviewer; "single": one agent that publishes itself
+    setup: str | None = None  # the bash that sets up the sandbox's environment; None: the server's choice; "": none
 
 
 @dataclass
@@ -90,7 +96,8 @@ class PublishGuard:
         """The pool's tools, unchanged."""
         return self.pool.tools()
 
-    async def call(self, server: str, tool: str, args: dict[str, Any], timeout: float) -> CallToolResult:
+    async def call(self, server: str, tool: str, args: dict[str, Any], timeout: float,
+                   on_progress: Callable[[str], None] | None = None) -> CallToolResult:
         """Call a tool of the pool, refusing or redacting what a github call would publish."""
         if server == "github":
             args = {k: self.redact(v) if k in self.PUBLISHED_TEXT and isinstance(v, str) else v
@@ -109,7 +116,7 @@ class PublishGuard:
                                      "create the branch, commit and open the pull request")
             if isinstance(changes, dict) and (leaking := self.redact.files_with_secrets(changes)):
                 raise SecretRefused(leaking)
-        return await self.pool.call(server, tool, args, timeout)
+        return await self.pool.call(server, tool, args, timeout, on_progress)
 
 
 def new_run_id() -> str:
@@ -121,39 +128,49 @@ async def execute(request: RunRequest, services: Services, events: EventLog) -> 
     included."""
     with telemetry.run_span(events.run_id, request.repo_url, mode=request.mode,
                             model=services.model.name) as run_trace:
-        async with contextlib.aclosing(_execute(request, services, events, run_trace.trace_id)) as run:
+        output = LiveOutput(events, Redactor())
+        async with contextlib.aclosing(output.merged(_execute(request, services, events, output,
+                                                              run_trace.trace_id))) as run:
             async for event in run:
                 if event["type"] == "completion":
                     run_trace.outcome = event["status"]
                 yield event
 
 
-async def _execute(request: RunRequest, services: Services, events: EventLog, trace_id: str | None
-                   ) -> AsyncIterator[Event]:
-    settings, pool = services.settings, services.pool
+async def _execute(request: RunRequest, services: Services, events: EventLog, output: LiveOutput,
+                   trace_id: str | None) -> AsyncIterator[Event]:
+    settings, pool, redact = services.settings, services.pool, output.redact
     limits = settings.limits
     budget = Budget(limits.max_tokens, time.monotonic() + limits.run_seconds)
     started = time.monotonic()
     sandbox_id: str | None = None
     outcome: dict[str, Any] = {"status": "error"}
     yield events("run", repo=request.repo_url, prompt=request.prompt, model=services.model.name, mode=request.mode,
-                 events_url=f"/runs/{events.run_id}/events", trace_id=trace_id)
+                 setup=request.setup is not None, events_url=f"/runs/{events.run_id}/events", trace_id=trace_id)
     try:
         # The github server decides which branches it writes; asked first, so a repository it cannot serve is
         # refused before any work is done.
         forge = await _call(pool, "github", "get_repository", {"repo": request.repo_url}, limits.tool_seconds)
         prefix = forge["branch_prefix"]
         yield events("status", stage="sandbox", message="cloning the repository into a sandbox")
-        with telemetry.sandbox_span("create"):
-            info = await _call(pool, "sandbox", "create_sandbox", {"repo_url": request.repo_url},
-                               limits.tool_seconds)
+        create = {"repo_url": request.repo_url} | ({} if request.setup is None else {"setup": request.setup})
+        with telemetry.sandbox_span("create"), output.stream("create_sandbox") as on_progress:
+            info = await _call(pool, "sandbox", "create_sandbox", create, limits.tool_seconds, on_progress)
         sandbox_id = info["sandbox_id"]
+        environment = info.pop("environment", None)
         yield events("sandbox", **info)
-        redact = Redactor()
+        if isinstance(environment, dict):
+            # A failed setup is reported here alone, not as an `error`: the run goes on without it.
+            environment = {name: environment.get(name) for name in ENVIRONMENT_FIELDS}
+            if isinstance(environment["script"], str):
+                environment["script"] = fit(environment["script"], SCRIPT_CHARS)
+            yield events("environment", **environment)
+        else:
+            environment = None
         guard = PublishGuard(pool, redact, sandbox_id, prefix)
         tools = RunTools(guard, sandbox_id, request.repo_url, info["base_commit"], limits.tool_seconds,
-                         settings.tool_result_chars)
-        crew = Crew(services.model, tools, budget, events, redact, settings.role_models)
+                         settings.tool_result_chars, output=output)
+        crew = Crew(services.model, tools, budget, events, redact, settings.role_models, environment)
         work = Work()
         stopped: LimitReached | None = None
         args = (crew, work, request.prompt, request.repo_url, info["default_branch"], limits.max_turns)
@@ -165,7 +182,7 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, tr
         except LimitReached as exc:
             stopped = exc
             yield events("error", reason="limit", limit=exc.limit, message=str(exc))
-        async for event in _publish(request, tools, work, events, stopped, settings, redact, prefix):
+        async for event in _publish(request, tools, work, events, stopped, settings, redact, prefix, environment):
             yield event
         status = "limit" if stopped else "success" if tools.pull_request else "no_changes"
         outcome = {"status": status}
@@ -190,7 +207,8 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, tr
 
 
 async def _publish(request: RunRequest, tools: RunTools, work: Work, events: EventLog, stopped: LimitReached | None,
-                   settings: Settings, redact: Redactor, prefix: str) -> AsyncIterator[Event]:
+                   settings: Settings, redact: Redactor, prefix: str, environment: dict[str, Any] | None
+                   ) -> AsyncIterator[Event]:
     """Show the diff; open a pull request for changes no agent published: a draft when a limit stopped the run or
     the reviewer did not approve, saying why."""
     exported = await tools.export()
@@ -204,7 +222,7 @@ async def _publish(request: RunRequest, tools: RunTools, work: Work, events: Eve
         if leaking := redact.files_with_secrets(changeset):
             raise SecretRefused(leaking)
         # Redacted before it is cut into a branch name and a title, where a cut secret would no longer match.
-        request = RunRequest(request.repo_url, redact(request.prompt), request.mode)
+        request = RunRequest(request.repo_url, redact(request.prompt), request.mode, request.setup)
         draft_reason = (f"the run stopped before it finished: {stopped}" if stopped else
                         f"the reviewer did not approve after {work.rounds} round(s)" if work.approved is False else
                         None)
@@ -212,7 +230,7 @@ async def _publish(request: RunRequest, tools: RunTools, work: Work, events: Eve
                                                                                       else ""))
         branch = f"{prefix}{_slug(request.prompt)}-{events.run_id[-6:]}"
         title = _title(request.prompt)
-        body = _body(request, work, changeset, draft_reason, events.run_id)
+        body = _body(request, work, changeset, draft_reason, events.run_id, tools, environment)
         repo, draft = request.repo_url, draft_reason is not None
         timeout = min(settings.limits.tool_seconds, PUBLISH_CALL_SECONDS)
         with telemetry.span("publish", {"tb.branch": branch, "tb.draft": draft}):
@@ -227,10 +245,11 @@ async def _publish(request: RunRequest, tools: RunTools, work: Work, events: Eve
     yield events("pull_request", number=pr.number, url=pr.url, head=pr.head, draft=pr.draft)
 
 
-async def _call(pool: ToolPool, server: str, tool: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+async def _call(pool: ToolPool, server: str, tool: str, args: dict[str, Any], timeout: float,
+                on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """A tool call the run itself makes; a failure ends the run with its message."""
     try:
-        result = await pool.call(server, tool, args, timeout)
+        result = await pool.call(server, tool, args, timeout, on_progress)
     except TimeoutError:
         raise RunFailed(f"{server}.{tool} did not answer within {timeout:g} s") from None
     if result.is_error:
@@ -276,7 +295,8 @@ def _title(prompt: str) -> str:
     return line if len(line) <= 72 else line[:69].rstrip() + "..."
 
 
-def _body(request: RunRequest, work: Work, changeset: dict[str, Any], draft_reason: str | None, run_id: str) -> str:
+def _body(request: RunRequest, work: Work, changeset: dict[str, Any], draft_reason: str | None, run_id: str,
+          tools: RunTools, environment: dict[str, Any] | None) -> str:
     files = [f"- `{f['path']}`" for f in changeset["files"]] + [f"- `{p}` (deleted)" for p in changeset["deleted"]]
     parts = [f"> **Draft:** {draft_reason}.\n"] if draft_reason else []
     parts += ["## Summary", work.summary.strip() or "(the agent wrote no summary)", "",
@@ -287,8 +307,36 @@ def _body(request: RunRequest, work: Work, changeset: dict[str, Any], draft_reas
         findings = work.review.get("findings") or []
         parts += ["## Review", f"Verdict: **{work.review.get('verdict')}** after {work.rounds} round(s).",
                   *(f"- {f}" for f in findings), ""]
-        tests = work.review.get("tests_run") or []
-        if tests:
-            parts += ["## Tests run", *(f"- `{t.get('command')}`: {t.get('result')}" for t in tests), ""]
+    if tests := _tests_run(work.review, tools, environment):
+        parts += ["## Tests run", *tests, ""]
     parts += ["## Files", *files, "", f"_Opened by Tiny Backspace, run `{run_id}`._"]
     return "\n".join(parts)
+
+
+def _tests_run(review: dict[str, Any] | None, tools: RunTools, environment: dict[str, Any] | None) -> list[str]:
+    """The tests the reviewer says it ran, each with how the sandbox saw it end: a claim is never evidence."""
+    lines = []
+    unusable = bool(environment) and environment.get("status") == "failed"
+    if unusable:
+        lines.append(f"The environment could not be set up ({environment.get('error') or 'no reason given'}): "
+                     "tests could not run.")
+    for claim in (review or {}).get("tests_run") or []:
+        command = str(claim.get("command", "")).strip()
+        seen = tools.last_run(command)
+        if seen is None:
+            outcome = "not run in the sandbox"
+        elif seen.timed_out:
+            outcome = f"exit {seen.exit_code} (timed out)"
+        elif seen.exit_code:
+            outcome = f"exit {seen.exit_code} (failed)"
+        else:  # without its environment a test command that exits 0 may have tested nothing
+            outcome = "exit 0" if unusable else "exit 0 (passed)"
+        lines.append(f"- {_code(command)}: {outcome}; the reviewer reported: {claim.get('result')}")
+    return lines
+
+
+def _code(text: str) -> str:
+    """`text` as inline Markdown code, whatever backticks it holds."""
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"

@@ -42,6 +42,7 @@ class Crew:
     events: EventLog
     redact: Redactor
     role_models: dict[str, str] = field(default_factory=dict)
+    environment: dict[str, Any] | None = None  # what create_sandbox set up, for the briefs
 
 
 async def run_role(crew: Crew, role: Role, brief: str, result: AgentResult) -> AsyncIterator[Event]:
@@ -51,6 +52,7 @@ async def run_role(crew: Crew, role: Role, brief: str, result: AgentResult) -> A
     if role.name in crew.role_models:
         model = copy.copy(model)
         model.name = crew.role_models[role.name]
+    brief += prompts.environment_note(crew.environment)
     yield crew.events("agent", agent=role.name, state="start", model=model.name)
     with telemetry.agent_span(role.name, model.name, role.system, brief) as span:
         try:

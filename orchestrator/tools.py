@@ -7,6 +7,7 @@ It never sees `changes` of `commit_changes` either: the run exports them from th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import re
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 from mcp_types import CallToolResult
 
 from .mcp_pool import ServerUnavailable, ToolPool
+from .output import LiveOutput, cut
 
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 # Sandbox lifecycle belongs to the run, not the model.
@@ -32,15 +34,7 @@ class ToolOutput:
 
 class ToolSet(Protocol):
     def specs(self) -> list[dict[str, Any]]: ...
-    async def call(self, name: str, arguments: dict[str, Any]) -> ToolOutput: ...
-
-
-def cut(text: str, limit: int) -> str:
-    """`text` cut to its head and tail, saying how much was dropped."""
-    if len(text) <= limit:
-        return text
-    half = limit // 2
-    return f"{text[:half]}\n… [{len(text) - 2 * half} characters dropped] …\n{text[-half:]}"
+    async def call(self, name: str, arguments: dict[str, Any], call_id: str = "") -> ToolOutput: ...
 
 
 def result_text(result: CallToolResult) -> str:
@@ -58,6 +52,16 @@ class PullRequestSeen:
     draft: bool = False
 
 
+@dataclass(frozen=True)
+class CommandRun:
+    """A command an agent ran in the sandbox, and how it ended."""
+
+    agent: str
+    command: str
+    exit_code: int
+    timed_out: bool
+
+
 @dataclass
 class RunTools:
     """The MCP tool pool bound to one run's sandbox and repository."""
@@ -69,6 +73,8 @@ class RunTools:
     timeout_s: float
     result_chars: int = 30_000
     pull_request: PullRequestSeen | None = None
+    output: LiveOutput | None = None  # where the output of a running call goes, live
+    commands: list[CommandRun] = field(default_factory=list)  # every command that ran, in order: the tests' evidence
     _commits: dict[str, str] = field(default_factory=dict)  # branch -> the last commit this run made on it
     _specs: list[dict[str, Any]] | None = None
     _routes: dict[str, tuple[str, str, set[str]]] = field(default_factory=dict)
@@ -97,8 +103,10 @@ class RunTools:
                                         "input_schema": schema})
         return self._specs
 
-    async def call(self, name: str, arguments: dict[str, Any]) -> ToolOutput:
-        """Call a tool for the model; every failure it can act on comes back as an error result."""
+    async def call(self, name: str, arguments: dict[str, Any], call_id: str = "", agent: str = "agent"
+                   ) -> ToolOutput:
+        """Call a tool for `agent`; every failure it can act on comes back as an error result. What the call prints
+        while it runs streams as `output` events naming `call_id`."""
         self.specs()
         route = self._routes.get(name)
         if route is None:
@@ -112,12 +120,14 @@ class RunTools:
         try:
             if "changes" in hidden:
                 args["changes"] = await self.changes_for(str(args.get("branch", "")))
-            result = await self.pool.call(server, tool, args, self.timeout_s)
+            with (self.output.stream(tool, agent=agent, id=call_id) if self.output else contextlib.nullcontext()
+                  ) as on_progress:
+                result = await self.pool.call(server, tool, args, self.timeout_s, on_progress)
         except TimeoutError:
             return ToolOutput(f"{name} did not answer within {self.timeout_s:g} s and was abandoned", is_error=True)
         except ToolFailed as exc:
             return ToolOutput(str(exc), is_error=True)
-        self._observe(server, tool, args, result)
+        self._observe(server, tool, args, result, agent)
         return ToolOutput(cut(result_text(result), self.result_chars), result.is_error, result.structured_content)
 
     async def export(self) -> dict[str, Any]:
@@ -138,9 +148,19 @@ class RunTools:
         changeset["base_commit"] = self._commits.get(branch, changeset["base_commit"])
         return changeset
 
-    def _observe(self, server: str, tool: str, args: dict[str, Any], result: CallToolResult) -> None:
+    def last_run(self, command: str) -> CommandRun | None:
+        """The last run of `command` in the sandbox (compared as written, less outer whitespace); None if none ran."""
+        command = command.strip()
+        return next((c for c in reversed(self.commands) if c.command.strip() == command), None)
+
+    def _observe(self, server: str, tool: str, args: dict[str, Any], result: CallToolResult, agent: str) -> None:
         data = result.structured_content or {}
-        if server != "github" or result.is_error:
+        if result.is_error:
+            return
+        if server == "sandbox" and tool == "exec" and isinstance(data.get("exit_code"), int):
+            self.commands.append(CommandRun(agent, str(args.get("command", "")), data["exit_code"],
+                                            bool(data.get("timed_out"))))
+        if server != "github":
             return
         if tool == "commit_changes" and data.get("sha"):
             self._commits[args["branch"]] = data["sha"]
@@ -163,7 +183,7 @@ async def call_all(tools: ToolSet, calls: list[dict[str, Any]]) -> list[ToolOutp
 
     async def one(call: dict[str, Any]) -> ToolOutput:
         try:
-            return await tools.call(call["name"], call.get("input") or {})
+            return await tools.call(call["name"], call.get("input") or {}, call["id"])
         except ServerUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - the model reads it, as in the SDK's tool runner

@@ -147,8 +147,8 @@ class EnvCache:
             await run_tool("rm", "-rf", "--one-file-system", "--", str(final))
             point.rename(final)
             return int((await run_tool("du", "-sb", "--", str(final))).split()[0])
-        await run_tool("umount", str(point))
         image = work / "volume.img"
+        await volume.unmount_image(point, image)
         # Shrunk to what it holds: the reserved size bounded the setup, the cache keeps only what it wrote.
         # resize2fs wants a fresh check first; e2fsck exits 1 when it tidied something, which is fine here.
         await run_tool("sh", "-c", 'e2fsck -f -y "$1" >/dev/null; [ $? -le 1 ]', "e2fsck", str(image),

@@ -236,7 +236,7 @@ class SandboxManager:
                                workdir=self.backend_cls.workdir_for(repo))
             if self.modal_cls is not None:
                 try:
-                    modal_info = await self._create_on_modal(info, home, repo, repo_url)
+                    modal_info = await self._create_on_modal(info, home, repo, repo_url, setup, on_output)
                     _release_uid(root, owner)  # its commands run on Modal, not as a uid of this machine
                     return modal_info
                 except (ModalUnavailable, BackendUnavailable) as exc:
@@ -274,10 +274,12 @@ class SandboxManager:
         plan = prepare.read_plan(sandbox, setup)
         if plan is None:
             return EnvironmentInfo(status="none", source="none")
+        return await prepare.prepare(sandbox, plan, repo_url, self._env_cache(), self._setup_policy(), on_output)
+
+    def _setup_policy(self) -> prepare.SetupPolicy:
         secrets = {name: os.environ[name] for name in self.settings.setup_env if name in os.environ}
-        policy = prepare.SetupPolicy(egress.Allowlist.parse(self.settings.setup_allow),
-                                     self.settings.setup_timeout_s, secrets)
-        return await prepare.prepare(sandbox, plan, repo_url, self._env_cache(), policy, on_output)
+        return prepare.SetupPolicy(egress.Allowlist.parse(self.settings.setup_allow), self.settings.setup_timeout_s,
+                                   secrets)
 
     def _env_cache(self) -> EnvCache:
         if self._envs is None:
@@ -315,14 +317,21 @@ class SandboxManager:
             raise BackendUnavailable(f"could not create the sandbox's control group ({exc.strerror}: "
                                      f"{exc.filename}); check that the server may write its cgroup") from None
 
-    async def _create_on_modal(self, info: SandboxInfo, home: Path, repo: Path, repo_url: str) -> SandboxInfo:
-        """`info`'s sandbox on Modal, made from the clone at `repo` in `home`, which is then removed."""
+    async def _create_on_modal(self, info: SandboxInfo, home: Path, repo: Path, repo_url: str, setup: str | None,
+                               on_output: Output | None) -> SandboxInfo:
+        """`info`'s sandbox on Modal, its environment prepared there (see modal_env.py), made from the clone at
+        `repo` in `home`, which is then removed."""
         self.modal_cls.check(self.settings.allow_unsafe)
         info = info.model_copy(update={"backend": "modal", "workdir": self.modal_cls.workdir_for(repo)})
-        sandbox = await self.modal_cls.open(info, repo, self.settings.modal, self.settings.limits)
+        from .modal_env import SetupRequest  # with the Modal backend, which loads only when chosen
+
+        request = None
+        if self.settings.setup != "off" or setup is not None:
+            request = SetupRequest(setup, repo_url, self._setup_policy(), self.settings.root)
+        sandbox = await self.modal_cls.open(info, repo, self.settings.modal, self.settings.limits, request, on_output)
         await asyncio.shield(remove_tree(home))
         self._register(sandbox, repo_url)
-        return info
+        return sandbox.info
 
     def _register(self, sandbox: Sandbox, repo_url: str) -> None:
         self._sandboxes[sandbox.info.sandbox_id] = sandbox

@@ -1,10 +1,11 @@
 """Sandboxes on Modal: each one a Modal Sandbox with no network, driven through the installed `modal` package.
 
 The repository gets in as it does for the local backend: `clone` fetches it on this machine (with its URL checks
-and no credentials), and it travels as one gzipped tarball through the sandbox's filesystem API. No sandbox ever
-has the network, local paths and file:// URLs work as they do locally, and a start costs one container, not a setup
-container plus a filesystem snapshot. Reads, writes and edits run `files` itself in the container (`remote_files`);
-`list_files` and `search` run ripgrep there (`listing`), and `export_changes` runs host.py's git script there.
+and no credentials), and it travels as one gzipped tarball through the sandbox's filesystem API. No agent's sandbox
+ever has the network, and local paths and file:// URLs work as they do locally. A setup (see modal_env) runs once per
+key in a sandbox of its own, reaching only the setup allowlist, and the agents' sandbox starts from its snapshot.
+Reads, writes and edits run `files` itself in the container (`remote_files`); `list_files` and `search` run ripgrep
+there (`listing`), and `export_changes` runs host.py's git script there.
 
 `modal` is imported only when a Modal sandbox is created or reaped, so the other backends never pay for it.
 """
@@ -16,17 +17,19 @@ import base64
 import logging
 import math
 import time
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from common.changeset import MAX_CHANGESET_BYTES, Changeset
 
-from . import files, listing, remote_files
+from . import files, listing, modal_env, remote_files
 from .base import BackendUnavailable, ExecResult, SandboxError, SandboxInfo
+from .environment import ENV_DIR
 from .host import OUTPUT_CAP, SANDBOX_ENV, Limits, Output, _capture, collect_changes
 from .system import run_tool
-from .modal_setup import ModalSettings, ModalUnavailable, has_credentials, image, import_modal, why_unavailable
+from .modal_setup import (ModalSettings, ModalUnavailable, has_credentials, image, image_identity, import_modal,
+                          why_unavailable)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,9 @@ UPLOAD_TIMEOUT_S = 300
 CALL_TIMEOUT_S = 120  # one file tool or export read; a whole changeset is at most 50 MB
 EXEC_GRACE_S = 30  # past the command's own timeout, for Modal to answer
 STDIN_CHUNK = 1024 * 1024  # below modal's stdin buffer limit
+SETUP_GRACE_S = 900  # a setup sandbox's life past its script's limit: upload, tidying, the secret check, snapshot
+SNAPSHOT_TIMEOUT_S = 600  # a large environment takes a while to snapshot
+PROFILE = f"if [ -r {ENV_DIR}/profile ]; then . {ENV_DIR}/profile; fi\n"  # what a setup exported: PATH, VIRTUAL_ENV…
 NOT_A_DIRECTORY = b"tb: not a directory"
 # $1 directory, $2 timeout, $3 read-only, $4 script. `timeout` gives the command a process group of its own and
 # SIGKILLs the whole group at the deadline; what the command left running in the background dies when it returns,
@@ -83,11 +89,12 @@ class _Chunks:
 class ModalSandbox:
     backend = "modal"
 
-    def __init__(self, info: SandboxInfo, sandbox: Any, limits: Limits, root: str):
+    def __init__(self, info: SandboxInfo, sandbox: Any, limits: Limits, root: str, environment: bool = False):
         self.info = info
         self.sandbox = sandbox  # a running modal.Sandbox
         self.limits = limits
         self.root = root
+        self.environment = environment  # started from a setup's snapshot: commands source its /env/profile
         self._destroyed = False
 
     @staticmethod
@@ -101,37 +108,53 @@ class ModalSandbox:
                                      "MODAL_TOKEN_SECRET; or set SANDBOX_BACKEND=local")
 
     @classmethod
-    async def open(cls, info: SandboxInfo, repo: Path, settings: ModalSettings, limits: Limits) -> ModalSandbox:
-        """A Modal sandbox holding a copy of the clone at `repo`; `ModalUnavailable` when Modal cannot give one."""
-        modal, root = import_modal(), WORKDIR
+    async def open(cls, info: SandboxInfo, repo: Path, settings: ModalSettings, limits: Limits,
+                   setup: modal_env.SetupRequest | None = None, on_output: Output | None = None) -> ModalSandbox:
+        """A Modal sandbox holding a copy of the clone at `repo`, with the environment `setup` asks for (its
+        `info.environment` says how that went); `ModalUnavailable` when Modal cannot give one."""
+        modal = import_modal()
         archive = repo.parent / "repo.tgz"
         await run_tool("tar", "-C", str(repo), "-czf", str(archive), ".")
-        sandbox, seconds = None, settings.create_timeout_s
         try:
-            async with asyncio.timeout(seconds):
-                app = await modal.App.lookup.aio(settings.app_name, create_if_missing=True)
-                sandbox = await modal.Sandbox.create.aio(
-                    app=app, image=image(modal, settings.image), timeout=settings.ttl_s,
-                    idle_timeout=settings.idle_timeout_s, block_network=True, cpu=settings.cpu,
-                    memory=settings.memory_mib, workdir=root, tags=_tags(info.sandbox_id, settings.ttl_s))
-            seconds = UPLOAD_TIMEOUT_S
-            async with asyncio.timeout(seconds):
-                remote = f"/tmp/tb-{info.sandbox_id}.tgz"
-                await sandbox.filesystem.copy_from_local.aio(str(archive), remote)
-                proc = await sandbox.exec.aio("bash", "-c", UNPACK, "tb-unpack", root, remote, timeout=seconds,
-                                              text=False)
-                err, code = await asyncio.gather(_read_all(proc.stderr, 65536), proc.wait.aio())
-            if code != 0:
-                raise ModalUnavailable(f"unpacking the repository failed: {err.decode('utf-8', 'replace')[-300:]}")
-        except BaseException as exc:
-            if sandbox is not None:
-                await asyncio.shield(_terminate(sandbox))
-            if isinstance(exc, Exception) and not isinstance(exc, ModalUnavailable):
-                raise ModalUnavailable(why_unavailable(exc, modal, seconds)) from exc
-            raise
+            try:
+                async with asyncio.timeout(settings.create_timeout_s):
+                    app = await modal.App.lookup.aio(settings.app_name, create_if_missing=True)
+            except Exception as exc:
+                raise ModalUnavailable(why_unavailable(exc, modal, settings.create_timeout_s)) from exc
+            base = image(modal, settings.image)
+
+            async def start_setup(network: dict[str, Any]) -> ModalSandbox:
+                lifetime, name = math.ceil(setup.policy.timeout_s) + SETUP_GRACE_S, f"{info.sandbox_id}.setup"
+                sandbox = await _start(modal, app, base, archive, modal_env.SOURCE, settings, _tags(name, lifetime),
+                                       lifetime, network)
+                return cls(info.model_copy(update={"sandbox_id": name}), sandbox, limits, WORKDIR)
+
+            async def prepare() -> modal_env.Prepared:
+                if setup is None:
+                    return modal_env.Prepared(None)
+                return await modal_env.prepare(setup, repo, image_identity(settings.image), start_setup, on_output)
+
+            async def start(prepared: modal_env.Prepared) -> Any:
+                chosen = modal.Image.from_id(prepared.image_id) if prepared.image_id else base
+                return await _start(modal, app, chosen, archive, WORKDIR, settings,
+                                    _tags(info.sandbox_id, settings.ttl_s), settings.ttl_s, {"block_network": True})
+
+            prepared = await prepare()
+            try:
+                sandbox = await start(prepared)
+            except ModalUnavailable as exc:
+                # A cached snapshot Modal no longer has (deleted, or past its TTL) is prepared again, once.
+                gone = isinstance(exc.__cause__, modal.exception.NotFoundError)
+                if not (gone and prepared.info and prepared.info.cached):
+                    raise
+                log.warning("environment image %s is gone (%s); preparing it again", prepared.image_id, exc)
+                modal_env.snapshots(setup.root).forget(prepared.key)
+                prepared = await prepare()
+                sandbox = await start(prepared)
         finally:
             archive.unlink(missing_ok=True)
-        return cls(info, sandbox, limits, root)
+        info = info.model_copy(update={"environment": prepared.info})
+        return cls(info, sandbox, limits, WORKDIR, environment=prepared.image_id is not None)
 
     def _check_alive(self) -> None:
         if self._destroyed:
@@ -141,22 +164,41 @@ class ModalSandbox:
                    on_output: Output | None = None) -> ExecResult:
         cwd = files.normalize(workdir, allow_root=True)
         where = self.root if cwd == "." else f"{self.root}/{cwd}"
-        result = await self._run(self.limits.shell_prefix() + command, timeout_s, where, read_only, OUTPUT_CAP,
-                                 on_output)
+        script = self.limits.shell_prefix() + (PROFILE if self.environment else "") + command
+        result = await self._run(script, timeout_s, where, read_only, OUTPUT_CAP, on_output)
         if result.exit_code == 97 and result.stderr == NOT_A_DIRECTORY.decode():
             raise SandboxError(f"directory {cwd!r} does not exist or is a symbolic link; use a directory of the "
                                "repository (list_files shows them)")
         return result
 
+    async def run_script(self, script: str, timeout_s: float, env: Mapping[str, str],
+                         on_output: Output | None = None) -> ExecResult:
+        """Run `script` in the repository with `env` added to the command environment, for this exec alone."""
+        return await self._run(self.limits.shell_prefix() + script, timeout_s, self.root, False, OUTPUT_CAP,
+                               on_output, {**SANDBOX_ENV, **env})
+
+    async def snapshot(self) -> str:
+        """The id of an image of this sandbox's file system, which a later sandbox can start from."""
+        self._check_alive()
+        try:
+            async with asyncio.timeout(SNAPSHOT_TIMEOUT_S + EXEC_GRACE_S):
+                taken = await self.sandbox.snapshot_filesystem.aio(timeout=SNAPSHOT_TIMEOUT_S,
+                                                                   ttl=modal_env.SNAPSHOT_TTL_S)
+        except TimeoutError:
+            raise SandboxError(f"snapshot: no answer from Modal within {SNAPSHOT_TIMEOUT_S} s") from None
+        except Exception as exc:  # noqa: BLE001
+            raise _failed("snapshot", exc) from None
+        return taken.object_id
+
     async def _run(self, script: str, timeout_s: float, where: str, read_only: bool, cap: int,
-                   on_output: Output | None = None) -> ExecResult:
+                   on_output: Output | None = None, env: Mapping[str, str] = SANDBOX_ENV) -> ExecResult:
         self._check_alive()
         started = time.monotonic()
         try:
             async with asyncio.timeout(timeout_s + EXEC_GRACE_S):
                 proc = await self.sandbox.exec.aio(
                     "bash", "-c", EXEC_WRAPPER, "tb-exec", where, f"{timeout_s:g}", "1" if read_only else "0",
-                    script, timeout=math.ceil(timeout_s + EXEC_GRACE_S), env=SANDBOX_ENV, text=False)
+                    script, timeout=math.ceil(timeout_s + EXEC_GRACE_S), env=dict(env), text=False)
                 out, err, code = await asyncio.gather(_capture(_Chunks(proc.stdout), cap, on_output),
                                                       _capture(_Chunks(proc.stderr), cap, on_output),
                                                       proc.wait.aio())
@@ -231,6 +273,34 @@ class ModalSandbox:
         if not self._destroyed:
             self._destroyed = True
             await _terminate(self.sandbox)
+
+
+async def _start(modal: Any, app: Any, base: Any, archive: Path, dest: str, settings: ModalSettings,
+                 tags: dict[str, str], lifetime_s: int, network: dict[str, Any]) -> Any:
+    """A running Modal sandbox of the image `base` with the repository of `archive` unpacked at `dest`;
+    `ModalUnavailable` (the sandbox terminated again) when Modal cannot give one."""
+    sandbox, seconds = None, settings.create_timeout_s
+    try:
+        async with asyncio.timeout(seconds):
+            sandbox = await modal.Sandbox.create.aio(
+                app=app, image=base, timeout=lifetime_s, idle_timeout=settings.idle_timeout_s, cpu=settings.cpu,
+                memory=settings.memory_mib, workdir=WORKDIR, tags=tags, **network)
+        seconds = UPLOAD_TIMEOUT_S
+        async with asyncio.timeout(seconds):
+            remote = f"/tmp/tb-{tags['sandbox_id']}.tgz"
+            await sandbox.filesystem.copy_from_local.aio(str(archive), remote)
+            proc = await sandbox.exec.aio("bash", "-c", UNPACK, "tb-unpack", dest, remote, timeout=seconds,
+                                          text=False)
+            err, code = await asyncio.gather(_read_all(proc.stderr, 65536), proc.wait.aio())
+        if code != 0:
+            raise ModalUnavailable(f"unpacking the repository failed: {err.decode('utf-8', 'replace')[-300:]}")
+    except BaseException as exc:
+        if sandbox is not None:
+            await asyncio.shield(_terminate(sandbox))
+        if isinstance(exc, Exception) and not isinstance(exc, ModalUnavailable):
+            raise ModalUnavailable(why_unavailable(exc, modal, seconds)) from exc
+        raise
+    return sandbox
 
 
 def _tags(sandbox_id: str, ttl_s: int) -> dict[str, str]:

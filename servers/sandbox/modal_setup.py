@@ -3,6 +3,7 @@ and why Modal could not give a sandbox, none of which imports `modal` until a sa
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -11,6 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from common.settings import at_least, setting
+
+
+# The default image: Debian slim with this Python, and what the file tools and search need.
+DEFAULT_PYTHON = "3.12"
+DEFAULT_PACKAGES = ("git", "ripgrep")
 
 
 class ModalUnavailable(Exception):
@@ -64,12 +70,29 @@ def import_modal() -> Any:
     return modal
 
 
+def _is_dockerfile(spec: str) -> bool:
+    return spec.endswith("Dockerfile") or Path(spec).is_file()
+
+
 def image(modal: Any, spec: str | None) -> Any:
     if not spec:
-        return modal.Image.debian_slim(python_version="3.12").apt_install("git", "ripgrep")
-    if spec.endswith("Dockerfile") or Path(spec).is_file():
+        return modal.Image.debian_slim(python_version=DEFAULT_PYTHON).apt_install(*DEFAULT_PACKAGES)
+    if _is_dockerfile(spec):
         return modal.Image.from_dockerfile(spec)
     return modal.Image.from_registry(spec)
+
+
+def image_identity(spec: str | None) -> str:
+    """The toolchain a prepared environment depends on: the default image's definition, a Dockerfile's content, or
+    a registry name (a tag moved to another image is not noticed; pin a digest to be sure)."""
+    if not spec:
+        return f"modal:debian_slim({DEFAULT_PYTHON})+{','.join(DEFAULT_PACKAGES)}"
+    if _is_dockerfile(spec):
+        try:
+            return "modal:dockerfile:" + hashlib.sha256(Path(spec).read_bytes()).hexdigest()
+        except OSError:
+            return f"modal:dockerfile:{spec}"  # `image` fails on it too, with Modal's own message
+    return f"modal:registry:{spec}"
 
 
 def why_unavailable(exc: BaseException, modal: Any, seconds: float) -> str:

@@ -78,8 +78,10 @@ async def prepare(sandbox: HostSandbox, plan: environment.Plan, repo: str, cache
                                    "duration_s": round(time.monotonic() - started, 3)})
 
 
-def _script(plan: environment.Plan, policy: SetupPolicy, egress_prefix: str) -> str:
-    exports = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in policy.secrets.items())
+def compose_script(plan: environment.Plan, secrets: Mapping[str, str], egress_prefix: str) -> str:
+    """The whole script a setup runs: the secrets it is given, the way to the network, its copy of the repository,
+    then the plan's own script."""
+    exports = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in secrets.items())
     return (f"umask 022\nexport TB_ENV={environment.ENV_DIR}\n{exports}{egress_prefix}\n"
             f"cp -a {SOURCE}/. {WORKDIR}/ || "
             "{ echo 'setup: could not copy the repository' >&2; exit 1; }\n"
@@ -95,7 +97,7 @@ async def _build(sandbox: HostSandbox, plan: environment.Plan, folder: Path, pol
     socket = sandbox.home / "egress.sock"
     proxy = await egress.start(socket, policy.allow, on_log=_lines_to(on_output), owner=sandbox.owner)
     try:
-        result = await sandbox.run(_script(plan, policy, egress.jail_prefix(EGRESS_SOCKET)), policy.timeout_s,
+        result = await sandbox.run(compose_script(plan, policy.secrets, egress.jail_prefix(EGRESS_SOCKET)), policy.timeout_s,
                                    on_output=on_output, setup=SetupMounts(folder, socket))
     finally:
         await proxy.close()
@@ -105,7 +107,8 @@ async def _build(sandbox: HostSandbox, plan: environment.Plan, folder: Path, pol
         raise SetupFailed(f"setup ran past its {policy.timeout_s:g} s limit (SANDBOX_SETUP_TIMEOUT_S); make it "
                           "faster or raise the limit", tail)
     if result.exit_code != 0:
-        last = next((line for line in reversed(result.stderr.splitlines()) if line.strip()), "")
+        last = next((line for text in (result.stderr, result.stdout) for line in reversed(text.splitlines())
+                     if line.strip()), "(it printed nothing)")
         refused = f"; the egress proxy refused {', '.join(proxy.refused[:3])}" if proxy.refused else ""
         raise SetupFailed(f"setup failed (exit {result.exit_code}): {last.strip()[:500]}{refused}", tail)
     no_network = SetupMounts(folder, None)

@@ -11,11 +11,13 @@ system with only the per-file size limit (the README says so).
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 from .base import SandboxError
@@ -86,14 +88,40 @@ def _reserve(fd: int, size: int, where: Path) -> None:
     os.ftruncate(fd, size)
 
 
-def _mountinfo() -> list[tuple[str, str]]:
-    """(mount point, file system type) of every mount, in the order the kernel lists them."""
+def _mountinfo(with_source: bool = False) -> list[tuple[str, ...]]:
+    """(mount point, file system type[, source]) of every mount, in the order the kernel lists them."""
     found = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             left, _, right = line.partition(" - ")
-            found.append((_ESCAPE.sub(lambda m: chr(int(m[1], 8)), left.split()[4]), right.split()[0]))
+            point = _ESCAPE.sub(lambda m: chr(int(m[1], 8)), left.split()[4])
+            found.append((point, *right.split()[:2]) if with_source else (point, right.split()[0]))
     return found
+
+
+async def unmount_image(point: Path, image: Path, timeout: float = TIMEOUT_S) -> None:
+    """Unmount the volume at `point` and wait until its file system has really let go of `image`.
+
+    `umount` returns once this namespace's mount is gone, but a jail that ended a moment ago may still hold a copy
+    of it in a mount namespace the kernel has yet to tear down; the file system lives on until then, and writes its
+    superblock back over whatever was done to the image meanwhile.
+    """
+    device = next((source for mounted, _, source in _mountinfo(with_source=True) if mounted == str(point)), None)
+    await run_tool("umount", str(point), timeout=timeout)
+    if device is None or not device.startswith("/dev/loop"):
+        return
+    backing = Path("/sys/block") / Path(device).name / "loop" / "backing_file"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            held = backing.read_text().strip() == str(image)
+        except OSError:  # the loop device was detached
+            return
+        if not held:
+            return
+        if time.monotonic() > deadline:
+            raise SandboxError(f"{image} stayed in use for {timeout:g} s after it was unmounted")
+        await asyncio.sleep(0.01)
 
 
 def fs_type(path: Path) -> str:

@@ -16,6 +16,7 @@ import pytest
 from tests.fakes.messages_api import messages_api, text, tool_use, turn
 
 from .conftest import API_KEY, ROOT, free_port, stack
+from .test_environment import HELLO, needs_sandbox_setup
 from .test_run import BUGGY, fix_script
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -91,6 +92,23 @@ async def test_a_failing_command_never_reads_ok(pool, make_repo):
     lines = out.splitlines()
     assert "  <- failed exit 3: broken" in lines, out
     assert not any(line.startswith("  <- ok") for line in lines)
+
+
+@needs_sandbox_setup
+async def test_setup_comes_from_a_file_and_the_environment_and_live_output_print_as_lines(pool, make_repo, tmp_path):
+    setup = tmp_path / "setup.sh"
+    setup.write_text(HELLO)
+    script = [turn(tool_use("sandbox_exec", {"command": "hello; echo second line"})), turn(text("It greets."))]
+    async with stack(pool, script) as s:
+        code, out, err = await cli("--service", s.url, "--setup", str(setup), *fix(make_repo(BUGGY)))
+        unreadable = await cli("--service", s.url, "--setup", str(tmp_path / "missing.sh"), *fix(make_repo(BUGGY)))
+    lines = out.splitlines()
+    assert code == 1, err  # nothing changed, so no pull request
+    assert any(line.startswith("- environment ready (request, ") for line in lines), out
+    assert "     | SETUP-RAN" in lines
+    exec_at = lines.index('  -> sandbox_exec {"command": "hello; echo second line"}')
+    assert lines[exec_at + 1:exec_at + 3] == ["     | hello from the environment", "     | second line"]
+    assert unreadable[0] == 2 and "cannot read the setup script" in unreadable[2] and "missing.sh" in unreadable[2]
 
 
 async def test_recent_lists_the_runs_with_when_each_started_and_how_long_it_took(pool, make_repo):

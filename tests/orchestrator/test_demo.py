@@ -25,7 +25,7 @@ PLAN = {"summary": "add() returns a - b; it must return the sum, a + b.",
                      "why": "add() must return the sum: test_calc expects add(2, 3) == 5"}],
         "verification": "python3 -m unittest -v"}
 REVIEW = {"verdict": "approve", "findings": [],
-          "tests_run": [{"command": "python3 -m unittest -v", "result": "OK: test_adds passes"}]}
+          "tests_run": [{"command": TESTS, "result": "OK: test_adds passes"}]}
 # What the bundled trajectory records: a planner, a coder and a reviewer fixing the sample's bug.
 DEMO_SCRIPT = [
     turn(text("I'll read the module and run its tests to see the failure."),
@@ -86,7 +86,9 @@ async def test_the_demo_fixes_the_sample_through_the_service_and_says_where_to_l
     repo = tmp_path / "demo" / "calc"
     record, head = Path(said["pull request"]), said["branch"].split()[0]
     assert said["run"].startswith("run_") and record.is_file() and head.startswith("tb/")
-    assert json.loads(record.read_text())["head"] == head
+    pull_request = json.loads(record.read_text())
+    assert pull_request["head"] == head
+    assert f"- `{TESTS}`: exit 0 (passed); the reviewer reported: OK: test_adds passes" in pull_request["body"]
     # The branch holds the fix; the checked-out main is as the sample was made.
     assert git(repo, "show", f"{head}:calc.py").endswith("return a + b")
     assert git(repo, "rev-parse", "--abbrev-ref", "HEAD") == "main" and (repo / "calc.py").read_text() == \

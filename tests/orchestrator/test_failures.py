@@ -54,7 +54,8 @@ async def test_changes_left_unpublished_are_published_by_the_run(pool, make_repo
         turn(text("Fixed the sign in add().")),
     ]
     async with stack(pool, script) as s:
-        _, events, _ = await post_code(s.url, {"repoUrl": str(repo), "prompt": "Fix add() in calc.py", "mode": "single"})
+        _, events, _ = await post_code(s.url, {"repoUrl": str(repo), "prompt": "Fix add() in calc.py",
+                                               "mode": "single"})
     pr = of_type(events, "pull_request")[0]
     assert events[-1]["status"] == "success" and pr["draft"] is False
     assert pr["head"].startswith("tb/fix-add-in-calc-py-")
@@ -226,7 +227,8 @@ async def test_a_crashed_server_ends_its_run_and_is_restarted(pool, make_repo, s
     conn = pool.connections["sandbox"]
     restarts = conn.restarts
     async with stack(pool, script) as s:
-        run = asyncio.create_task(post_code(s.url, {"repoUrl": str(make_repo(BUGGY)), "prompt": "Go", "mode": "single"}))
+        run = asyncio.create_task(post_code(s.url, {"repoUrl": str(make_repo(BUGGY)), "prompt": "Go",
+                                                    "mode": "single"}))
         async with asyncio.timeout(30):
             while not _processes(CRASH_MARK):
                 await asyncio.sleep(0.05)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from .test_run import BUGGY, fix_script
 from .test_team import coder, planner
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
+TOOK = re.compile(r"in \d+\.\d+s\b")
 FIX = {"prompt": "Fix add(); its test fails.", "mode": "single"}
 
 
@@ -55,8 +57,9 @@ def calls(events: list[dict]) -> list[tuple[str, str]]:
 
 
 def results(events: list[dict]) -> list[tuple[str, bool, str]]:
-    """What each tool answered; commands' whole output, since the same commands ran on the same files."""
-    return [(e["name"], e["is_error"], e["content"] if e["name"] == "sandbox_exec" else "")
+    """What each tool answered; commands' whole output, since the same commands ran on the same files (all but
+    how long unittest took, which no replay repeats)."""
+    return [(e["name"], e["is_error"], TOOK.sub("in …s", e["content"]) if e["name"] == "sandbox_exec" else "")
             for e in of_type(events, "tool_result")]
 
 

@@ -44,7 +44,8 @@ async def test_a_run_fixes_the_bug_and_opens_a_pull_request(pool, make_repo):
     (repo / "notes.txt").write_text("uncommitted work in progress\n")
     head, status = git(repo, "rev-parse", "HEAD"), git(repo, "status", "--porcelain")
     async with stack(pool, fix_script()) as s:
-        code, events, raw = await post_code(s.url, {"repoUrl": str(repo), "prompt": "Fix add(); its test fails.", "mode": "single"})
+        code, events, raw = await post_code(s.url, {"repoUrl": str(repo), "prompt": "Fix add(); its test fails.",
+                                                    "mode": "single"})
     assert code == 200
     kinds = [e["type"] for e in events]
     assert kinds[0] == "run" and kinds[1] == "status" and kinds[2] == "sandbox"

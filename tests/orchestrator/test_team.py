@@ -61,7 +61,8 @@ async def test_the_team_plans_codes_reviews_and_opens_a_pull_request(pool, make_
     assert pr["draft"] is False and events[-1]["status"] == "success"
     body = record(pr)["body"]
     assert "Changed add() to return a + b" in body and "add must add" in body and "approve" in body
-    assert "`python3 -m unittest -q`: OK" in body
+    # The reviewer claims a command it did not run as written: the body says so, next to its words.
+    assert "- `python3 -m unittest -q`: not run in the sandbox; the reviewer reported: OK" in body
     assert git(repo, "show", f"{pr['head']}:calc.py").endswith("a + b")
     # Each agent starts from a brief, not from the previous agent's history.
     coder_first = s.api.requests[2]

@@ -17,7 +17,9 @@ from tests.fakes.messages_api import text, tool_use, turn
 
 from .conftest import ROOT, parse_sse, stack
 from .test_first_minutes import get_json, service
+from .test_environment import FAILING_SETUP, needs_sandbox_setup
 from .test_run import BUGGY, TESTS, fix_script
+from .test_runs import read_until
 from .test_team import coder, planner, reviewer
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -176,3 +178,28 @@ async def test_the_page_says_what_to_set_when_no_model_is_usable(mcp_config, mak
         await page.click("#go")
         await expect(page.locator("#start-error")).to_contain_text("503")
         await expect(page.locator("#start-error")).to_contain_text("ANTHROPIC_BASE_URL")
+
+
+@needs_sandbox_setup
+async def test_the_page_shows_a_failed_environment_and_a_commands_output_while_it_runs(pool, make_repo, tmp_path):
+    mark = unique_marker()
+    script = [turn(tool_use("sandbox_exec", {"command": f"echo started; sleep {mark}"}))]
+    async with stack(pool, script) as s, browser_page(s.url) as page:
+        # The page has no field for a setup script: the run starts through the API, and the page follows it.
+        async with aiohttp.ClientSession() as http:
+            async with http.post(s.url + "/code", json={"repoUrl": str(make_repo(BUGGY)), "prompt": "Run it",
+                                                        "mode": "single", "setup": FAILING_SETUP}) as resp:
+                run_id = (await read_until(resp, '"type":"run"'))[0]["run_id"]
+        await page.evaluate("id => { location.hash = id; }", run_id)
+        env = page.locator("#env")
+        await expect(env).to_have_class(re.compile(r"\bfailed\b"))
+        await expect(env.locator(".error")).to_contain_text("exit 3")
+        await expect(env.locator(".output")).to_contain_text("preparing the environment")
+        await expect(page.locator("#timeline .error")).to_contain_text("the environment could not be set up")
+        running = page.locator('.tool[data-tool="sandbox_exec"]')
+        await expect(running.locator(".output")).to_have_text("started\n")
+        await expect(running.locator(".output")).to_be_visible()
+        assert await running.evaluate("card => card.classList.contains('done')") is False
+        await page.screenshot(path=tmp_path / "environment.png", full_page=True)
+        await page.click("#cancel")
+        await expect(page.locator("#run-status")).to_have_text("cancelled")

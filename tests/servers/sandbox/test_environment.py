@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
+from servers.sandbox import volume
 from servers.sandbox.environment import plan
 from tests.conftest import git
 from tests.servers.sandbox.helpers import call, sh
@@ -191,3 +195,30 @@ async def test_exec_output_streams_while_the_command_is_still_running(sandbox_se
                  "timeout_s": 60}, progress_callback=progress), 60)
     assert not result.is_error and result.structured_content["stdout"].split() == ["first", "second"]
     assert released.is_set() and "second" in "".join(seen)
+
+
+@pytest.mark.skipif(volume.unavailable() is not None, reason="volumes need root, mkfs.ext4 and loop devices")
+async def test_an_image_is_only_checked_once_no_finished_jail_still_holds_its_file_system(tmp_path) -> None:
+    """A mount namespace that outlives the unmount (a jail being torn down) keeps the file system alive, and it
+    would write its superblock back over a shrink done meanwhile."""
+    home = tmp_path / "home"
+    home.mkdir()
+    point = await volume.make(home, 64)
+    holder = subprocess.Popen(["unshare", "-m", "sh", "-c", "read x"], stdin=subprocess.PIPE)
+    try:
+        async with asyncio.timeout(30):
+            while not Path(f"/proc/{holder.pid}/ns/mnt").exists() or \
+                    os.readlink(f"/proc/{holder.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt"):
+                await asyncio.sleep(0.01)
+        task = asyncio.create_task(volume.unmount_image(point, home / "volume.img", timeout=30))
+        async with asyncio.timeout(30):
+            while str(point) in volume.mounts_under(home):
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
+        waited = not task.done()
+    finally:
+        holder.communicate(b"\n", timeout=30)
+    await asyncio.wait_for(task, 30)
+    assert waited
+    check = subprocess.run(["e2fsck", "-fn", str(home / "volume.img")], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr

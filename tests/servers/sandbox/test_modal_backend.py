@@ -1,11 +1,14 @@
-"""The Modal backend against autospecs of the real `modal` classes, and `auto`'s fallback to the local backend."""
+"""The Modal backend against autospecs of the real `modal` classes, its setup phase, and `auto`'s fallback to the
+local backend."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import sys
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 from unittest.mock import create_autospec
 
@@ -13,6 +16,7 @@ import modal
 import pytest
 from mcp import StdioServerParameters
 
+from servers.sandbox import modal_env
 from servers.sandbox.host import SANDBOX_ENV
 from servers.sandbox.manager import Settings
 from servers.sandbox.modal_backend import reap_expired
@@ -20,25 +24,43 @@ from servers.sandbox.modal_setup import ModalSettings, has_credentials, image
 from servers.sandbox.server import build_server
 from tests.conftest import git, held_client
 
-from .conftest import ROOT, SECRETS, free_port, server_env
-from .fake_modal import LocalModal
+from .conftest import ROOT, SECRETS, Watched, free_port, server_env
+from .fake_modal import BLOCKED, LocalModal
 from .helpers import call, call_error, sandbox, sh
 
 REPO = {"README.md": "# demo\n", "src/app.py": "def add(a, b):\n    return a - b\n", ".gitignore": "*.log\n"}
 NO_PROFILE = "/nonexistent/.modal.toml"
+HELLO = """mkdir -p /env/bin
+printf '#!/bin/sh\\necho hello from the environment\\n' > /env/bin/hello
+chmod +x /env/bin/hello
+echo 'export PATH=/env/bin:$PATH' >> /env/profile
+echo SETUP-RAN
+"""
+ALLOW = "pypi.org,*.npmjs.org,10.0.0.5:3141,[2001:db8::1]:8080"
 
 
 @pytest.fixture
 def fake(monkeypatch, sandbox_root) -> LocalModal:
     for key, value in SECRETS.items():
         monkeypatch.setenv(key, value)
-    return LocalModal(monkeypatch, sandbox_root / "workspace")
+    return LocalModal(monkeypatch, sandbox_root / "modal")
 
 
 @pytest.fixture
 async def client(fake, sandbox_root):
     async with held_client(build_server(Settings(backend="modal", root=sandbox_root))) as c:
         yield c
+
+
+@pytest.fixture
+async def servers(fake, sandbox_root):
+    """A factory of Modal sandbox servers on one root, each call's live output kept."""
+    async with AsyncExitStack() as stack:
+        async def start(**settings) -> Watched:
+            server = build_server(Settings(backend="modal", root=sandbox_root, **settings))
+            return Watched(await stack.enter_async_context(held_client(server)))
+
+        yield start
 
 
 def no_modal_credentials(monkeypatch) -> None:
@@ -50,7 +72,7 @@ def no_modal_credentials(monkeypatch) -> None:
 async def test_create_asks_modal_for_a_tagged_sandbox_without_network_or_credentials(client, fake, make_repo):
     repo = make_repo(REPO)
     info = await call(client, "create_sandbox", repo_url=str(repo))
-    assert info["backend"] == "modal" and info["workdir"] == str(fake.container) and info["note"] is None
+    assert info["backend"] == "modal" and info["workdir"] == "/workspace" and info["note"] is None
     fake.App.lookup.aio.assert_awaited_once_with("tiny-backspace-sandboxes", create_if_missing=True)
     fake.Image.debian_slim.assert_called_once_with(python_version="3.12")
     fake.image.apt_install.assert_called_once_with("git", "ripgrep")
@@ -146,6 +168,136 @@ async def test_destroy_terminates_the_modal_sandbox(client, fake, make_repo):
     await call(client, "destroy_sandbox", sandbox_id=sid)
     assert fake.terminated == ["sb-0"]
     assert "create_sandbox" in await call_error(client, "exec", sandbox_id=sid, command="true")
+
+
+async def test_a_cold_create_sets_up_in_a_sandbox_of_its_own_and_starts_from_its_snapshot_offline(servers, fake,
+                                                                                                    make_repo):
+    tb = await servers(setup_allow=ALLOW)
+    repo = make_repo({"README.md": "# app\n", ".tb/setup.sh": HELLO + "echo junk > /workspace/junk.txt\n"})
+    info, live = await tb.call("create_sandbox", repo_url=str(repo))
+    env = info["environment"]
+    assert env["status"] == "ready" and env["source"] == ".tb/setup.sh" and not env["cached"], env
+    assert live.count("SETUP-RAN") == 1  # streamed while it ran
+    setup, agent = (c.kwargs for c in fake.Sandbox.create.aio.call_args_list)
+    # The setup reaches the operator's allowlist and nothing else; the agents' sandbox reaches nothing.
+    assert setup["image"] is fake.image and setup["block_network"] is False
+    assert setup["outbound_domain_allowlist"] == ["pypi.org", "*.npmjs.org"]
+    assert setup["outbound_cidr_allowlist"] == ["10.0.0.5/32", "2001:db8::1/128"]
+    assert agent["image"].object_id == "im-snap-0" and agent["block_network"] is True
+    assert fake.network("sb-1").network_access_type == BLOCKED
+    assert fake.terminated == ["sb-0"]  # the setup sandbox, once snapshotted
+    sid = info["sandbox_id"]
+    assert (await sh(tb.client, sid, "hello"))["stdout"] == "hello from the environment\n"
+    # What the setup did to its copy of the repository and its scratch space is not in the snapshot.
+    assert (await sh(tb.client, sid, "ls -A; ls -A /tmp"))["stdout"].split() == [".git", ".tb", "README.md"]
+    changes = await call(tb.client, "export_changes", sandbox_id=sid)
+    assert changes["changeset"]["files"] == [] and changes["changeset"]["deleted"] == []
+
+
+async def test_a_second_create_of_the_same_key_starts_from_the_cached_image_without_a_setup(servers, fake,
+                                                                                              make_repo):
+    tb = await servers()
+    repo = make_repo({"package.json": '{"name": "app"}\n', ".tb/setup.sh": HELLO})
+    first, _ = await tb.call("create_sandbox", repo_url=str(repo))
+    await call(tb.client, "destroy_sandbox", sandbox_id=first["sandbox_id"])
+    second, live = await tb.call("create_sandbox", repo_url=str(repo))
+    assert second["environment"]["cached"] and "SETUP-RAN" not in live and "from the cache" in live
+    assert fake.Sandbox.create.aio.await_count == 3  # setup, first, second
+    assert fake.Sandbox.create.aio.call_args.kwargs["image"].object_id == "im-snap-0"
+    assert (await sh(tb.client, second["sandbox_id"], "hello"))["exit_code"] == 0
+    # Another server on the same root finds the snapshot's id in envs/modal/<key>.json.
+    modal_env._SNAPSHOTS.clear()
+    third, live = await (await servers()).call("create_sandbox", repo_url=str(repo))
+    assert third["environment"]["cached"] and "SETUP-RAN" not in live and list(fake.images) == ["im-snap-0"]
+    # Another image is another toolchain, and a changed manifest another environment.
+    other, live = await (await servers(modal=ModalSettings(image="python:3.12"))).call(
+        "create_sandbox", repo_url=str(repo))
+    assert not other["environment"]["cached"] and "SETUP-RAN" in live
+    (repo / "package.json").write_text('{"name": "app", "version": "2.0.0"}\n')
+    git(repo, "commit", "-qam", "bump")
+    fourth, live = await tb.call("create_sandbox", repo_url=str(repo))
+    assert not fourth["environment"]["cached"] and "SETUP-RAN" in live and len(fake.images) == 3
+
+
+async def test_a_cached_image_modal_no_longer_has_is_prepared_again(servers, fake, make_repo):
+    tb = await servers()
+    repo = make_repo({".tb/setup.sh": HELLO})
+    await tb.call("create_sandbox", repo_url=str(repo))
+    fake.images.clear()  # past its TTL, or deleted
+    info, live = await tb.call("create_sandbox", repo_url=str(repo))
+    assert info["environment"]["status"] == "ready" and not info["environment"]["cached"] and "SETUP-RAN" in live
+    assert (await sh(tb.client, info["sandbox_id"], "hello"))["exit_code"] == 0
+
+
+async def test_a_failed_setup_on_modal_is_reported_and_the_sandbox_starts_from_the_base_image(servers, fake,
+                                                                                              make_repo):
+    tb = await servers()
+    repo = make_repo({"app.py": "print(1)\n", ".tb/setup.sh": "echo installing\necho 'no such package' >&2\nexit 3\n"})
+    info, live = await tb.call("create_sandbox", repo_url=str(repo))
+    env = info["environment"]
+    assert env["status"] == "failed" and "exit 3" in env["error"] and "no such package" in env["error"], env
+    assert "installing" in env["output_tail"] and "installing" in live
+    assert fake.images == {} and fake.terminated == ["sb-0"]
+    agent = fake.Sandbox.create.aio.call_args.kwargs
+    assert agent["image"] is fake.image and agent["block_network"] is True
+    ran = await sh(tb.client, info["sandbox_id"], "python3 app.py; ls /env")
+    assert ran["stdout"].startswith("1") and ran["exit_code"] != 0  # no /env at all
+
+
+async def test_a_setup_secret_reaches_the_setup_command_alone_and_one_left_in_a_file_fails_the_setup(
+        servers, fake, make_repo, monkeypatch):
+    token = "idx-" + "k" * 30
+    monkeypatch.setenv("PRIVATE_INDEX_TOKEN", token)
+    tb = await servers(setup_env=("PRIVATE_INDEX_TOKEN",))
+    repo = make_repo({".tb/setup.sh": 'echo "token is $PRIVATE_INDEX_TOKEN"\necho "$PRIVATE_INDEX_TOKEN" > ~/.netrc\n'
+                                      'mkdir -p /env/ok\n'})
+    info, live = await tb.call("create_sandbox", repo_url=str(repo))
+    assert info["environment"]["status"] == "ready", info["environment"]
+    assert "token is [redacted]" in live and token not in json.dumps(info)
+    setup_box, agent_box = fake.sandboxes
+    # In the setup sandbox: the setup command's environment, and the forms the check for leftovers looks for.
+    given = [c.kwargs["env"] for c in setup_box.exec.aio.call_args_list if token in repr(c)]
+    assert [e.get("PRIVATE_INDEX_TOKEN") for e in given] == [token, None] and token in given[1]["TB_FORMS"]
+    assert not any(token in " ".join(c.args) for c in setup_box.exec.aio.call_args_list)  # never a command line
+    for made in [*fake.Sandbox.create.aio.call_args_list, *agent_box.exec.aio.call_args_list]:
+        assert token not in repr(made) and "secrets" not in made.kwargs
+    ran = await sh(tb.client, info["sandbox_id"], "env; grep -rs idx- /env /tmp /root /workspace")
+    assert token not in ran["stdout"] and ran["exit_code"] != 0
+    # Left where the snapshot would keep it, in /env or anywhere else: refused, and nothing is snapshotted.
+    for script in ['echo "export T=$PRIVATE_INDEX_TOKEN" >> /env/profile\n',
+                   'echo "//registry.npmjs.org/:_authToken=$PRIVATE_INDEX_TOKEN" > /root/.npmrc\n']:
+        leaky, _ = await tb.call("create_sandbox", repo_url=str(make_repo({".tb/setup.sh": script})))
+        assert leaky["environment"]["status"] == "failed", leaky["environment"]
+        assert "PRIVATE_INDEX_TOKEN" in leaky["environment"]["error"] and token not in json.dumps(leaky)
+        assert (await sh(tb.client, leaky["sandbox_id"], "ls /env"))["exit_code"] != 0
+    assert list(fake.images) == ["im-snap-0"]
+
+
+async def test_two_creates_of_the_same_key_at_once_run_one_setup_on_modal(servers, fake, make_repo):
+    tb = await servers()
+    repo = make_repo({".tb/setup.sh": HELLO})
+    (a, live_a), (b, live_b) = await asyncio.gather(tb.call("create_sandbox", repo_url=str(repo)),
+                                                    tb.call("create_sandbox", repo_url=str(repo)))
+    assert (live_a + live_b).count("SETUP-RAN") == 1 and list(fake.images) == ["im-snap-0"]
+    assert sorted([a["environment"]["cached"], b["environment"]["cached"]]) == [False, True]
+    for info in (a, b):
+        assert (await sh(tb.client, info["sandbox_id"], "hello"))["exit_code"] == 0
+
+
+async def test_the_fake_refuses_what_modal_refuses(fake):
+    with pytest.raises(modal.exception.InvalidError, match="cannot be used when `block_network` is enabled"):
+        await modal.Sandbox.create.aio(app=fake.app, block_network=True, outbound_domain_allowlist=[])
+    with pytest.raises(modal.exception.InvalidError, match="Invalid domain"):
+        await modal.Sandbox.create.aio(app=fake.app, outbound_domain_allowlist=["https://pypi.org"])
+    with pytest.raises(modal.exception.NotFoundError):
+        await modal.Sandbox.create.aio(app=fake.app, image=modal.Image.from_id("im-nonexistent"))
+    sandbox = await modal.Sandbox.create.aio(app=fake.app, block_network=True)
+    proc = await sandbox.exec.aio("bash", "-c", "echo ${ONLY_HERE:-unset}", env={"ONLY_HERE": "set"}, text=False)
+    again = await sandbox.exec.aio("bash", "-c", "echo ${ONLY_HERE:-unset}", text=False)
+    assert [b"".join([c async for c in p.stdout]) for p in (proc, again)] == [b"set\n", b"unset\n"]
+    await sandbox.terminate.aio()
+    with pytest.raises(modal.exception.ConflictError):
+        await sandbox.snapshot_filesystem.aio()
 
 
 async def test_auto_uses_the_local_backend_and_says_why_when_modal_has_no_credentials(monkeypatch, sandbox_root,

@@ -322,7 +322,8 @@ def _tests_run(review: dict[str, Any] | None, tools: RunTools, environment: dict
                      "tests could not run.")
     for claim in (review or {}).get("tests_run") or []:
         command = str(claim.get("command", "")).strip()
-        seen = tools.last_run(command)
+        # The reviewer's claim counts only for its own run, after the coder's last edit.
+        seen = tools.last_run(command, "reviewer")
         if seen is None:
             outcome = "not run in the sandbox"
         elif seen.timed_out:

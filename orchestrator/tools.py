@@ -148,10 +148,12 @@ class RunTools:
         changeset["base_commit"] = self._commits.get(branch, changeset["base_commit"])
         return changeset
 
-    def last_run(self, command: str) -> CommandRun | None:
-        """The last run of `command` in the sandbox (compared as written, less outer whitespace); None if none ran."""
+    def last_run(self, command: str, agent: str | None = None) -> CommandRun | None:
+        """The last run of `command` in the sandbox (compared as written, less outer whitespace), by `agent` when
+        given; None if none ran."""
         command = command.strip()
-        return next((c for c in reversed(self.commands) if c.command.strip() == command), None)
+        return next((c for c in reversed(self.commands)
+                     if c.command.strip() == command and agent in (None, c.agent)), None)
 
     def _observe(self, server: str, tool: str, args: dict[str, Any], result: CallToolResult, agent: str) -> None:
         data = result.structured_content or {}

@@ -85,7 +85,11 @@ class EnvCache:
         return lease
 
     def _open_lock(self, key: str) -> int:
-        self.dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+        # Private: a sandbox sees its environment through a view of its own (prepare.py), never through here, so
+        # no other local user reads a private repository's dependencies or its setup's records.
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.dir.stat().st_mode & 0o077:
+            self.dir.chmod(0o700)
         return os.open(self.dir / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     async def _lease(self, key: str, cached: bool, fd: int | None = None) -> Lease | None:
@@ -113,8 +117,12 @@ class EnvCache:
     async def _build(self, key: str, build: Build) -> Lease:
         fd = self._open_lock(key)
         try:
-            await _flock_exclusive(fd)
-            if (ready := await self._lease(key, cached=True, fd=os.dup(fd))) is not None:  # another server built it
+            if not await self._exclusive_or_ready(key, fd):  # another server built it meanwhile
+                os.close(fd)
+                if (ready := await self._lease(key, cached=True)) is not None:
+                    return ready
+                raise OSError(f"the environment {key} another server made is unusable")
+            if (ready := await self._lease(key, cached=True, fd=os.dup(fd))) is not None:  # built just before
                 os.close(fd)
                 return ready
             work = self.dir / f".build-{key}-{secrets.token_hex(4)}"
@@ -130,7 +138,8 @@ class EnvCache:
                     await run_tool("rm", "-rf", "--one-file-system", "--", str(work))
             meta_path = self.dir / f"{key}.json"
             staged = meta_path.with_suffix(f".{secrets.token_hex(4)}")
-            staged.write_text(json.dumps(meta))
+            with os.fdopen(os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "w") as f:
+                f.write(json.dumps(meta))
             staged.rename(meta_path)
             fcntl.flock(fd, fcntl.LOCK_SH)
         except BaseException:
@@ -144,6 +153,9 @@ class EnvCache:
         """Move a finished environment to its place, read-only; its size in bytes."""
         final = self.dir / key
         if not self.volumes:
+            if os.geteuid() == 0:
+                # Owned by root, which clears every setuid and setgid bit: a plain folder is not mounted nosuid.
+                await run_tool("chown", "-R", "-h", "-P", "0:0", "--", str(point))
             await run_tool("rm", "-rf", "--one-file-system", "--", str(final))
             point.rename(final)
             return int((await run_tool("du", "-sb", "--", str(final))).split()[0])
@@ -154,10 +166,25 @@ class EnvCache:
         await run_tool("sh", "-c", 'e2fsck -f -y "$1" >/dev/null; [ $? -le 1 ]', "e2fsck", str(image),
                        timeout=300, what="e2fsck")
         await run_tool("resize2fs", "-M", str(image), timeout=300)
-        image.rename(self.dir / f"{key}.img")
         final.mkdir(mode=0o755, exist_ok=True)
-        await _mount_read_only(self.dir / f"{key}.img", final)
+        await _mount_read_only(image, final)
+        image.rename(self.dir / f"{key}.img")  # only once it mounted: a failure leaves nothing outside the bound
         return (self.dir / f"{key}.img").stat().st_size
+
+    async def _exclusive_or_ready(self, key: str, fd: int) -> bool:
+        """Take `fd`'s lock exclusively (True), waiting without holding the event loop for another server's build;
+        False as soon as that build is ready: its own sandbox holds the lock shared for as long as it lives."""
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if (self.dir / f"{key}.json").exists():
+                    return False
+                if time.monotonic() > deadline:
+                    raise TimeoutError("another server has been preparing this environment for too long") from None
+                await asyncio.sleep(0.2)
 
     async def evict(self, keep: str | None = None) -> list[str]:
         """Remove the least recently used environments nobody holds until the cache fits its bound."""
@@ -201,14 +228,4 @@ async def _mount_read_only(image: Path, path: Path) -> None:
     await run_tool("mount", "-o", "loop,ro,noload,nosuid,nodev,noatime", str(image), str(path))
 
 
-async def _flock_exclusive(fd: int) -> None:
-    """Take `fd`'s lock exclusively, waiting (without holding the event loop) for another server's build."""
-    deadline = time.monotonic() + LOCK_WAIT_S
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise TimeoutError("another server has been preparing this environment for too long") from None
-            await asyncio.sleep(0.2)
+

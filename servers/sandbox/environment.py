@@ -28,6 +28,7 @@ MANIFESTS = ("pyproject.toml", "setup.py", "setup.cfg", "requirements.txt", "req
 TEST_EXTRAS = ("test", "tests", "testing", "dev")
 # A declared setup may name more files its result depends on: `# tb-cache-key: path [path…]`.
 _KEY_LINE = re.compile(r"^#\s*tb-cache-key:\s*(.+)$", re.MULTILINE)
+MAX_NAMED = 50  # files a setup may name for its key, in all
 # The toolchains a setup may use; their identity is part of the key.
 TOOLCHAIN = ("python3", "pip3", "node", "npm", "pnpm", "yarn", "corepack", "go")
 JAIL_PATH = ("/usr/local/bin", "/usr/bin", "/bin")
@@ -43,7 +44,7 @@ class Plan:
     script: str
     detected: list[str] = field(default_factory=list)
     test_commands: list[str] = field(default_factory=list)
-    inputs: dict[str, bytes] = field(default_factory=dict)  # the files the key covers, by path
+    inputs: dict[str, bytes] = field(default_factory=dict)  # sha256 of each file the key covers, by path
 
     def key(self, repo: str, toolchain: str) -> str:
         """The cache key: the repository, the script, the files it reads and the toolchain."""
@@ -51,7 +52,7 @@ class Plan:
         for part in (KEY_VERSION, repo, self.source, self.script, toolchain):
             digest.update(part.encode() + b"\0")
         for path in sorted(self.inputs):
-            digest.update(path.encode() + b"\0" + hashlib.sha256(self.inputs[path]).digest())
+            digest.update(path.encode() + b"\0" + self.inputs[path])
         return digest.hexdigest()[:32]
 
 
@@ -60,12 +61,13 @@ def plan(requested: str | None, read: Read) -> Plan | None:
     `.tb/setup.sh`, else one detected from its manifests; None when there is nothing to set up."""
     if requested is not None and not requested.strip():
         return None
-    inputs = {path: data for path in MANIFESTS if (data := read(path)) is not None}
-    detected, script, tests = _detect(inputs)
+    found = {path: data for path in MANIFESTS if (data := read(path)) is not None}
+    detected, script, tests = _detect(found)
+    inputs = {path: hashlib.sha256(data).digest() for path, data in found.items()}
     if requested is not None:
         return Plan("request", requested, detected, tests, inputs | _named_inputs(requested, read))
-    if DECLARED in inputs:
-        declared = inputs[DECLARED].decode("utf-8", "replace")
+    if DECLARED in found:
+        declared = found[DECLARED].decode("utf-8", "replace")
         return Plan(DECLARED, declared, detected, tests, inputs | _named_inputs(declared, read))
     if not script:
         return None
@@ -73,11 +75,17 @@ def plan(requested: str | None, read: Read) -> Plan | None:
 
 
 def _named_inputs(script: str, read: Read) -> dict[str, bytes]:
-    named = {}
+    """The digests of the files a script names for its key: each once, however it is spelled, and few."""
+    named: dict[str, bytes] = {}
     for line in _KEY_LINE.findall(script):
-        for path in line.split()[:50]:
-            if (data := read(path.strip())) is not None:
-                named[path.strip()] = data
+        for spelled in line.split():
+            path = os.path.normpath(spelled.strip()).lstrip("/")
+            if path in named or path.startswith("..") or path == ".":
+                continue
+            if len(named) >= MAX_NAMED:
+                return named
+            data = read(path)
+            named[path] = hashlib.sha256(data).digest() if data is not None else b""
     return named
 
 

@@ -71,7 +71,19 @@ class Limits:
                   "n": self.open_files, "c": 0}
         if not address_space:
             del limits["v"]
-        return "".join(f"ulimit -HS -{flag} {value} 2>/dev/null; " for flag, value in limits.items()) + "\n"
+        # On the command's own first line, so that bash's "line N" in an error message is the command's line N.
+        return "".join(f"ulimit -HS -{flag} {value} 2>/dev/null; " for flag, value in limits.items())
+
+
+def agent_prefix(environment: bool, read_only: bool) -> str:
+    """What an agent's command runs first, on its own first line: the environment's profile (PATH, VIRTUAL_ENV…);
+    installers that fail at once instead of retrying a network that is not there; no pytest cache on a read-only
+    repository, where it could only warn."""
+    prefix = "if [ -r /env/profile ]; then . /env/profile; fi; " if environment else ""
+    prefix += "export PIP_RETRIES=0 npm_config_fetch_retries=0; "
+    if read_only:
+        prefix += 'export PYTEST_ADDOPTS="-p no:cacheprovider ${PYTEST_ADDOPTS:-}"; '
+    return prefix
 
 
 @dataclass
@@ -202,8 +214,15 @@ class HostSandbox:
         self.environment: Path | None = None  # the prepared environment every command sees at /env, read-only
         self.on_destroy: list[Callable[[], None]] = []
 
+    @property
+    def destroyed(self) -> bool:
+        return self._destroyed
+
     def use_environment(self, path: Path, release: Callable[[], None]) -> None:
         """Give every later command the environment at `path`; `release` runs when the sandbox is destroyed."""
+        if self._destroyed:  # destroyed while its environment was made
+            release()
+            return
         self.environment = path
         self.on_destroy.append(release)
 
@@ -297,9 +316,8 @@ class HostSandbox:
 
     async def exec(self, command: str, timeout_s: float, workdir: str, read_only: bool = False,
                    on_output: Output | None = None) -> ExecResult:
-        if self.environment is not None:  # what the setup exported: PATH, VIRTUAL_ENV…
-            command = "if [ -r /env/profile ]; then . /env/profile; fi\n" + command
-        return await self.run(command, timeout_s, workdir, read_only=read_only, on_output=on_output)
+        return await self.run(agent_prefix(self.environment is not None, read_only) + command, timeout_s, workdir,
+                              read_only=read_only, on_output=on_output)
 
     def _as_owner(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         with as_user(self.owner):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
+from pathlib import Path
 
 from .base import BackendUnavailable
 from .environment import ENV_DIR
@@ -26,6 +28,14 @@ def _system_binds() -> list[str]:
         elif os.path.isdir(top):
             args += ["--ro-bind", top, top]
     return args
+
+
+def _is_dir(path: Path) -> bool:
+    """A directory itself, never through a link: the environment's content is the sandbox's to choose."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 class BwrapSandbox(HostSandbox):
@@ -58,7 +68,7 @@ class BwrapSandbox(HostSandbox):
             workspace = ["--ro-bind" if read_only else "--bind", str(self.repo), WORKDIR]
             if self.environment is not None:
                 workspace += ["--ro-bind", str(self.environment), ENV_DIR]
-                if self.environment.joinpath("node_modules").is_dir():
+                if _is_dir(self.environment / "node_modules"):
                     # On the resolution path of everything under /workspace, and npm run puts its .bin on PATH.
                     workspace += ["--symlink", f"{ENV_DIR}/node_modules", "/node_modules"]
         bwrap = [

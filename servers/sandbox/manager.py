@@ -261,8 +261,11 @@ class SandboxManager:
         self._register(sandbox, repo_url)
         try:
             info.environment = await self._environment(sandbox, repo_url, setup, on_output)
+            if sandbox_id in self._last_used:  # a long setup is not idleness
+                self._last_used[sandbox_id] = time.monotonic()
         except BaseException:
-            await asyncio.shield(self.destroy(sandbox_id))
+            if sandbox_id in self._sandboxes:
+                await asyncio.shield(self.destroy(sandbox_id))
             raise
         return info
 
@@ -271,7 +274,7 @@ class SandboxManager:
         """Prepare the sandbox's environment (see prepare.py); None when setup is off or there is nothing to do."""
         if self.settings.setup == "off" and setup is None:
             return None
-        plan = prepare.read_plan(sandbox, setup)
+        plan = await sandbox._in_thread(prepare.read_plan, sandbox.repo, setup)
         if plan is None:
             return EnvironmentInfo(status="none", source="none")
         return await prepare.prepare(sandbox, plan, repo_url, self._env_cache(), self._setup_policy(), on_output)

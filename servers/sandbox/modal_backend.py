@@ -25,8 +25,7 @@ from common.changeset import MAX_CHANGESET_BYTES, Changeset
 
 from . import files, listing, modal_env, remote_files
 from .base import BackendUnavailable, ExecResult, SandboxError, SandboxInfo
-from .environment import ENV_DIR
-from .host import OUTPUT_CAP, SANDBOX_ENV, Limits, Output, _capture, collect_changes
+from .host import OUTPUT_CAP, SANDBOX_ENV, Limits, Output, _capture, agent_prefix, collect_changes
 from .system import run_tool
 from .modal_setup import (ModalSettings, ModalUnavailable, has_credentials, image, image_identity, import_modal,
                           why_unavailable)
@@ -41,7 +40,6 @@ EXEC_GRACE_S = 30  # past the command's own timeout, for Modal to answer
 STDIN_CHUNK = 1024 * 1024  # below modal's stdin buffer limit
 SETUP_GRACE_S = 900  # a setup sandbox's life past its script's limit: upload, tidying, the secret check, snapshot
 SNAPSHOT_TIMEOUT_S = 600  # a large environment takes a while to snapshot
-PROFILE = f"if [ -r {ENV_DIR}/profile ]; then . {ENV_DIR}/profile; fi\n"  # what a setup exported: PATH, VIRTUAL_ENV…
 NOT_A_DIRECTORY = b"tb: not a directory"
 # $1 directory, $2 timeout, $3 read-only, $4 script. `timeout` gives the command a process group of its own and
 # SIGKILLs the whole group at the deadline; what the command left running in the background dies when it returns,
@@ -164,7 +162,7 @@ class ModalSandbox:
                    on_output: Output | None = None) -> ExecResult:
         cwd = files.normalize(workdir, allow_root=True)
         where = self.root if cwd == "." else f"{self.root}/{cwd}"
-        script = self.limits.shell_prefix() + (PROFILE if self.environment else "") + command
+        script = self.limits.shell_prefix() + agent_prefix(self.environment, read_only) + command
         result = await self._run(script, timeout_s, where, read_only, OUTPUT_CAP, on_output)
         if result.exit_code == 97 and result.stderr == NOT_A_DIRECTORY.decode():
             raise SandboxError(f"directory {cwd!r} does not exist or is a symbolic link; use a directory of the "

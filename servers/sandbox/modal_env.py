@@ -28,12 +28,12 @@ from typing import Any, Protocol
 
 from common.redact import Redactor, encodings, secret_values
 
-from . import egress, environment, files
+from . import egress, environment
 from .base import EnvironmentInfo, ExecResult, SandboxError
 from .host import Output
 from .local import SOURCE, WORKDIR
 from .modal_setup import ModalUnavailable
-from .prepare import PLAN_READ_BYTES, TAIL_CHARS, SetupFailed, SetupPolicy, compose_script
+from .prepare import TAIL_CHARS, SetupFailed, SetupPolicy, compose_script, read_plan
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +90,6 @@ class Prepared:
     key: str | None = None
 
 
-def read_plan(repo: Path, requested: str | None) -> environment.Plan | None:
-    """The setup the clone at `repo` asks for (see `environment.plan`), read before it is uploaded."""
-    def read(path: str) -> bytes | None:
-        try:
-            return files.read_bytes(repo, path, PLAN_READ_BYTES)
-        except (SandboxError, OSError):
-            return None
-    return environment.plan(requested, read)
-
-
 def network(allow: egress.Allowlist) -> dict[str, Any]:
     """Sandbox.create's network arguments for a setup: the allowlist's names (`*.domain` for a rule's subdomains) and
     its addresses as one-host CIDRs. Both lists always go, even empty, so that Modal allows nothing else; Modal's
@@ -124,7 +114,7 @@ async def prepare(request: SetupRequest, repo: Path, toolchain: str, start: Star
                   on_output: Output | None = None) -> Prepared:
     """The environment of the clone at `repo`: a snapshot from the cache, or one made now by a setup sandbox from
     `start`. A failed setup is reported in the result, which then names no image."""
-    plan = read_plan(repo, request.requested)
+    plan = await asyncio.to_thread(read_plan, repo, request.requested)  # megabytes of lockfiles, off the loop
     if plan is None:
         return Prepared(EnvironmentInfo(status="none", source="none"))
     started = time.monotonic()

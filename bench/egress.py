@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from servers.sandbox import egress
+from servers.sandbox import allowlist, egress
 
 from .sandbox import Case, Result, headline, race
 
@@ -77,7 +77,7 @@ async def main() -> list[Result]:
     logging.disable(logging.INFO)
     folder = Path(tempfile.mkdtemp(prefix="tb-bench-egress-"))
     server, port = await origin(SIZES)
-    proxy = await egress.start(folder / "egress.sock", egress.Allowlist.parse(f"127.0.0.1:{port}"))
+    proxy = await egress.start(folder / "egress.sock", allowlist.Allowlist.parse(f"127.0.0.1:{port}"))
     print(f"egress proxy benchmarks: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; medians and "
           "p90s of interleaved rounds, each a fresh connection")
     started, results = time.perf_counter(), []

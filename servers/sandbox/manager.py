@@ -23,7 +23,7 @@ from common.settings import ConfigError, at_least, between, one_of, read, settin
 from .base import BackendUnavailable, EnvironmentInfo, Sandbox, SandboxError, SandboxInfo
 from .cgroup import Budget, Cgroup, Hierarchy
 from .clone import clone, refuse_under
-from . import egress, prepare, volume
+from . import allowlist, prepare, volume
 from .envcache import EnvCache
 from .host import HostSandbox, Limits, Output, drop_groups, remove_tree
 from .system import run_tool
@@ -43,7 +43,7 @@ CHOICES = [*BACKENDS, "auto"]
 
 def _allowlist_problem(value: str) -> str | None:
     try:
-        egress.Allowlist.parse(value)
+        allowlist.Allowlist.parse(value)
     except ValueError as exc:
         return str(exc)
     return None
@@ -73,7 +73,7 @@ class Settings:
                             "must be 0 (no volume) or 16 or more")
     # The setup phase: `auto` runs a request's setup, else the repository's .tb/setup.sh, else a detected one.
     setup: str = setting("SANDBOX_SETUP", "auto", check=one_of("auto", "off"))
-    setup_allow: str = setting("SANDBOX_SETUP_ALLOW", ",".join(egress.DEFAULT_ALLOW), check=_allowlist_problem)
+    setup_allow: str = setting("SANDBOX_SETUP_ALLOW", ",".join(allowlist.DEFAULT_ALLOW), check=_allowlist_problem)
     setup_env: tuple[str, ...] = setting("SANDBOX_SETUP_ENV", ())  # variables of ours given to setup alone
     setup_timeout_s: float = setting("SANDBOX_SETUP_TIMEOUT_S", 900, check=between(1, 3600))
     env_disk_mib: int = setting("SANDBOX_ENV_DISK_MIB", 4096, check=at_least(64))
@@ -281,7 +281,7 @@ class SandboxManager:
 
     def _setup_policy(self) -> prepare.SetupPolicy:
         secrets = {name: os.environ[name] for name in self.settings.setup_env if name in os.environ}
-        return prepare.SetupPolicy(egress.Allowlist.parse(self.settings.setup_allow), self.settings.setup_timeout_s,
+        return prepare.SetupPolicy(allowlist.Allowlist.parse(self.settings.setup_allow), self.settings.setup_timeout_s,
                                    secrets)
 
     def _env_cache(self) -> EnvCache:

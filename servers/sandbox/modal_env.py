@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from common.redact import Redactor, encodings, secret_values
 
-from . import egress, environment
+from . import allowlist, environment
 from .base import EnvironmentInfo, ExecResult, SandboxError
 from .host import Output
 from .local import SOURCE, WORKDIR
@@ -90,7 +90,7 @@ class Prepared:
     key: str | None = None
 
 
-def network(allow: egress.Allowlist) -> dict[str, Any]:
+def network(allow: allowlist.Allowlist) -> dict[str, Any]:
     """Sandbox.create's network arguments for a setup: the allowlist's names (`*.domain` for a rule's subdomains) and
     its addresses as one-host CIDRs. Both lists always go, even empty, so that Modal allows nothing else; Modal's
     lists name no ports, so a rule's port is not enforced."""

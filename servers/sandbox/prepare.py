@@ -17,7 +17,7 @@ from typing import Any
 
 from common.redact import Redactor, encodings, secret_values
 
-from . import egress, environment, files, volume
+from . import allowlist, egress, environment, files, volume
 from .base import EnvironmentInfo, SandboxError
 from .envcache import EnvCache
 from .host import HostSandbox, Output, SetupMounts
@@ -41,7 +41,7 @@ class SetupFailed(Exception):
 class SetupPolicy:
     """The operator's rules for every setup."""
 
-    allow: egress.Allowlist
+    allow: allowlist.Allowlist
     timeout_s: float
     secrets: Mapping[str, str]  # variables given to the setup alone (a private index's token)
 

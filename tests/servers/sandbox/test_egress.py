@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from servers.sandbox import egress
-from servers.sandbox.egress import DEFAULT_ALLOW, Allowlist, EgressLimits, Refused
+from servers.sandbox import allowlist, egress
+from servers.sandbox.allowlist import DEFAULT_ALLOW, Allowlist, Refused
+from servers.sandbox.egress import EgressLimits
 
 BOUND_S = 10
 PACKAGE = b"demo-1.0.tar.gz: " + bytes(range(256)) * 64
@@ -147,12 +148,12 @@ def test_a_bad_allowlist_entry_is_refused_with_the_forms_that_are_accepted(entry
     ("224.0.0.1", "a multicast address"), ("100.64.0.1", "not a public address"),
 ])
 def test_addresses_a_host_name_may_not_reach_are_named_for_what_they_are(address: str, problem: str) -> None:
-    assert egress.address_problem(ipaddress.ip_address(address)) == problem
+    assert allowlist.address_problem(ipaddress.ip_address(address)) == problem
 
 
 def test_public_addresses_have_no_problem() -> None:
     for address in ("151.101.0.223", "2a04:4e42::223", "::ffff:151.101.0.223"):
-        assert egress.address_problem(ipaddress.ip_address(address)) is None, address
+        assert allowlist.address_problem(ipaddress.ip_address(address)) is None, address
 
 
 @pytest.mark.parametrize("resolved", [["10.0.0.5"], ["169.254.169.254"], ["::1"], ["::ffff:127.0.0.1"],
@@ -160,14 +161,14 @@ def test_public_addresses_have_no_problem() -> None:
 async def test_an_allowlisted_name_that_resolves_to_a_private_address_is_refused(resolved: list[str]) -> None:
     resolve = await static_resolver({"pypi.org": resolved})
     with pytest.raises(Refused) as caught:
-        await egress.destinations("pypi.org", 443, Allowlist.parse("pypi.org"), resolve)
+        await allowlist.destinations("pypi.org", 443, Allowlist.parse("pypi.org"), resolve)
     assert caught.value.status == 403
     assert caught.value.reason.startswith("pypi.org resolves to ") and "address" in caught.value.reason
 
 
 async def test_an_allowlisted_name_is_reached_at_the_public_addresses_it_resolved_to() -> None:
     resolve = await static_resolver({"pypi.org": ["151.101.0.223", "151.101.0.223", "2a04:4e42::223"]})
-    found = await egress.destinations("pypi.org", 443, Allowlist.parse("pypi.org"), resolve)
+    found = await allowlist.destinations("pypi.org", 443, Allowlist.parse("pypi.org"), resolve)
     assert found == [ipaddress.ip_address("151.101.0.223"), ipaddress.ip_address("2a04:4e42::223")]
 
 

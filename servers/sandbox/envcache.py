@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import volume
 from .system import run_tool
@@ -48,6 +48,40 @@ class Lease:
 
 
 Build = Callable[[Path], Awaitable[dict[str, Any]]]
+T = TypeVar("T")
+
+
+class SingleFlight:
+    """One build per key at a time: callers asking for the same key meanwhile wait for that build and share its
+    result, or its failure; if it is cancelled, one of them builds instead."""
+
+    def __init__(self) -> None:
+        self._inflight: dict[str, asyncio.Future[None]] = {}
+
+    async def run(self, key: str, lookup: Callable[[], Awaitable[T | None]], build: Callable[[], Awaitable[T]]) -> T:
+        """`lookup()` when it finds something, else `build()`, unless a build of `key` is under way."""
+        while (pending := self._inflight.get(key)) is not None:
+            await asyncio.wait([pending])
+            if not pending.cancelled() and pending.exception() is not None:
+                raise pending.exception()
+        if (found := await lookup()) is not None:
+            return found
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = done
+        try:
+            result = await build()
+        except Exception as exc:
+            done.set_exception(exc)
+            done.exception()  # retrieved: nobody may be waiting
+            raise
+        except BaseException:
+            done.cancel()
+            raise
+        else:
+            done.set_result(None)
+        finally:
+            del self._inflight[key]
+        return result
 
 
 class EnvCache:
@@ -56,33 +90,12 @@ class EnvCache:
         self.disk_mib = disk_mib
         self.cache_bytes = cache_mib * 1024 * 1024
         self.volumes = volumes  # an image of its own per environment; else a folder on the root's file system
-        self._inflight: dict[str, asyncio.Future[None]] = {}
+        self._flights = SingleFlight()
 
     async def get(self, key: str, build: Build) -> Lease:
-        """A lease on the environment of `key`, made by `build(folder)` when none is ready. Callers asking for the
-        same key meanwhile wait for that one build and share its result, or its failure."""
-        while (pending := self._inflight.get(key)) is not None:
-            await asyncio.wait([pending])
-            if not pending.cancelled() and pending.exception() is not None:
-                raise pending.exception()  # the one build failed: so does every caller that waited for it
-        if (ready := await self._lease(key, cached=True)) is not None:
-            return ready
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = done
-        try:
-            lease = await self._build(key, build)
-        except Exception as exc:
-            done.set_exception(exc)
-            done.exception()  # retrieved: nobody may be waiting
-            raise
-        except BaseException:
-            done.cancel()  # whoever waited builds it instead
-            raise
-        else:
-            done.set_result(None)
-        finally:
-            del self._inflight[key]
-        return lease
+        """A lease on the environment of `key`, made by `build(folder)` when none is ready; one build per key at a
+        time (`SingleFlight`)."""
+        return await self._flights.run(key, lambda: self._lease(key, cached=True), lambda: self._build(key, build))
 
     def _open_lock(self, key: str) -> int:
         # Private: a sandbox sees its environment through a view of its own (prepare.py), never through here, so

@@ -30,6 +30,7 @@ from common.redact import Redactor, encodings, secret_values
 
 from . import allowlist, environment
 from .base import EnvironmentInfo, ExecResult, SandboxError
+from .envcache import SingleFlight
 from .host import Output
 from .local import SOURCE, WORKDIR
 from .modal_setup import ModalUnavailable
@@ -194,34 +195,21 @@ class Snapshots:
     def __init__(self, folder: Path):
         self.dir = folder
         self._known: dict[str, dict[str, Any]] = {}
-        self._inflight: dict[str, asyncio.Future[None]] = {}
+        self._flights = SingleFlight()
 
     async def get(self, key: str, build: Callable[[], Awaitable[dict[str, Any]]]) -> tuple[dict[str, Any], bool]:
         """The record of `key` and whether it was there already, made by `build()` when not. Callers asking for the
-        same key meanwhile wait for that one build and share its result, or its failure (as envcache.py does)."""
-        while (pending := self._inflight.get(key)) is not None:
-            await asyncio.wait([pending])
-            if not pending.cancelled() and pending.exception() is not None:
-                raise pending.exception()
-        if (record := self._lookup(key)) is not None:
-            return record, True
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = done
-        try:
+        same key meanwhile wait for that one build and share its result, or its failure."""
+        async def lookup() -> tuple[dict[str, Any], bool] | None:
+            record = self._lookup(key)
+            return None if record is None else (record, True)
+
+        async def make() -> tuple[dict[str, Any], bool]:
             record = await build()
             self._keep(key, record)
-        except Exception as exc:
-            done.set_exception(exc)
-            done.exception()  # retrieved: nobody may be waiting
-            raise
-        except BaseException:
-            done.cancel()  # whoever waited builds it instead
-            raise
-        else:
-            done.set_result(None)
-        finally:
-            del self._inflight[key]
-        return record, False
+            return record, False
+
+        return await self._flights.run(key, lookup, make)
 
     def forget(self, key: str) -> None:
         """Drop a record whose image Modal no longer has."""

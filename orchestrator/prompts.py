@@ -55,7 +55,8 @@ such as the tests, to see how things behave now). Then call submit_plan once wit
 - summary: the approach in two or three sentences;
 - changes: each file to change, what to change in it, and why; keep the plan as small as the request allows and in
   the repository's style;
-- verification: the exact commands that will show the change works (the repository's own tests where it has them).
+- verification: the exact commands that will show the change works, one per line (the repository's own tests where it
+  has them).
 You cannot change files. Do not write code in the plan beyond short snippets that pin down a detail.
 """
 

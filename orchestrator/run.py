@@ -25,7 +25,7 @@ from mcp_types import CallToolResult, Tool
 
 from common.redact import Redactor
 
-from . import telemetry
+from . import evidence, telemetry
 from .agent import Budget, LimitReached
 from .config import Settings
 from .events import Event, EventLog
@@ -223,9 +223,10 @@ async def _publish(request: RunRequest, tools: RunTools, work: Work, events: Eve
             raise SecretRefused(leaking)
         # Redacted before it is cut into a branch name and a title, where a cut secret would no longer match.
         request = RunRequest(request.repo_url, redact(request.prompt), request.mode, request.setup)
+        overruled = evidence.failed_verification(work.plan, tools) if work.approved else None
         draft_reason = (f"the run stopped before it finished: {stopped}" if stopped else
                         f"the reviewer did not approve after {work.rounds} round(s)" if work.approved is False else
-                        None)
+                        f"the reviewer approved, but {overruled}" if overruled else None)
         yield events("status", stage="publish", message="opening a pull request" + (" (draft)" if draft_reason
                                                                                       else ""))
         branch = f"{prefix}{_slug(request.prompt)}-{events.run_id[-6:]}"
@@ -307,37 +308,7 @@ def _body(request: RunRequest, work: Work, changeset: dict[str, Any], draft_reas
         findings = work.review.get("findings") or []
         parts += ["## Review", f"Verdict: **{work.review.get('verdict')}** after {work.rounds} round(s).",
                   *(f"- {f}" for f in findings), ""]
-    if tests := _tests_run(work.review, tools, environment):
+    if tests := evidence.tests_section(work.plan, work.review, tools, environment):
         parts += ["## Tests run", *tests, ""]
     parts += ["## Files", *files, "", f"_Opened by Tiny Backspace, run `{run_id}`._"]
     return "\n".join(parts)
-
-
-def _tests_run(review: dict[str, Any] | None, tools: RunTools, environment: dict[str, Any] | None) -> list[str]:
-    """The tests the reviewer says it ran, each with how the sandbox saw it end: a claim is never evidence."""
-    lines = []
-    unusable = bool(environment) and environment.get("status") == "failed"
-    if unusable:
-        lines.append(f"The environment could not be set up ({environment.get('error') or 'no reason given'}): "
-                     "tests could not run.")
-    for claim in (review or {}).get("tests_run") or []:
-        command = str(claim.get("command", "")).strip()
-        # The reviewer's claim counts only for its own run, after the coder's last edit.
-        seen = tools.last_run(command, "reviewer")
-        if seen is None:
-            outcome = "not run in the sandbox"
-        elif seen.timed_out:
-            outcome = f"exit {seen.exit_code} (timed out)"
-        elif seen.exit_code:
-            outcome = f"exit {seen.exit_code} (failed)"
-        else:  # without its environment a test command that exits 0 may have tested nothing
-            outcome = "exit 0" if unusable else "exit 0 (passed)"
-        lines.append(f"- {_code(command)}: {outcome}; the reviewer reported: {claim.get('result')}")
-    return lines
-
-
-def _code(text: str) -> str:
-    """`text` as inline Markdown code, whatever backticks it holds."""
-    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") else ""
-    return f"{fence}{pad}{text}{pad}{fence}"

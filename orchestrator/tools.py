@@ -11,6 +11,7 @@ import contextlib
 import copy
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -19,6 +20,7 @@ from mcp_types import CallToolResult
 from .mcp_pool import ServerUnavailable, ToolPool
 from .output import LiveOutput, cut
 
+TAIL_CHARS = 2000  # of a command's output, kept as evidence of how it ended
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 # Sandbox lifecycle belongs to the run, not the model.
 HIDDEN = {("sandbox", "create_sandbox"), ("sandbox", "destroy_sandbox")}
@@ -60,6 +62,8 @@ class CommandRun:
     command: str
     exit_code: int
     timed_out: bool
+    duration_s: float = 0.0
+    tail: str = ""  # the end of its output, stdout then stderr
 
 
 @dataclass
@@ -120,6 +124,7 @@ class RunTools:
         try:
             if "changes" in hidden:
                 args["changes"] = await self.changes_for(str(args.get("branch", "")))
+            started = time.monotonic()
             with (self.output.stream(tool, agent=agent, id=call_id) if self.output else contextlib.nullcontext()
                   ) as on_progress:
                 result = await self.pool.call(server, tool, args, self.timeout_s, on_progress)
@@ -127,7 +132,7 @@ class RunTools:
             return ToolOutput(f"{name} did not answer within {self.timeout_s:g} s and was abandoned", is_error=True)
         except ToolFailed as exc:
             return ToolOutput(str(exc), is_error=True)
-        self._observe(server, tool, args, result, agent)
+        self._observe(server, tool, args, result, agent, time.monotonic() - started)
         return ToolOutput(cut(result_text(result), self.result_chars), result.is_error, result.structured_content)
 
     async def export(self) -> dict[str, Any]:
@@ -155,13 +160,16 @@ class RunTools:
         return next((c for c in reversed(self.commands)
                      if c.command.strip() == command and agent in (None, c.agent)), None)
 
-    def _observe(self, server: str, tool: str, args: dict[str, Any], result: CallToolResult, agent: str) -> None:
+    def _observe(self, server: str, tool: str, args: dict[str, Any], result: CallToolResult, agent: str,
+                 duration_s: float) -> None:
         data = result.structured_content or {}
         if result.is_error:
             return
         if server == "sandbox" and tool == "exec" and isinstance(data.get("exit_code"), int):
+            output = f"{data.get('stdout') or ''}\n{data.get('stderr') or ''}"
             self.commands.append(CommandRun(agent, str(args.get("command", "")), data["exit_code"],
-                                            bool(data.get("timed_out"))))
+                                            bool(data.get("timed_out")), round(duration_s, 3),
+                                            output[-TAIL_CHARS:]))
         if server != "github":
             return
         if tool == "commit_changes" and data.get("sha"):

@@ -34,7 +34,7 @@ from orchestrator.model import AnthropicModel
 from orchestrator.output import OUTPUT_EVENT_CHARS, OUTPUT_INTERVAL_S, LiveOutput
 from orchestrator.prompts import environment_note
 from orchestrator.roles import Role, RoleTools
-from orchestrator.tools import CommandRun, RunTools
+from orchestrator.tools import RunTools
 from tests.fakes.messages_api import messages_api, text, tool_use, turn
 
 from .conftest import API_KEY, of_type, parse_sse, post_code, stack
@@ -163,8 +163,10 @@ async def test_a_tools_output_reaches_the_stream_while_the_call_is_still_running
     assert [o["text"] for o in outputs] == ["compiling\n", "linking\n"]
     assert all(o["tool"] == "exec" and o["id"] == "toolu_live" and o["agent"] == "coder" for o in outputs)
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
-    assert tools.commands == [CommandRun("coder", pieces("compiling\n", "WAIT:live", "linking\n")["command"], 0,
-                                         False)]
+    (seen,) = tools.commands
+    assert (seen.agent, seen.command, seen.exit_code, seen.timed_out) == (
+        "coder", pieces("compiling\n", "WAIT:live", "linking\n")["command"], 0, False)
+    assert seen.tail.split() == ["compiling", "linking"] and seen.duration_s > 0
 
 
 async def test_chatty_output_is_joined_into_a_few_events_a_second_each_within_its_size_limit(progress_pool):
@@ -297,10 +299,12 @@ async def test_the_pull_request_gives_each_claimed_test_the_exit_code_the_sandbo
     async with stack(pool, planner() + coder() + checks) as s:
         _, events, _ = await post_code(s.url, {"repoUrl": str(make_repo(BUGGY)), "prompt": "Fix add()"})
     body = record(of_type(events, "pull_request")[0])["body"]
-    tests = body.split("## Tests run\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    tests = [line for line in body.split("## Tests run\n", 1)[1].split("\n\n", 1)[0].splitlines()
+             if not line.startswith(" ")]  # each entry, less the details of its run
     assert tests == [f"- `{TESTS}`: exit 0 (passed); the reviewer reported: OK, 1 test",
                      "- `test -e CHANGELOG.md`: exit 1 (failed); the reviewer reported: changelog present",
-                     "- `pytest -q`: not run in the sandbox; the reviewer reported: 3 passed"]
+                     "- `pytest -q`: not run in the sandbox; the reviewer reported: 3 passed",
+                     "- `python3 -m unittest -q`: not run in the sandbox (the plan's verification)"]
 
 
 async def read_live(url: str, body: dict) -> list[tuple[float, dict]]:

@@ -100,7 +100,9 @@ def ran(events: list[dict], call_id: str) -> dict:
 
 
 def section_of_tests(body: str) -> list[str]:
-    return body.split("## Tests run\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    """The entries of "Tests run", less the details of each run (who, how long, the end of its output)."""
+    return [line for line in body.split("## Tests run\n", 1)[1].split("\n\n", 1)[0].splitlines()
+            if not line.startswith(" ")]
 
 
 async def test_a_team_run_sets_the_project_up_tests_in_it_offline_and_publishes_only_its_edits(

@@ -46,6 +46,21 @@ print("swapped")
 """
 
 
+def forker(most: int) -> str:
+    """Python that forks up to `most` sleeping children, stopping at the first refusal; `n` is how many started."""
+    return ("import os, sys, time\n"
+            "n = 0\n"
+            f"for _ in range({most}):\n"
+            "    try:\n"
+            "        pid = os.fork()\n"
+            "    except OSError:\n"
+            "        break\n"
+            "    if pid == 0:\n"
+            "        time.sleep(60)\n"
+            "        os._exit(0)\n"
+            "    n += 1\n")
+
+
 def together(count: int) -> str:
     """Python lines that wait (20 s at most) until `count` commands of the sandbox reached them: proof that they ran
     at the same time."""
@@ -131,18 +146,7 @@ async def test_an_ignore_file_that_links_to_a_host_file_tells_nothing_about_it(s
 
 @needs_cgroups
 async def test_one_turn_of_concurrent_commands_shares_one_process_budget(sandbox_root, make_repo):
-    forks = ("import os, sys, time\n"
-             "n = 0\n"
-             "for _ in range(90):\n"
-             "    try:\n"
-             "        pid = os.fork()\n"
-             "    except OSError:\n"
-             "        break\n"
-             "    if pid == 0:\n"
-             "        time.sleep(60)\n"
-             "        os._exit(0)\n"
-             "    n += 1\n"
-             + together(4) + "print('started', n)\n")
+    forks = forker(90) + together(4) + "print('started', n)\n"
     async with await jailed_client(sandbox_root, budget=Budget(pids=120)) as c:
         sid = await sandbox(c, make_repo({"forks.py": forks}))
         with anyio.fail_after(90):

@@ -28,7 +28,7 @@ from tests.conftest import git, unique_marker
 
 from . import test_attacks
 from .helpers import call, sh
-from .test_attacks import needs_cgroups, needs_root, needs_volumes
+from .test_attacks import forker, needs_cgroups, needs_root, needs_volumes
 from .test_jail import gone, host_processes, sandbox_dirs
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
@@ -216,20 +216,7 @@ done
 
 @needs_cgroups
 async def test_a_fork_bomb_in_setup_is_held_to_the_sandboxes_process_budget(sandbox_servers, make_repo) -> None:
-    forks = ("python3 - <<'EOF'\n"
-             "import os, time\n"
-             "n = 0\n"
-             "for _ in range(200):\n"
-             "    try:\n"
-             "        pid = os.fork()\n"
-             "    except OSError:\n"
-             "        break\n"
-             "    if pid == 0:\n"
-             "        time.sleep(60)\n"
-             "        os._exit(0)\n"
-             "    n += 1\n"
-             "print('forked', n)\n"
-             "EOF\n")
+    forks = "python3 - <<'EOF'\n" + forker(200) + "print('forked', n)\nEOF\n"
     tb = await sandbox_servers(budget=Budget(pids=64))
     with anyio.fail_after(60):
         info, live = await create(tb, make_repo({".tb/setup.sh": forks}))

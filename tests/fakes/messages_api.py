@@ -13,6 +13,14 @@ unused; `messages_api` raises them when its block ends, so a test cannot pass ov
 
 Like the real API it refuses a request without a credential, or with an empty one (401). `keyless=True` makes it a
 Messages-API-compatible local server that needs no key, as `ANTHROPIC_BASE_URL` may point at.
+
+It is as strict as the real API about context (see tests/fakes/messages_tokens.py for how it counts): a prompt over
+`context_window` tokens (200_000 by default, None for no limit), or one whose `max_tokens` would not fit after it,
+gets the real API's 400; such a refusal takes no step, is no problem, and its token count goes to `api.too_long`.
+A turn's usage is computed with prompt caching, per server, unless the script gives the numbers;
+`POST /v1/messages/count_tokens` answers with the same count. `context_management` edits
+(`clear_tool_uses_20250919`, beta `context-management-2025-06-27`) are applied before anything is counted and
+reported in the response (a stream reports them in its `message_delta` event).
 """
 
 from __future__ import annotations
@@ -29,6 +37,9 @@ from typing import Any
 from aiohttp import web
 
 from tests.fakes.messages_rules import validate
+from tests.fakes.messages_tokens import PromptCache, apply_context_edits, content_tokens, count_tokens
+
+__all__ = ["MessagesAPI", "count_tokens", "http_error", "messages_api", "stream_error", "text", "tool_use", "turn"]
 
 CHUNK = 12  # characters per delta, so a client sees every block arrive in pieces as it does from the real API
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -43,7 +54,7 @@ def _new_id(prefix: str) -> str:
 
 @dataclass(frozen=True)
 class Turn:
-    """One model response; token counts left as None are estimated from the request and the content."""
+    """One model response; token counts left as None are computed from the request and the content."""
 
     content: tuple[dict[str, Any], ...]
     stop_reason: str
@@ -84,9 +95,10 @@ def tool_use(name: str, input: dict[str, Any], *, id: str | None = None) -> dict
 
 
 def turn(*content: dict[str, Any], stop_reason: str | None = None, input_tokens: int | None = None,
-         output_tokens: int | None = None, cache_read_input_tokens: int = 0,
-         cache_creation_input_tokens: int = 0) -> Turn:
-    """A model turn; it stops for `tool_use` when it calls a tool and at `end_turn` otherwise."""
+         output_tokens: int | None = None, cache_read_input_tokens: int | None = None,
+         cache_creation_input_tokens: int | None = None) -> Turn:
+    """A model turn; it stops for `tool_use` when it calls a tool and at `end_turn` otherwise. Token numbers left
+    out are computed from the request (with prompt caching) and from the content."""
     calls_tool = any(block["type"] == "tool_use" for block in content)
     return Turn(content, stop_reason or ("tool_use" if calls_tool else "end_turn"),
                 {"input_tokens": input_tokens, "output_tokens": output_tokens,
@@ -135,11 +147,15 @@ def _block_events(index: int, block: dict[str, Any]) -> Iterator[dict[str, Any]]
 class MessagesAPI:
     """Answers each call with the next scripted step and records every body it receives."""
 
-    def __init__(self, steps: Iterable[Step], keyless: bool = False) -> None:
+    def __init__(self, steps: Iterable[Step], keyless: bool = False, context_window: int | None = 200_000) -> None:
         self.url = ""
         self.keyless = keyless
+        self.context_window = context_window
         self.requests: list[Any] = []
+        self.counted: list[Any] = []  # bodies sent to count_tokens
+        self.too_long: list[int] = []  # token counts of the prompts refused as over the context window
         self.problems: list[str] = []
+        self.cache = PromptCache()
         self._steps: deque[Step] = deque(steps)
 
     def assert_done(self) -> None:
@@ -162,21 +178,46 @@ class MessagesAPI:
         return self._error(404, "not_found_error", "Not Found",
                            problem=f"unexpected request {request.method} {request.path}")
 
-    async def _messages(self, request: web.Request) -> web.StreamResponse:
+    async def _accepted(self, request: web.Request, calls: list[Any], call: str,
+                        count: bool = False) -> tuple[Any, web.Response | None]:
+        """The request's JSON body, recorded in `calls`, and the error response when the real API would refuse it."""
         raw = await request.read()
         try:
             body = json.loads(raw)
         except ValueError:
             body = raw.decode(errors="replace")
-        self.requests.append(body)
-        call = f"call {len(self.requests)}"
+        calls.append(body)
+        call = f"{call} {len(calls)}"
         if refused := self._refused_credential(request):
-            return self._error(401, "authentication_error", refused, problem=f"{call}: {refused}")
+            return body, self._error(401, "authentication_error", refused, problem=f"{call}: {refused}")
         if not request.headers.get("anthropic-version"):
-            return self._error(400, "invalid_request_error", "anthropic-version: header is required",
-                               problem=f"{call}: no anthropic-version header")
-        if problem := validate(body):
-            return self._error(400, "invalid_request_error", problem, problem=f"{call} refused: {problem}")
+            return body, self._error(400, "invalid_request_error", "anthropic-version: header is required",
+                                     problem=f"{call}: no anthropic-version header")
+        betas = {name.strip() for name in request.headers.get("anthropic-beta", "").split(",")}
+        if problem := validate(body, betas=betas, count=count):
+            return body, self._error(400, "invalid_request_error", problem, problem=f"{call} refused: {problem}")
+        return body, None
+
+    async def _count_tokens(self, request: web.Request) -> web.Response:
+        body, refused = await self._accepted(request, self.counted, "count_tokens call", count=True)
+        if refused:
+            return refused
+        seen, _ = apply_context_edits(body)
+        answer: dict[str, Any] = {"input_tokens": count_tokens(seen)}
+        if "context_management" in body:
+            answer["context_management"] = {"original_input_tokens": count_tokens(body)}
+        return web.json_response(answer, headers={"request-id": _new_id("req_")})
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        body, refused = await self._accepted(request, self.requests, "call")
+        if refused:
+            return refused
+        call = f"call {len(self.requests)}"
+        seen, edits = apply_context_edits(body)
+        tokens = count_tokens(seen)
+        if too_long := self._over_window(tokens, body["max_tokens"]):
+            self.too_long.append(tokens)
+            return self._error(400, "invalid_request_error", too_long)
         if not self._steps:
             message = f"unexpected {call}: the script has no step left"
             return self._error(400, "invalid_request_error", message, problem=message)
@@ -191,11 +232,22 @@ class MessagesAPI:
                                    problem=f"{call}: step returned {step!r}, not a turn or an error")
         if isinstance(step, HttpError):
             return self._error(step.status, step.error_type, step.message, step.headers)
+        if not body.get("stream") and isinstance(step, StreamError):
+            return self._error(STATUS_OF.get(step.error_type, 500), step.error_type, step.message)
+        final = self._message(step if isinstance(step, Turn) else turn(), body, seen, edits)
         if not body.get("stream"):
-            if isinstance(step, StreamError):
-                return self._error(STATUS_OF.get(step.error_type, 500), step.error_type, step.message)
-            return web.json_response(self._message(step, body, raw), headers={"request-id": _new_id("req_")})
-        return await self._stream(request, step, body, raw)
+            return web.json_response(final, headers={"request-id": _new_id("req_")})
+        return await self._stream(request, step, final)
+
+    def _over_window(self, tokens: int, max_tokens: int) -> str | None:
+        """The real API's refusal of a prompt that does not fit the context window, or None when it fits."""
+        window = self.context_window
+        if window is None or tokens + max_tokens <= window:
+            return None
+        if tokens > window:
+            return f"prompt is too long: {tokens} tokens > {window} maximum"
+        return f"input length and `max_tokens` exceed context limit: {tokens} + {max_tokens} > {window}, " \
+               "decrease input length or `max_tokens` and try again"
 
     def _refused_credential(self, request: web.Request) -> str | None:
         """Why the credential the request carries is refused, or None when it is accepted."""
@@ -205,21 +257,26 @@ class MessagesAPI:
         token = key if key is not None else authorization.removeprefix("Bearer").strip()
         return None if token.strip() else "invalid x-api-key"
 
-    def _message(self, step: Turn, body: dict[str, Any], raw: bytes) -> dict[str, Any]:
-        estimate = {"input_tokens": max(1, len(raw) // 4),
-                    "output_tokens": max(1, len(json.dumps(step.content)) // 4)}
-        usage = {key: estimate[key] if value is None else value for key, value in step.usage.items()}
-        return {"id": _new_id("msg_01"), "type": "message", "role": "assistant", "model": body["model"],
-                "content": list(step.content), "stop_reason": step.stop_reason, "stop_sequence": None,
-                "usage": {**usage, "service_tier": "standard"}}
+    def _message(self, step: Turn, body: dict[str, Any], seen: dict[str, Any],
+                 edits: list[dict[str, Any]]) -> dict[str, Any]:
+        """The whole response message; `seen` is the body after its context edits, which are reported."""
+        computed = {**self.cache.usage(seen),
+                    "output_tokens": max(1, content_tokens(step.content))}
+        usage = {key: computed[key] if value is None else value for key, value in step.usage.items()}
+        message = {"id": _new_id("msg_01"), "type": "message", "role": "assistant", "model": body["model"],
+                   "content": list(step.content), "stop_reason": step.stop_reason, "stop_sequence": None,
+                   "usage": {**usage, "service_tier": "standard"}}
+        if "context_management" in body:
+            message["context_management"] = {"applied_edits": edits}
+        return message
 
-    async def _stream(self, request: web.Request, step: Turn | StreamError, body: dict[str, Any],
-                      raw: bytes) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, step: Turn | StreamError,
+                      final: dict[str, Any]) -> web.StreamResponse:
         response = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8",
                                                "cache-control": "no-cache", "request-id": _new_id("req_")})
         await response.prepare(request)
-        final = self._message(step if isinstance(step, Turn) else turn(), body, raw)
-        start = {**final, "content": [], "stop_reason": None, "usage": {**final["usage"], "output_tokens": 1}}
+        start = {**{k: v for k, v in final.items() if k != "context_management"}, "content": [],
+                 "stop_reason": None, "usage": {**final["usage"], "output_tokens": 1}}
         events = [{"type": "message_start", "message": start}, {"type": "ping"}]
         if isinstance(step, StreamError):
             events += list(_block_events(0, text(step.partial_text))) if step.partial_text else []
@@ -227,9 +284,11 @@ class MessagesAPI:
         else:
             for index, block in enumerate(step.content):
                 events += [*_block_events(index, block), {"type": "content_block_stop", "index": index}]
-            events += [{"type": "message_delta", "delta": {"stop_reason": step.stop_reason, "stop_sequence": None},
-                        "usage": {k: v for k, v in final["usage"].items() if k != "service_tier"}},
-                       {"type": "message_stop"}]
+            delta = {"type": "message_delta", "delta": {"stop_reason": step.stop_reason, "stop_sequence": None},
+                     "usage": {k: v for k, v in final["usage"].items() if k != "service_tier"}}
+            if "context_management" in final:  # where the docs put it, and the SDK's beta stream reads it
+                delta["context_management"] = final["context_management"]
+            events += [delta, {"type": "message_stop"}]
         try:
             for event in events:
                 await response.write(_sse(event))
@@ -240,12 +299,15 @@ class MessagesAPI:
 
 
 @asynccontextmanager
-async def messages_api(steps: Sequence[Step], *, keyless: bool = False) -> AsyncIterator[MessagesAPI]:
+async def messages_api(steps: Sequence[Step], *, keyless: bool = False,
+                       context_window: int | None = 200_000) -> AsyncIterator[MessagesAPI]:
     """Serve `steps` on a random loopback port; on a clean exit, raise every problem the server saw. With
-    `keyless`, requests without a credential are accepted, as a local compatible server accepts them."""
-    api = MessagesAPI(steps, keyless)
-    app = web.Application()
+    `keyless`, requests without a credential are accepted, as a local compatible server accepts them; a prompt over
+    `context_window` tokens (None: no limit) is refused as the real API refuses it."""
+    api = MessagesAPI(steps, keyless, context_window)
+    app = web.Application(client_max_size=32 * 2**20)  # the real API takes requests up to 32 MB
     app.router.add_post("/v1/messages", api._messages)
+    app.router.add_post("/v1/messages/count_tokens", api._count_tokens)
     app.router.add_route("*", "/{tail:.*}", api._unknown)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from typing import Any
 
 TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 TOOL_USE_ID = re.compile(r"[a-zA-Z0-9_-]+")
 MAX_CACHE_BREAKPOINTS = 4
+CONTEXT_MANAGEMENT_BETA = "context-management-2025-06-27"
 
 
 def _blocks(content: Any) -> list[Any]:
@@ -143,18 +145,60 @@ def _check_cache_control(body: dict[str, Any]) -> str | None:
     return None
 
 
-def validate(body: Any) -> str | None:
-    """The reason the real API would refuse this request body, or None when it would accept it."""
+def _threshold(value: Any, where: str, *kinds: str) -> str | None:
+    if not isinstance(value, dict) or value.get("type") not in kinds:
+        return f"{where}.type: Input should be " + " or ".join(f"'{kind}'" for kind in kinds)
+    if isinstance(value.get("value"), bool) or not isinstance(value.get("value"), int) or value["value"] < 0:
+        return f"{where}.value: Input should be a valid integer greater than or equal to 0"
+    return None
+
+
+def _check_clear_tool_uses(edit: dict[str, Any], where: str) -> str | None:
+    for name, kinds in (("trigger", ("input_tokens", "tool_uses")), ("keep", ("tool_uses",)),
+                        ("clear_at_least", ("input_tokens",))):
+        if edit.get(name) is not None and (problem := _threshold(edit[name], f"{where}.{name}", *kinds)):
+            return problem
+    excluded = edit.get("exclude_tools")
+    if excluded is not None and not (isinstance(excluded, list) and all(isinstance(n, str) for n in excluded)):
+        return f"{where}.exclude_tools: Input should be a valid list of strings"
+    inputs = edit.get("clear_tool_inputs")
+    if inputs is not None and not isinstance(inputs, bool) and \
+            not (isinstance(inputs, list) and all(isinstance(n, str) for n in inputs)):
+        return f"{where}.clear_tool_inputs: Input should be a valid boolean or list of strings"
+    return None
+
+
+def _check_context_management(body: dict[str, Any], betas: Collection[str]) -> str | None:
+    config = body.get("context_management")
+    if config is None:
+        return None
+    if CONTEXT_MANAGEMENT_BETA not in betas:  # unknown without the beta, as any field the API does not define
+        return "context_management: Extra inputs are not permitted"
+    edits = config.get("edits") if isinstance(config, dict) else None
+    if not isinstance(edits, list):
+        return "context_management.edits: Input should be a valid list"
+    for i, edit in enumerate(edits):
+        if not isinstance(edit, dict) or edit.get("type") != "clear_tool_uses_20250919":
+            # The real API has other edits (clear_thinking_20251015, compact_20260112); the fake models none.
+            return f"context_management.edits.{i}.type: the fake Messages API models only clear_tool_uses_20250919"
+        if problem := _check_clear_tool_uses(edit, f"context_management.edits.{i}"):
+            return problem
+    return None
+
+
+def validate(body: Any, *, betas: Collection[str] = (), count: bool = False) -> str | None:
+    """The reason the real API would refuse this request body, or None when it would accept it. `betas` are the
+    request's `anthropic-beta` names; `count` checks it as `POST /v1/messages/count_tokens` does (no max_tokens)."""
     if not isinstance(body, dict):
         return "There was an issue with your request body: expected a JSON object"
     if not isinstance(body.get("model"), str) or not body["model"]:
         return "model: Field required"
     max_tokens = body.get("max_tokens")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+    if not count and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         return "max_tokens: Input should be greater than or equal to 1"
     if not isinstance(body.get("messages"), list) or not body["messages"]:
         return "messages: at least one message is required"
     for check in (_check_messages, _check_system, _check_tools, _check_cache_control):
         if problem := check(body):
             return problem
-    return None
+    return _check_context_management(body, betas)

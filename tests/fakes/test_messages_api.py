@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import aiohttp
 import anthropic
 import pytest
 
-from tests.fakes.messages_api import MessagesAPI, http_error, messages_api, stream_error, text, tool_use, turn
+from tests.fakes.messages_api import (MessagesAPI, count_tokens, http_error, messages_api, stream_error, text, tool_use,
+                                     turn)
 from tests.fakes.messages_rules import validate
 
 MODEL = "claude-sonnet-5-5"
@@ -217,3 +219,225 @@ async def test_a_step_that_fails_its_own_assertion_fails_the_test() -> None:
             async with client_for(api) as client:
                 with pytest.raises(anthropic.BadRequestError):
                     await client.messages.create(model=MODEL, max_tokens=10, messages=ASK)
+
+
+# Context: the window, token counting, prompt caching and context editing.
+
+RULES = "The repository's conventions, one rule after another, all of them long. " * 60  # about 1200 tokens
+CACHED_RULES = [{"type": "text", "text": RULES, "cache_control": {"type": "ephemeral"}}]
+EDITING = "context-management-2025-06-27"
+
+
+def split(message: Any) -> tuple[int, int, int]:
+    """A response's input tokens: uncached, read from the cache, written to it."""
+    usage = message.usage
+    return usage.input_tokens, usage.cache_read_input_tokens, usage.cache_creation_input_tokens
+
+
+async def test_a_prompt_over_the_context_window_is_refused_with_the_real_message_and_takes_no_step() -> None:
+    async with asyncio.timeout(5), messages_api([turn(text("Short enough."))], context_window=1000) as api:
+        async with client_for(api) as client:
+            long = await client.messages.count_tokens(model=MODEL, system=RULES, messages=ASK)
+            with pytest.raises(anthropic.BadRequestError) as refused:
+                await client.messages.create(model=MODEL, max_tokens=100, system=RULES, messages=ASK)
+            short = await client.messages.count_tokens(model=MODEL, messages=ASK)
+            with pytest.raises(anthropic.BadRequestError) as no_room:
+                await client.messages.create(model=MODEL, max_tokens=1000, messages=ASK)
+            message = await client.messages.create(model=MODEL, max_tokens=1000 - short.input_tokens, messages=ASK)
+    assert long.input_tokens > 1000 and refused.value.body["error"] == {
+        "type": "invalid_request_error", "message": f"prompt is too long: {long.input_tokens} tokens > 1000 maximum"}
+    assert no_room.value.body["error"]["message"] == \
+        f"input length and `max_tokens` exceed context limit: {short.input_tokens} + 1000 > 1000, decrease input " \
+        "length or `max_tokens` and try again"
+    assert message.content[0].text == "Short enough."
+    assert api.too_long == [long.input_tokens, short.input_tokens] and api.problems == []
+
+
+async def test_without_a_context_window_any_prompt_is_answered() -> None:
+    async with asyncio.timeout(5), messages_api([turn(text("Read it all."))], context_window=None) as api:
+        async with client_for(api) as client:
+            message = await client.messages.create(model=MODEL, max_tokens=10**6, system=RULES * 200, messages=ASK)
+    assert message.usage.input_tokens > 200_000 and api.too_long == []
+
+
+async def test_count_tokens_is_what_a_turn_reports_as_its_input_and_is_checked_like_a_turn() -> None:
+    history = tool_exchange()
+    tools = [{**READ_FILE, "cache_control": {"type": "ephemeral"}}]
+    async with asyncio.timeout(5), messages_api([turn(text("Fixed.")), turn(text("Again."))]) as api:
+        async with client_for(api) as client:
+            counted = await client.messages.count_tokens(model=MODEL, system=CACHED_RULES, messages=history,
+                                                         tools=tools)
+            async with client.messages.stream(model=MODEL, max_tokens=100, system=CACHED_RULES, messages=history,
+                                              tools=tools) as stream:
+                first = await stream.get_final_message()
+            second = await client.messages.create(model=MODEL, max_tokens=100, system=CACHED_RULES,
+                                                  messages=history, tools=tools)
+    assert counted.input_tokens == sum(split(first)) == sum(split(second)) == count_tokens(api.requests[0])
+    assert split(first)[1] == 0 and split(second)[2] == 0 and split(second)[1] == split(first)[2] > 0
+    assert first.usage.output_tokens > 0 and "max_tokens" not in api.counted[0]
+
+
+async def test_count_tokens_refuses_what_a_turn_would_and_needs_the_same_credential() -> None:
+    with pytest.raises(AssertionError, match="count_tokens call 1 refused: Requests which include") as failure:
+        async with asyncio.timeout(5), messages_api([]) as api:
+            async with client_for(api) as client:
+                with pytest.raises(anthropic.BadRequestError) as refused:
+                    await client.messages.count_tokens(model=MODEL, messages=tool_exchange())
+            async with aiohttp.ClientSession() as http, http.post(
+                    f"{api.url}/v1/messages/count_tokens", json={"model": MODEL, "messages": ASK},
+                    headers={"anthropic-version": "2023-06-01"}) as keyless:
+                status = keyless.status
+    assert "must define tools" in refused.value.body["error"]["message"] and status == 401
+    assert "count_tokens call 2: x-api-key header is required." in str(failure.value) and api.requests == []
+
+
+def test_the_tokenizer_counts_about_one_token_per_few_characters_of_every_part() -> None:
+    bare = {"model": MODEL, "messages": ASK}
+    grown = [{**bare, "system": RULES}, {**bare, "tools": [READ_FILE]},
+             {**bare, "messages": [*ASK, {"role": "assistant", "content": "Sure. " * 100}]}, tool_exchange()]
+    assert 1000 < count_tokens({**bare, "system": RULES}) - count_tokens(bare) < 1400
+    assert all(count_tokens(body if "model" in body else {**bare, "messages": body, "tools": [READ_FILE]})
+               > count_tokens(bare) for body in grown)
+    assert count_tokens({**bare, "system": CACHED_RULES}) == count_tokens({**bare, "system": RULES})
+
+
+async def test_a_repeated_prefix_is_read_from_the_cache_and_a_change_early_in_it_misses() -> None:
+    tools = [{**READ_FILE, "cache_control": {"type": "ephemeral"}}]
+    renamed = [{**tools[0], "description": "Read one file."}]
+    later = [*tool_exchange(), {"role": "assistant", "content": "Done."}, {"role": "user", "content": "Thanks."}]
+    script = [turn(text("Ok.")) for _ in range(4)]
+    async with asyncio.timeout(5), messages_api(script) as api:
+        async with client_for(api) as client:
+            asked = [await client.messages.create(model=MODEL, max_tokens=10, system=CACHED_RULES, tools=t,
+                                                  messages=m)
+                     for t, m in [(tools, tool_exchange()), (tools, later), (renamed, later), (renamed, later)]]
+    written, read, again, hit = [split(message) for message in asked]
+    assert written[1] == 0 and written[2] > 1024
+    assert read[1] == written[2] and read[2] == 0 and read[0] > written[0]  # a longer conversation after them
+    assert again[1] == 0 and again[2] == read[1]  # a tool described anew: the whole prefix after it is written
+    assert hit[1] == again[2] and hit[2] == 0
+
+
+async def test_a_prefix_shorter_than_the_models_minimum_is_never_cached_and_each_model_has_its_own() -> None:
+    short = [{**CACHED_RULES[0], "text": RULES[:3000]}]  # about 830 tokens
+    haiku, opus = "claude-haiku-5-5", "claude-opus-5-5"
+    script = [turn(text("Ok.")) for _ in range(7)]
+    async with asyncio.timeout(5), messages_api(script) as api:
+        async with client_for(api) as client:
+            asked = [await client.messages.create(model=model, max_tokens=10, system=system, messages=ASK)
+                     for model, system in [(MODEL, short), (MODEL, short), (haiku, CACHED_RULES),
+                                           (haiku, CACHED_RULES), (MODEL, CACHED_RULES), (MODEL, CACHED_RULES),
+                                           (opus, CACHED_RULES)]]
+    usage = [split(message) for message in asked]
+    assert usage[0] == usage[1] and usage[0][1:] == (0, 0) and usage[0][0] > 800
+    assert usage[2] == usage[3] and usage[2][1:] == (0, 0) and 1024 < usage[2][0] < 2048
+    assert usage[4][2] > 1024 and usage[5][1] == usage[4][2] and usage[6] == usage[4]
+
+
+async def test_a_breakpoint_finds_a_cached_prefix_at_most_20_blocks_back() -> None:
+    blocks = [{"type": "text", "text": f"Note {i}."} for i in range(30)]
+
+    def marked(k: int) -> list[dict[str, Any]]:
+        return [{"role": "user", "content": [*blocks[:k], {**blocks[k], "cache_control": {"type": "ephemeral"}},
+                                             *blocks[k + 1:]]}]
+
+    script = [turn(text("Ok.")) for _ in range(3)]
+    async with asyncio.timeout(5), messages_api(script) as api:
+        async with client_for(api) as client:
+            asked = [await client.messages.create(model=MODEL, max_tokens=10, system=RULES, messages=marked(k))
+                     for k in (0, 21, 20)]
+    first, too_far, near = [split(message) for message in asked]
+    assert first[1] == 0 and first[2] > 1024
+    assert too_far[1] == 0 and too_far[2] > first[2]
+    assert near[1] == first[2] and 0 < near[2] < too_far[2] - first[2]
+
+
+async def test_a_cached_prefix_expires_after_five_minutes_unless_read() -> None:
+    marked_ask = [{"role": "user", "content": [{"type": "text", "text": "Fix the bug.",
+                                                "cache_control": {"type": "ephemeral"}}]}]
+    # At minute 4 the prefix is found by looking back from a later breakpoint: reading it renews it all the same.
+    calls = [(0, CACHED_RULES, ASK), (4, RULES, marked_ask), (8, CACHED_RULES, ASK), (14, CACHED_RULES, ASK)]
+    async with asyncio.timeout(5), messages_api([turn(text("Ok.")) for _ in calls]) as api:
+        now = [1000.0]
+        api.cache.clock = lambda: now[0]
+        async with client_for(api) as client:
+            usage = []
+            for minutes, system, messages in calls:
+                now[0] = 1000.0 + 60 * minutes
+                usage.append(split(await client.messages.create(model=MODEL, max_tokens=10, system=system,
+                                                                messages=messages)))
+    written = usage[0][2]
+    assert written > 0 and [u[1] for u in usage] == [0, written, written, 0]
+
+
+def long_tool_history(n: int) -> list[dict[str, Any]]:
+    """A conversation with `n` tool calls, each answered with a long result, then a question."""
+    messages: list[dict[str, Any]] = [*ASK]
+    for i in range(n):
+        messages += [{"role": "assistant", "content": [{"type": "tool_use", "id": f"toolu_{i}", "name": "read_file",
+                                                        "input": {"path": f"f{i}.py"}}]},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"toolu_{i}",
+                                                   "content": f"# file {i}\n" + "x = 1\n" * 500}]}]
+    return [*messages[:-1], {"role": "user", "content": [*messages[-1]["content"], {"type": "text", "text": "So?"}]}]
+
+
+async def test_clearing_old_tool_uses_shrinks_the_prompt_and_is_reported_as_the_sdk_expects() -> None:
+    history = long_tool_history(4)
+    clearing = {"edits": [{"type": "clear_tool_uses_20250919", "trigger": {"type": "input_tokens", "value": 3000},
+                           "keep": {"type": "tool_uses", "value": 1}}]}
+    request = {"model": MODEL, "messages": history, "tools": [READ_FILE], "context_management": clearing,
+               "betas": [EDITING]}
+    async with asyncio.timeout(5), messages_api([turn(text("Cleared.")), turn(text("Streamed."))]) as api:
+        async with client_for(api) as client:
+            counted = await client.beta.messages.count_tokens(**request)
+            message = await client.beta.messages.create(max_tokens=100, **request)
+            async with client.beta.messages.stream(max_tokens=100, **request) as stream:
+                streamed = await stream.get_final_message()
+    whole = count_tokens(api.requests[0])
+    edit = message.context_management.applied_edits[0]
+    assert (edit.type, edit.cleared_tool_uses) == ("clear_tool_uses_20250919", 3)
+    assert counted.context_management.original_input_tokens == whole
+    assert edit.cleared_input_tokens == whole - counted.input_tokens > 2000
+    assert sum(split(message)) == sum(split(streamed)) == counted.input_tokens
+    assert streamed.context_management == message.context_management
+    assert api.requests[0]["messages"] == history  # the client's history is never changed, only what the model reads
+
+
+async def test_clearing_waits_for_its_trigger_and_spares_what_it_is_told_to() -> None:
+    history = long_tool_history(4)
+    history[3]["content"][0]["content"] = "short"  # the second call's result is not worth clearing
+
+    def clear(**options: Any) -> dict[str, Any]:
+        return {"edits": [{"type": "clear_tool_uses_20250919", "keep": {"type": "tool_uses", "value": 0},
+                           **options}]}
+
+    cases = {"below its trigger": clear(),
+             "once over three tool uses": clear(trigger={"type": "tool_uses", "value": 3}),
+             "not the excluded tool's": clear(trigger={"type": "tool_uses", "value": 3}, exclude_tools=["read_file"]),
+             "inputs too": clear(trigger={"type": "tool_uses", "value": 3}, clear_tool_inputs=True),
+             "too little to clear": clear(trigger={"type": "tool_uses", "value": 3},
+                                          clear_at_least={"type": "input_tokens", "value": 10_000})}
+    async with asyncio.timeout(5), messages_api([turn(text("Ok.")) for _ in cases]) as api:
+        async with client_for(api) as client:
+            edits = {case: (await client.beta.messages.create(
+                model=MODEL, max_tokens=10, messages=history, tools=[READ_FILE], context_management=config,
+                betas=[EDITING])).context_management.applied_edits for case, config in cases.items()}
+    assert edits["below its trigger"] == edits["not the excluded tool's"] == edits["too little to clear"] == []
+    cleared, with_inputs = edits["once over three tool uses"][0], edits["inputs too"][0]
+    assert cleared.cleared_tool_uses == with_inputs.cleared_tool_uses == 4
+    assert 2000 < cleared.cleared_input_tokens < with_inputs.cleared_input_tokens < 10_000
+
+
+async def test_context_management_without_its_beta_is_refused_as_an_unknown_field() -> None:
+    clearing = {"edits": [{"type": "clear_tool_uses_20250919"}]}
+    with pytest.raises(AssertionError, match="call 1 refused: context_management"):
+        async with asyncio.timeout(5), messages_api([]) as api:
+            async with client_for(api) as client:
+                with pytest.raises(anthropic.BadRequestError) as refused:
+                    await client.messages.create(model=MODEL, max_tokens=10, messages=ASK,
+                                                 extra_body={"context_management": clearing})
+    assert refused.value.body["error"]["message"] == "context_management: Extra inputs are not permitted"
+    body = {"model": MODEL, "max_tokens": 10, "messages": ASK, "context_management": clearing}
+    assert validate(body, betas={EDITING}) is None
+    assert "keep.type" in validate({**body, "context_management": {"edits": [
+        {"type": "clear_tool_uses_20250919", "keep": {"type": "input_tokens", "value": 1}}]}}, betas={EDITING})

@@ -1,7 +1,8 @@
 """The tools a run hands the model: MCP tools as `<server>_<tool>`, with the run's own arguments bound.
 
 The model never sees `sandbox_id`, `repo` or `from_sha`: the run fills them in, so it cannot pick where it writes.
-It never sees `changes` of `commit_changes` either: the run exports them from the sandbox at call time.
+It never sees `changes` of `commit_changes` either: the run exports them from the sandbox at call time, so every
+commit holds the sandbox's state as it is then, on top of the run's last commit to that branch.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mcp_types import CallToolResult
+
+from common.changeset import Changeset
 
 from .mcp_pool import ServerUnavailable, ToolPool
 from .output import LiveOutput, cut
@@ -52,6 +55,8 @@ class PullRequestSeen:
     url: str
     head: str
     draft: bool = False
+    branch: str = ""  # the branch it was opened from, as named to open_pull_request (`head` may be owner:branch)
+    out_of_date: str | None = None  # why it lacks the sandbox's final state, when it does
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class RunTools:
     output: LiveOutput | None = None  # where the output of a running call goes, live
     commands: list[CommandRun] = field(default_factory=list)  # every command that ran, in order: the tests' evidence
     _commits: dict[str, str] = field(default_factory=dict)  # branch -> the last commit this run made on it
+    _digests: dict[str, str] = field(default_factory=dict)  # branch -> the digest of the changeset it holds
     _specs: list[dict[str, Any]] | None = None
     _routes: dict[str, tuple[str, str, set[str]]] = field(default_factory=dict)
 
@@ -147,11 +153,42 @@ class RunTools:
         return exported.structured_content
 
     async def changes_for(self, branch: str) -> dict[str, Any]:
-        """The sandbox's changes, based on this run's last commit to `branch` when there is one."""
+        """The sandbox's changes against the base commit, to commit on top of this run's last commit to `branch`
+        when there is one (its `parent`)."""
         changeset = (await self.export())["changeset"]
-        # Full contents of every changed file apply as well on top of our own earlier commit as on the base.
-        changeset["base_commit"] = self._commits.get(branch, changeset["base_commit"])
+        # Against the base, not the last commit: a file added, committed, then deleted leaves the next commit too.
+        changeset["parent"] = self._commits.get(branch)
         return changeset
+
+    async def sync_pull_request(self, message: str) -> str | None:
+        """Bring the pull request an agent opened up to the sandbox's state: when they differ, commit that state on
+        its branch as a new commit. None when they match afterwards (or there is no pull request), else why they do
+        not, for the user (also kept as the pull request's `out_of_date`). What the run reports itself (a secret
+        refused, the github server gone) is raised."""
+        pr = self.pull_request
+        if pr is None:
+            return None
+        pr.out_of_date = await self._sync(pr.branch or pr.head, message)
+        return pr.out_of_date
+
+    async def _sync(self, branch: str, message: str) -> str | None:
+        if branch not in self._commits:
+            return f"its branch {branch!r} holds no commit of this run, so the run cannot bring it up to date"
+        try:
+            changes = await self.changes_for(branch)
+        except (ToolFailed, ServerUnavailable) as exc:
+            return f"the sandbox's last changes could not be read: {exc}"
+        if Changeset.model_validate(changes).digest() == self._digests.get(branch):
+            return None
+        args = {"repo": self.repo, "branch": branch, "message": message, "changes": changes}
+        try:
+            result = await self.pool.call("github", "commit_changes", args, self.timeout_s)
+        except TimeoutError:
+            return f"committing the last changes to {branch!r} took longer than {self.timeout_s:g} s"
+        if result.is_error:
+            return f"the last changes could not be committed to {branch!r}: {result_text(result)}"
+        self._observe("github", "commit_changes", args, result, "run", 0.0)
+        return None
 
     def last_run(self, command: str, agent: str | None = None) -> CommandRun | None:
         """The last run of `command` in the sandbox (compared as written, less outer whitespace), by `agent` when
@@ -174,6 +211,7 @@ class RunTools:
             return
         if tool == "commit_changes" and data.get("sha"):
             self._commits[args["branch"]] = data["sha"]
+            self._digests[args["branch"]] = Changeset.model_validate(args["changes"]).digest()
         elif tool == "open_pull_request":
             self.saw_pull_request(data, args.get("head", ""))
 
@@ -181,7 +219,7 @@ class RunTools:
         """Remember the run's pull request, from the result of `open_pull_request`."""
         if data.get("url"):
             self.pull_request = PullRequestSeen(int(data.get("number", 0)), data["url"], data.get("head", head),
-                                                bool(data.get("draft", False)))
+                                                bool(data.get("draft", False)), branch=head)
 
 
 class ToolFailed(Exception):

@@ -35,6 +35,7 @@ class DecodedChanges:
     base_commit: str
     files: list[tuple[str, str, bytes]]
     deleted: list[str]
+    parent: str | None = None  # the branch's tip the commit goes on; None: the branch is at base_commit or missing
 
 
 class RepositoryInfo(BaseModel):
@@ -90,7 +91,11 @@ class Forge(Protocol):
 
     async def get_repository(self) -> RepositoryInfo: ...
     async def create_branch(self, branch: str, from_sha: str) -> BranchRef: ...
-    async def commit_changes(self, branch: str, message: str, changes: Changeset) -> CommitResult: ...
+    async def commit_changes(self, branch: str, message: str, changes: Changeset) -> CommitResult:
+        """Commit the base commit's tree with the changes on `changes.parent` (the branch's tip), or on the base
+        commit when there is no parent; a branch anywhere else is refused as moved, an unchanged tree as nothing
+        to commit."""
+        ...
     async def open_pull_request(self, head: str, base: str | None, title: str, body: str,
                                 draft: bool) -> PullRequest: ...
     async def get_issue(self, number: int) -> Issue: ...
@@ -171,7 +176,9 @@ def check_path(path: str) -> str:
 def decode_changeset(changes: Changeset) -> DecodedChanges:
     """The changeset with contents decoded, or a `ForgeError` naming the first thing wrong with it."""
     base = check_sha(changes.base_commit, "base_commit")
-    if not changes.files and not changes.deleted:
+    parent = check_sha(changes.parent, "parent") if changes.parent is not None else None
+    # On a parent, an empty changeset is meaningful: it takes the branch back to the base commit's tree.
+    if not changes.files and not changes.deleted and parent is None:
         raise ForgeError("the changeset is empty: there is nothing to commit")
     if len(changes.files) + len(changes.deleted) > MAX_ENTRIES:
         raise ForgeError(f"the changeset has more than {MAX_ENTRIES} entries; split the change")
@@ -202,7 +209,31 @@ def decode_changeset(changes: Changeset) -> DecodedChanges:
             raise ForgeError(f"path {path!r} is both written and deleted in the changeset")
         seen.add(path)
         deleted.append(path)
-    return DecodedChanges(base_commit=base, files=files, deleted=deleted)
+    return DecodedChanges(base_commit=base, files=files, deleted=deleted, parent=parent)
+
+
+def commit_parent(branch: str, tip: str | None, decoded: DecodedChanges) -> str:
+    """The commit the new commit goes on: the changeset's parent, which must be the branch's tip `tip`; without a
+    parent, the base commit, where the branch must still be when it exists. Anything else moved the branch."""
+    base, parent = decoded.base_commit, decoded.parent
+    if parent is None:
+        if tip is not None and tip != base:
+            raise ForgeError(f"branch {branch!r} moved: it is at {tip} but the changes are based on {base}; "
+                             "export the changes again from that commit or use a new branch")
+        return base
+    if tip != parent:
+        where = f"it is at {tip}" if tip else "it does not exist"
+        raise ForgeError(f"branch {branch!r} moved: {where}, not at the parent {parent} the commit was to go on; "
+                         "commit on the branch's current tip or use a new branch")
+    return parent
+
+
+def nothing_to_commit(branch: str, parent: str, base: str) -> ForgeError:
+    """The refusal of a commit whose tree would be its parent's."""
+    if parent == base:
+        return ForgeError("the changeset changes nothing in the base commit; there is nothing to commit")
+    return ForgeError(f"branch {branch!r} already holds exactly these changes at {parent}; there is nothing to "
+                      "commit")
 
 
 # GitHub runs these from any pushed branch, with the repository's secrets, before anyone reviews the pull request.

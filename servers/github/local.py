@@ -19,8 +19,8 @@ from common import repos
 from common.git import UnsafeRepository, check_self_contained, git_dirs, host_git_env, named_settings
 
 from .forge import (BranchRef, Changeset, CommitResult, ForgeError, Issue, PullRequest, RepositoryInfo,
-                    check_branch_name, check_message, check_sha, check_writable_branch, decode_changeset,
-                    refuse_workflow_changes)
+                    check_branch_name, check_message, check_sha, check_writable_branch, commit_parent,
+                    decode_changeset, nothing_to_commit, refuse_workflow_changes)
 
 GIT_TIMEOUT_S = 120
 AUTHOR = {"GIT_AUTHOR_NAME": "Tiny Backspace", "GIT_AUTHOR_EMAIL": "tiny-backspace@localhost",
@@ -134,8 +134,9 @@ class LocalForge:
         return BranchRef(ref=ref, sha=sha, repo=str(self.path), created=created)
 
     async def commit_changes(self, branch: str, message: str, changes: Changeset) -> CommitResult:
-        """Commit the changeset on top of `branch`, which must still be at the changeset's base commit, or is made at
-        the new commit when it does not exist yet."""
+        """Commit the base commit's tree with the changes on `branch`: on top of the changeset's parent, which must
+        be the branch's tip; without one, the branch must still be at the base commit, or is made at the new
+        commit when it does not exist yet."""
         check_writable_branch(branch, self.prefix, *await self._protected())
         check_message(message)
         decoded = decode_changeset(changes)
@@ -143,11 +144,10 @@ class LocalForge:
             refuse_workflow_changes(decoded)
         base = decoded.base_commit
         tip = await self._branch_sha(branch)
-        if tip is not None and tip != base:
-            raise ForgeError(f"branch {branch!r} moved: it is at {tip} but the changes are based on {base}; "
-                             "export the changes again from that commit or use a new branch")
+        parent = commit_parent(branch, tip, decoded)
         with tempfile.TemporaryDirectory(prefix="tb-commit-") as tmp:
             index = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            # On the base commit's tree, not the parent's: what the branch held before does not carry over.
             await self._git("read-tree", base, env=index)
             blobs = []
             for i, (_, _, content) in enumerate(decoded.files):
@@ -160,17 +160,18 @@ class LocalForge:
             info = b"".join(f"{mode} {sha}\t{path}".encode() + b"\0"
                             for (path, mode, _), sha in zip(decoded.files, shas))
             info += b"".join(f"0 {zero}\t{path}".encode() + b"\0" for path in decoded.deleted)
-            await self._git("update-index", "-z", "--index-info", stdin=info, env=index)
+            if info:
+                await self._git("update-index", "-z", "--index-info", stdin=info, env=index)
             tree = await self._git("write-tree", env=index)
-        if tree == await self._git("rev-parse", f"{base}^{{tree}}"):
-            raise ForgeError("the changeset changes nothing in the base commit; there is nothing to commit")
-        commit = await self._git("commit-tree", "--no-gpg-sign", tree, "-p", base, "-F", "-",
+        if tree == await self._git("rev-parse", f"{parent}^{{tree}}"):
+            raise nothing_to_commit(branch, parent, base)
+        commit = await self._git("commit-tree", "--no-gpg-sign", tree, "-p", parent, "-F", "-",
                                  stdin=message.encode())
         # A missing branch is made only now, at the new commit: a changeset refused above leaves nothing behind.
         if not await self._ok("update-ref", "-m", "tiny-backspace: commit_changes", f"refs/heads/{branch}",
-                              commit, base if tip is not None else zero):
+                              commit, parent if tip is not None else zero):
             raise ForgeError(f"branch {branch!r} moved while committing; export the changes again and retry")
-        return CommitResult(sha=commit, branch=branch, parent=base, files_written=len(decoded.files),
+        return CommitResult(sha=commit, branch=branch, parent=parent, files_written=len(decoded.files),
                             files_deleted=len(decoded.deleted))
 
     async def open_pull_request(self, head: str, base: str | None, title: str, body: str,

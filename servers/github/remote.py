@@ -22,9 +22,9 @@ from github.PullRequest import PullRequest as GhPull
 from github.Repository import Repository
 
 from .clients import NO_TOKEN, Clients
-from .forge import (BranchRef, Changeset, CommitResult, ForgeError, ForgeUnavailable, Issue, PullRequest,
-                    RepositoryInfo, check_branch_name, check_message, check_sha, check_writable_branch,
-                    decode_changeset, refuse_workflow_changes)
+from .forge import (BranchRef, Changeset, CommitResult, DecodedChanges, ForgeError, ForgeUnavailable, Issue,
+                    PullRequest, RepositoryInfo, check_branch_name, check_message, check_sha, check_writable_branch,
+                    commit_parent, decode_changeset, nothing_to_commit, refuse_workflow_changes)
 
 T = TypeVar("T")
 FORK_READY_TIMEOUT_S = 60
@@ -122,7 +122,8 @@ class GitHubForge:
         return BranchRef(ref=ref, sha=sha, repo=target.full_name, created=False)
 
     async def commit_changes(self, branch: str, message: str, changes: Changeset) -> CommitResult:
-        """Commit the changeset on `branch` with blobs, a tree on the base tree, a commit and a ref update."""
+        """Commit the changeset on `branch` with blobs, a tree on the base commit's tree, a commit on the changeset's
+        parent (the branch's tip; the base commit without one) and a ref update that never forces."""
         check_writable_branch(branch, self.prefix)
         check_message(message)
         decoded = decode_changeset(changes)
@@ -130,7 +131,7 @@ class GitHubForge:
             refuse_workflow_changes(decoded)
         return await self._call(self._commit, branch, message, decoded)
 
-    def _commit(self, branch: str, message: str, decoded: Any) -> CommitResult:
+    def _commit(self, branch: str, message: str, decoded: DecodedChanges) -> CommitResult:
         upstream = self._upstream()
         target = self._target(upstream)
         check_writable_branch(branch, self.prefix, upstream.default_branch, target.default_branch)
@@ -139,20 +140,20 @@ class GitHubForge:
             ref = target.get_git_ref(f"heads/{branch}")
         except UnknownObjectException:
             ref = None  # made below, at the new commit, so that a refused changeset leaves no branch behind
-        tip = ref.object.sha if ref is not None else base
+        parent_sha = commit_parent(branch, ref.object.sha if ref is not None else None, decoded)
         if ref is None:
             self._await_commit(target, base, patient=target is not upstream)
-        if tip != base:
-            raise ForgeError(f"branch {branch!r} moved: it is at {tip} but the changes are based on {base}; "
-                             "export the changes again from that commit or use a new branch")
-        parent = target.get_git_commit(base)
+        parent = target.get_git_commit(parent_sha)
+        # On the base commit's tree, not the parent's: what the branch held before does not carry over.
+        base_tree = parent.tree if parent_sha == base else target.get_git_commit(base).tree
         entries = [InputGitTreeElement(path, mode, "blob",
                                        sha=target.create_git_blob(base64.b64encode(content).decode(), "base64").sha)
                    for path, mode, content in decoded.files]
         entries += [InputGitTreeElement(path, "100644", "blob", sha=None) for path in decoded.deleted]
-        tree = target.create_git_tree(entries, base_tree=parent.tree)
+        # No changes (a parent's branch taken back to the base): the base commit's own tree.
+        tree = target.create_git_tree(entries, base_tree=base_tree) if entries else base_tree
         if tree.sha == parent.tree.sha:
-            raise ForgeError("the changeset changes nothing in the base commit; there is nothing to commit")
+            raise nothing_to_commit(branch, parent_sha, base)
         commit = target.create_git_commit(message, tree, [parent])
         try:
             if ref is None:
@@ -164,7 +165,7 @@ class GitHubForge:
                 raise
             raise ForgeError(f"branch {branch!r} moved while committing; export the changes again and retry") \
                 from None
-        return CommitResult(sha=commit.sha, branch=branch, parent=base, files_written=len(decoded.files),
+        return CommitResult(sha=commit.sha, branch=branch, parent=parent_sha, files_written=len(decoded.files),
                             files_deleted=len(decoded.deleted))
 
     async def open_pull_request(self, head: str, base: str | None, title: str, body: str,

@@ -121,7 +121,8 @@ def build_server(settings: Settings | None = None) -> MCPServer:
                                                   "then details.", min_length=1, max_length=65_536)],
         changes: Annotated[Changeset, Field(description="The changeset from the sandbox's export_changes.")],
     ) -> CommitResult:
-        """Commit a changeset on a branch that is still at the changeset's base commit (made there when missing)."""
+        """Commit the base commit's tree with a changeset's changes: on the branch's tip when `changes.parent` names
+        it, else on the base commit, where the branch must still be (made at the new commit when missing)."""
         leaking = redact.files_with_secrets(changes.model_dump())
         refuse_own_secrets(leaking + ["the commit message"] if redact.holds_secret(message) else leaking)
         return await forge_for(repo).commit_changes(branch, message, changes)

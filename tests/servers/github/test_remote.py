@@ -201,3 +201,20 @@ async def test_a_commit_to_a_missing_branch_makes_the_branch_last(fake: FakeGitH
     assert fake.repos["octo/demo"].refs["tb/new"] == made.sha
     writes = [r.path for r in fake.requests if r.method != "GET"]
     assert writes[-1].endswith("/git/refs")  # the ref is made only once the commit exists
+
+
+async def test_a_commit_on_a_parent_builds_on_the_base_tree_and_moves_the_branch_without_force(
+        fake: FakeGitHub) -> None:
+    gh, repo = forge(fake), fake.repos["octo/demo"]
+    base = repo.refs["main"]
+    first = await gh.commit_changes("tb/x", "Add", changes(base, {"a.txt": b"a", "b.txt": b"b"}))
+    fake.requests.clear()
+    second = await gh.commit_changes("tb/x", "Drop b", changes(base, {"a.txt": b"a"}).model_copy(
+        update={"parent": first.sha}))
+    tree_post = next(r for r in fake.requests if r.path.endswith("/git/trees"))
+    commit_post = next(r for r in fake.requests if r.path.endswith("/git/commits") and r.method == "POST")
+    assert tree_post.body["base_tree"] == repo.store.commits[base].tree
+    assert commit_post.body["parents"] == [first.sha]
+    assert next(r for r in fake.requests if r.method == "PATCH").body == {"sha": second.sha, "force": False}
+    assert set(repo.store.flatten(repo.store.commits[repo.refs["tb/x"]].tree)) == {"README.md", "src/app.py",
+                                                                                 "old.txt", "a.txt"}

@@ -141,3 +141,20 @@ async def test_the_stdio_server_logs_never_carry_the_token(fake: FakeGitHub) -> 
         logs = errlog.read()
     assert failed and "rate limit" in text
     assert "rate limit" in logs and TOKEN not in logs
+
+
+async def test_a_commit_on_the_branchs_tip_through_the_tool_holds_the_changes_against_the_base(
+        make_repo: Callable[..., Path]) -> None:
+    repo = make_repo({"README.md": "# demo\n", "old.txt": "bye\n"})
+    base = git(repo, "rev-parse", "main")
+    async with Client(build_server(Settings())) as client:
+        _, first = await call(client, "commit_changes", repo=str(repo), branch="tb/tip", message="Add",
+                              changes=changeset(base, {"new.txt": b"new\n", "other.txt": b"x\n"}))
+        failed, second = await call(client, "commit_changes", repo=str(repo), branch="tb/tip", message="Drop",
+                                    changes=changeset(base, {"other.txt": b"x\n"}) | {"parent": first["sha"]})
+        assert not failed, second
+        failed, stale = await call(client, "commit_changes", repo=str(repo), branch="tb/tip", message="Stale",
+                                   changes=changeset(base, {"other.txt": b"y\n"}) | {"parent": first["sha"]})
+    assert second["parent"] == first["sha"] and git(repo, "rev-parse", "tb/tip^") == first["sha"]
+    assert git(repo, "ls-tree", "--name-only", "tb/tip").split() == ["README.md", "old.txt", "other.txt"]
+    assert failed and "moved" in stale and git(repo, "rev-parse", "tb/tip") == second["sha"]

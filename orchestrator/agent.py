@@ -1,47 +1,24 @@
-"""The agent loop: one async generator over a `Model` and a `ToolSet`; `messages` is the transcript."""
+"""The agent loop: one async generator over a `Model` and a `ToolSet`; `messages` is the transcript, kept under
+its budget by a `Context` before each model call (context.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import anthropic
+
 from common.redact import Redactor, StreamRedactor
 
+from .budget import Budget, LimitReached
+from .context import Context, ContextPolicy, Inbox, take_messages, too_long
 from .events import Event, EventLog
 from .model import Model, Retrying, TextDelta, ToolInputDelta, TurnDone, Usage
 from .tools import ToolSet, call_all
 
 EVENT_RESULT_CHARS = 4000  # how much of a tool result the stream shows; the model gets more
-
-
-class LimitReached(Exception):
-    """A bound of the run was hit; `limit` names it."""
-
-    def __init__(self, limit: str, message: str):
-        super().__init__(message)
-        self.limit = limit
-
-
-@dataclass
-class Budget:
-    """What a whole run may spend, shared by its agents."""
-
-    max_tokens: int
-    deadline: float  # time.monotonic() value
-    usage: Usage = field(default_factory=Usage)
-    cost_usd: float = 0.0
-
-    def remaining_s(self) -> float:
-        return self.deadline - time.monotonic()
-
-    def check(self) -> None:
-        if self.remaining_s() <= 0:
-            raise LimitReached("run_seconds", "the run's wall-clock limit was reached (TB_RUN_TIMEOUT_S)")
-        if self.usage.total >= self.max_tokens:
-            raise LimitReached("tokens", f"the run used {self.usage.total} tokens, its limit (TB_MAX_TOKENS)")
 
 
 @dataclass
@@ -55,42 +32,31 @@ class AgentResult:
 
 async def run_agent(model: Model, tools: ToolSet, system: str, brief: str, budget: Budget, events: EventLog,
                     result: AgentResult, *, max_turns: int, redact: Redactor, agent: str = "agent",
-                    must_call: str | None = None) -> AsyncIterator[Event]:
+                    must_call: str | None = None, context: Context | None = None,
+                    inbox: Inbox | None = None) -> AsyncIterator[Event]:
     """Run turns until the model asks for no tool (or hands over with a final tool); stream what happens; raise
-    `LimitReached` at a bound. With `must_call`, stopping without that tool earns a reminder, not an ending."""
+    `LimitReached` at a bound. With `must_call`, stopping without that tool earns a reminder, not an ending. What
+    `inbox` returns before a turn is what the user said meanwhile: the model reads it in that turn."""
     messages = result.messages
     messages.append({"role": "user", "content": brief})
+    context = context or Context(ContextPolicy(), agent, events)
     while True:
         if result.turns >= max_turns:
             raise LimitReached("turns", f"{agent} reached its limit of {max_turns} turns (TB_MAX_TURNS)")
-        budget.check()
-        result.turns += 1
+        for said in take_messages(inbox, messages):
+            yield events("user_message", agent=agent, text=redact(said))
         done: TurnDone | None = None
-        # Streamed pieces are redacted as a whole: a secret split across two deltas is still caught.
-        text_out, inputs = StreamRedactor(redact), {}
-        try:
-            async with _deadline(budget):
-                async for ev in model.turn(system, messages, tools.specs()):
-                    if isinstance(ev, TextDelta):
-                        if piece := text_out.feed(ev.text):
-                            yield events("text", agent=agent, text=piece)
-                    elif isinstance(ev, ToolInputDelta):
-                        if piece := inputs.setdefault(ev.id, StreamRedactor(redact)).feed(ev.partial_json):
-                            yield events("tool_call", agent=agent, id=ev.id, name=ev.name, state="streaming",
-                                         partial_input=piece)
-                    elif isinstance(ev, Retrying):
-                        text_out, inputs = StreamRedactor(redact), {}
-                        yield events("status", agent=agent, stage="retry", attempt=ev.attempt, message=ev.reason)
-                    else:
-                        done = ev
-        except TimeoutError:
-            raise LimitReached("run_seconds", "the run's wall-clock limit was reached during a model call") from None
-        assert done is not None, "the model stream ended without a final message"
-        if piece := text_out.flush():
-            yield events("text", agent=agent, text=piece)
-        budget.usage.add(done.usage)
-        budget.cost_usd += done.usage.cost_usd(model.name)  # each agent at its own model's price
+        async for item in _model_turn(model, tools, system, messages, budget, events, context, redact, agent):
+            if isinstance(item, TurnDone):
+                done = item
+            else:
+                yield item
+        assert done is not None
+        result.turns += 1
+        budget.charge(done.usage, model.name, agent)  # each agent at its own model's price
         result.usage.add(done.usage)
+        for event in context.observed(done):
+            yield event
         # The API refuses empty text blocks in a transcript.
         content = [b for b in done.content if b["type"] != "text" or b["text"].strip()]
         calls = [b for b in content if b["type"] == "tool_use"]
@@ -128,6 +94,56 @@ async def run_agent(model: Model, tools: ToolSet, system: str, brief: str, budge
             for call, out in zip(calls, outputs)]})
         if any(out.final for out in outputs):
             return
+
+
+async def _model_turn(model: Model, tools: ToolSet, system: str, messages: list[dict[str, Any]], budget: Budget,
+                      events: EventLog, context: Context, redact: Redactor, agent: str
+                      ) -> AsyncIterator[Event | TurnDone]:
+    """One model call, the transcript fitted to its budget first, streamed as events and ending with its
+    `TurnDone`; a request refused for its length is fitted harder and sent again."""
+    while True:
+        specs = tools.specs()
+        try:
+            async with _deadline(budget):
+                async for event in context.fit(model, system, messages, specs, budget):
+                    yield event
+        except TimeoutError:
+            raise LimitReached("run_seconds", "the run's wall-clock limit was reached while fitting the context") \
+                from None
+        for warning in budget.check(agent, model.name, context.estimate):
+            yield events("budget", agent=agent, **warning)
+        # Streamed pieces are redacted as a whole: a secret split across two deltas is still caught.
+        text_out, inputs = StreamRedactor(redact), {}
+        done: TurnDone | None = None
+        try:
+            async with _deadline(budget):
+                async for ev in model.turn(system, messages, specs):
+                    if isinstance(ev, TextDelta):
+                        if piece := text_out.feed(ev.text):
+                            yield events("text", agent=agent, text=piece)
+                    elif isinstance(ev, ToolInputDelta):
+                        if piece := inputs.setdefault(ev.id, StreamRedactor(redact)).feed(ev.partial_json):
+                            yield events("tool_call", agent=agent, id=ev.id, name=ev.name, state="streaming",
+                                         partial_input=piece)
+                    elif isinstance(ev, Retrying):
+                        text_out, inputs = StreamRedactor(redact), {}
+                        yield events("status", agent=agent, stage="retry", attempt=ev.attempt, message=ev.reason)
+                    else:
+                        done = ev
+        except TimeoutError:
+            raise LimitReached("run_seconds", "the run's wall-clock limit was reached during a model call") from None
+        except anthropic.BadRequestError as exc:
+            if not too_long(exc):
+                raise
+            if not context.refused(exc):
+                raise LimitReached("context", f"{agent}'s requests stayed too long for the model's context window "
+                                              f"however much was cleared: {exc.message} (TB_CONTEXT_WINDOW)") from None
+            continue
+        assert done is not None, "the model stream ended without a final message"
+        if piece := text_out.flush():
+            yield events("text", agent=agent, text=piece)
+        yield done
+        return
 
 
 def _preview(text: str) -> str:

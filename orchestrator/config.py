@@ -11,7 +11,7 @@ from pathlib import Path
 
 import anthropic.types
 
-from common.settings import at_least, read, setting
+from common.settings import ConfigError, at_least, one_of, read, setting
 
 
 def newest_sonnet() -> str:
@@ -51,12 +51,42 @@ class RunLimits:
     """The bounds of one run: each stop names the limit that caused it."""
 
     max_turns: int = setting("TB_MAX_TURNS", 60, check=at_least(1))
-    max_tokens: int = setting("TB_MAX_TOKENS", 3_000_000, check=at_least(1))  # input + output over the whole run
+    # Input (cache reads too) + output over the whole run; the money budget (TB_MAX_COST_USD) is the tighter bound.
+    max_tokens: int = setting("TB_MAX_TOKENS", 20_000_000, check=at_least(1))
     run_seconds: float = setting("TB_RUN_TIMEOUT_S", 1800.0, check=at_least(1))
     tool_seconds: float = setting("TB_TOOL_TIMEOUT_S", 660.0, check=at_least(1))  # exec may take 600 s by itself
     max_output_tokens: int = setting("TB_MAX_OUTPUT_TOKENS", 16_000, check=at_least(1))  # per model call
     overloaded_retries: int = setting("TB_OVERLOADED_RETRIES", 3, check=at_least(0))
     overloaded_backoff_s: float = setting("TB_OVERLOADED_BACKOFF_S", 2.0, check=at_least(0))
+    # Each request to the model is kept under this many input tokens: old tool results are cleared, then older turns
+    # summarised (see context.py). It must leave the reply room in the model's context window.
+    context_tokens: int = setting("TB_CONTEXT_TOKENS", 100_000, check=at_least(1000))
+    context_window: int = setting("TB_CONTEXT_WINDOW", 200_000, check=at_least(2000))
+    # "api": the Messages API clears old tool results itself (its context management beta); the client's clearing
+    # stays as the backstop at the window's edge. "client": the orchestrator alone clears.
+    context_editing: str = setting("TB_CONTEXT_EDITING", "client", check=one_of("client", "api"))
+    # USD at list prices (model.PRICES) for the whole run, checked before each model call; 80 % of it is warned of.
+    # A team run on Sonnet mostly costs cents to a few dollars; $10 stops a run that loops, well before it gets dear.
+    max_cost_usd: float = setting("TB_MAX_COST_USD", 10.0, check=at_least(0.01))
+    # The same for each role over the run, all its agents together (the single agent is the role "agent"); unset:
+    # only the run's limit applies.
+    planner_max_cost_usd: float | None = setting("TB_PLANNER_MAX_COST_USD", None, check=at_least(0.01))
+    coder_max_cost_usd: float | None = setting("TB_CODER_MAX_COST_USD", None, check=at_least(0.01))
+    reviewer_max_cost_usd: float | None = setting("TB_REVIEWER_MAX_COST_USD", None, check=at_least(0.01))
+    agent_max_cost_usd: float | None = setting("TB_AGENT_MAX_COST_USD", None, check=at_least(0.01))
+
+    def __post_init__(self) -> None:
+        if self.context_tokens + self.max_output_tokens >= self.context_window:
+            raise ConfigError(f"bad configuration: TB_CONTEXT_TOKENS={self.context_tokens} must stay below "
+                              f"TB_CONTEXT_WINDOW={self.context_window} less TB_MAX_OUTPUT_TOKENS="
+                              f"{self.max_output_tokens}, which the reply needs")
+
+    @property
+    def role_max_cost_usd(self) -> dict[str, float]:
+        """Role -> its money limit, for the roles given one."""
+        limits = {"planner": self.planner_max_cost_usd, "coder": self.coder_max_cost_usd,
+                  "reviewer": self.reviewer_max_cost_usd, "agent": self.agent_max_cost_usd}
+        return {role: limit for role, limit in limits.items() if limit is not None}
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,14 @@ from opentelemetry.trace import Span
 from . import telemetry
 
 CACHE = {"type": "ephemeral"}
+CONTEXT_BETA = "context-management-2025-06-27"  # the Messages API's own clearing of old tool uses
 # USD per million tokens: input, output, cache read, cache write (5 minutes). Sonnet's list price by default.
 PRICES = {"opus": (5.0, 25.0, 0.5, 6.25), "haiku": (1.0, 5.0, 0.1, 1.25), "sonnet": (3.0, 15.0, 0.3, 3.75)}
+
+
+def prices(model: str) -> tuple[float, float, float, float]:
+    """The model's list prices, by its family's name in the model's name."""
+    return next((p for family, p in PRICES.items() if family in model), PRICES["sonnet"])
 
 
 @dataclass
@@ -34,8 +40,13 @@ class Usage:
     def total(self) -> int:
         return self.input_tokens + self.output_tokens + self.cache_read_input_tokens + self.cache_creation_input_tokens
 
+    @property
+    def sent(self) -> int:
+        """The size of the prompt that was sent, however much of it the cache served."""
+        return self.input_tokens + self.cache_read_input_tokens + self.cache_creation_input_tokens
+
     def cost_usd(self, model: str) -> float:
-        price = next((p for family, p in PRICES.items() if family in model), PRICES["sonnet"])
+        price = prices(model)
         counts = (self.input_tokens, self.output_tokens, self.cache_read_input_tokens,
                   self.cache_creation_input_tokens)
         return round(sum(c * p for c, p in zip(counts, price)) / 1e6, 6)
@@ -68,6 +79,7 @@ class TurnDone:
     content: list[dict[str, Any]]
     stop_reason: str | None
     usage: Usage = field(default_factory=Usage)
+    applied_edits: list[dict[str, Any]] = field(default_factory=list)  # what the API's context management cleared
 
 
 ModelEvent = TextDelta | ToolInputDelta | Retrying | TurnDone
@@ -122,15 +134,23 @@ def _overloaded_mid_stream(exc: anthropic.APIStatusError) -> bool:
 
 
 class AnthropicModel:
-    """Claude through `AsyncAnthropic.messages.stream`; HTTP errors are retried by the SDK itself."""
+    """Claude through `AsyncAnthropic.messages.stream`; HTTP errors are retried by the SDK itself. With
+    `context_edit` (a `clear_tool_uses_20250919` edit) it streams through the beta client, which applies it."""
 
     def __init__(self, client: anthropic.AsyncAnthropic, name: str, max_tokens: int, overloaded_retries: int = 3,
-                 backoff_s: float = 2.0):
+                 backoff_s: float = 2.0, context_edit: dict[str, Any] | None = None):
         self.client = client
         self.name = name
         self.max_tokens = max_tokens
         self.overloaded_retries = overloaded_retries
         self.backoff_s = backoff_s
+        self.context_edit = context_edit
+
+    async def count_tokens(self, system: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> int:
+        """The input tokens of a request, counted by the API (free of charge) without sending it."""
+        counted = await self.client.messages.count_tokens(model=self.name, system=system, messages=messages,
+                                                          tools=tools or anthropic.omit)
+        return counted.input_tokens
 
     async def turn(self, system: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
                    ) -> AsyncIterator[ModelEvent]:
@@ -152,8 +172,14 @@ class AnthropicModel:
     async def _stream(self, system: list[dict], messages: list[dict], tools: list[dict], span: Span
                       ) -> AsyncIterator[ModelEvent]:
         blocks: dict[int, tuple[str, str]] = {}
-        async with self.client.messages.stream(model=self.name, max_tokens=self.max_tokens, system=system,
-                                               messages=messages, tools=tools) as stream:
+        request: dict[str, Any] = {"model": self.name, "max_tokens": self.max_tokens, "system": system,
+                                   "messages": messages, "tools": tools}
+        if self.context_edit:
+            opened = self.client.beta.messages.stream(**request, betas=[CONTEXT_BETA],
+                                                      context_management={"edits": [self.context_edit]})
+        else:
+            opened = self.client.messages.stream(**request)
+        async with opened as stream:
             async for event in stream:
                 if event.type == "content_block_start" and event.content_block.type == "tool_use":
                     blocks[event.index] = (event.content_block.id, event.content_block.name)
@@ -168,5 +194,7 @@ class AnthropicModel:
                       u.cache_creation_input_tokens or 0)
         content = [b.model_dump(mode="json", exclude_none=True, include={"type", "text", "id", "name", "input"})
                    for b in final.content if b.type in ("text", "tool_use")]
+        managed = getattr(final, "context_management", None)
+        edits = [e.model_dump(mode="json") for e in managed.applied_edits] if managed else []
         telemetry.record_response(span, self.name, usage.as_dict(), final.stop_reason, content, final.id, final.model)
-        yield TurnDone(content, final.stop_reason, usage)
+        yield TurnDone(content, final.stop_reason, usage, edits)

@@ -14,7 +14,9 @@ from typing import Any
 from common.redact import Redactor
 
 from . import prompts, telemetry
-from .agent import AgentResult, Budget, LimitReached, run_agent
+from .agent import AgentResult, run_agent
+from .budget import Budget, LimitReached
+from .context import Context, ContextPolicy, Inbox
 from .events import Event, EventLog
 from .model import Model
 from .roles import Role, RoleTools, single_role, team_roles
@@ -43,32 +45,41 @@ class Crew:
     redact: Redactor
     role_models: dict[str, str] = field(default_factory=dict)
     environment: dict[str, Any] | None = None  # what create_sandbox set up, for the briefs
+    inbox: Inbox | None = None  # what the user says to the run while it works, read by the agent at work
+    context: ContextPolicy = field(default_factory=ContextPolicy)
 
 
 async def run_role(crew: Crew, role: Role, brief: str, result: AgentResult) -> AsyncIterator[Event]:
-    """One agent in one role, framed by `agent` events; `result.submitted` holds what it handed over."""
+    """One agent in one role, framed by `agent` events and followed by the run's `usage` so far;
+    `result.submitted` holds what it handed over."""
     role_tools = RoleTools(crew.tools, role)
     model = crew.model
     if role.name in crew.role_models:
         model = copy.copy(model)
         model.name = crew.role_models[role.name]
+    if (edit := crew.context.api_edit()) and hasattr(model, "context_edit"):
+        model = copy.copy(model)
+        model.context_edit = edit
     brief += prompts.environment_note(crew.environment)
     yield crew.events("agent", agent=role.name, state="start", model=model.name)
     with telemetry.agent_span(role.name, model.name, role.system, brief) as span:
         try:
             async for event in run_agent(model, role_tools, role.system, brief, crew.budget, crew.events, result,
                                          max_turns=role.max_turns, redact=crew.redact, agent=role.name,
-                                         must_call=role.submit["name"] if role.submit else None):
+                                         must_call=role.submit["name"] if role.submit else None,
+                                         context=Context(crew.context, role.name, crew.events), inbox=crew.inbox):
                 yield event
         except LimitReached:
             yield crew.events("agent", agent=role.name, state="stopped", turns=result.turns,
                               usage=result.usage.as_dict())
+            yield crew.events("usage", **crew.budget.report())
             raise
         finally:
             span.set_attribute("tb.agent.turns", result.turns)
         result.submitted = role_tools.submitted
         telemetry.record_content(span, "tb.agent.submitted", result.submitted)
     yield crew.events("agent", agent=role.name, state="end", turns=result.turns, usage=result.usage.as_dict())
+    yield crew.events("usage", **crew.budget.report())
 
 
 async def single(crew: Crew, work: Work, prompt: str, repo: str, default_branch: str, max_turns: int,

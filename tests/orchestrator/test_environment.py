@@ -26,7 +26,8 @@ import pytest_asyncio
 from mcp import StdioServerParameters
 
 from common.redact import Redactor
-from orchestrator.agent import AgentResult, Budget, run_agent
+from orchestrator.agent import AgentResult, run_agent
+from orchestrator.budget import Budget
 from orchestrator.cli import Terminal
 from orchestrator.events import EventLog
 from orchestrator.mcp_pool import ServerSpec, ToolPool

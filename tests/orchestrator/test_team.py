@@ -114,7 +114,7 @@ async def test_per_agent_usage_adds_up_to_the_run_usage(pool, make_repo):
     async with stack(pool, planner() + coder() + reviewer("approve")) as s:
         _, events, _ = await post_code(s.url, request(make_repo(BUGGY)))
     ends = [e for e in of_type(events, "agent") if e["state"] == "end"]
-    usage = of_type(events, "usage")[0]
+    usage = of_type(events, "usage")[-1]
     for kind in ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"):
         assert sum(e["usage"][kind] for e in ends) == usage[kind]
     assert usage["input_tokens"] > 0
@@ -175,5 +175,5 @@ async def test_each_role_can_have_its_own_model_and_is_priced_at_it(pool, make_r
     # planner's and the reviewer's tokens happen to balance, so the sum is checked, not a difference.
     ends = [e for e in of_type(events, "agent") if e["state"] == "end"]
     expected = sum(Usage(**e["usage"]).cost_usd(starts[e["agent"]]) for e in ends)
-    assert of_type(events, "usage")[0]["cost_usd"] == pytest.approx(expected, abs=1e-6)
+    assert of_type(events, "usage")[-1]["cost_usd"] == pytest.approx(expected, abs=1e-6)
     assert Usage(**ends[0]["usage"]).cost_usd(starts["planner"]) < Usage(**ends[0]["usage"]).cost_usd("sonnet")

@@ -206,7 +206,7 @@ def test_agents_model_calls_and_tool_calls_nest_under_the_run(traced: TracedRun)
 
 def test_model_call_spans_carry_the_gen_ai_attributes(traced: TracedRun):
     chats = traced.named("chat claude-sonnet-test")
-    usage = of_type(traced.events, "usage")[0]
+    usage = of_type(traced.events, "usage")[-1]
     for chat in chats:
         a = chat.attributes
         assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.provider.name"] == "anthropic"
@@ -266,7 +266,7 @@ def test_metrics_count_runs_tool_latency_tokens_and_sandboxes(traced: TracedRun)
     execs = [count for attrs, count in m["tb.tool.duration"] if attrs.get("gen_ai.tool.name") == "exec"]
     assert execs == [2]
     tokens = {attrs["gen_ai.token.type"]: value for attrs, value in m["tb.tokens"]}
-    usage = of_type(traced.events, "usage")[0]
+    usage = of_type(traced.events, "usage")[-1]
     assert tokens["input"] == usage["input_tokens"] and tokens["output"] == usage["output_tokens"]
     assert m["tb.sandboxes.alive"] == [({}, 0)]  # created, then destroyed
 

@@ -23,7 +23,7 @@ from .connections import CONNECTIONS, Connections, connection_limit
 from .guard import Admission, TokenBucket, auth_middleware, browser_checks, client_key
 from .replay import trajectory
 from .run import RunRequest, Services
-from .runs import RunManager
+from .runs import NotPublishable, RunManager
 
 LAST_EVENT_DIGITS = 18  # any event number fits; a longer one would overflow the store's 64-bit integers
 RUNS = web.AppKey("runs", RunManager)
@@ -115,25 +115,32 @@ def _control_character(name: str, value: str) -> web.Response | None:
                        "remove it; of the control characters only newline, tab and carriage return are accepted")
 
 
+async def read_json(request: web.Request, example: str, optional: bool = False) -> Any:
+    """The request's JSON body, or the 4xx response that says what is wrong with it; `optional`: no body is {}."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        return bad_request(f"the body is over {MAX_BODY} bytes", 413)
+    timeout = request.app[RUNS].services.settings.client_timeout_s
+    try:
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
+        return {} if optional and not raw.strip() else json.loads(raw)
+    except TimeoutError:
+        return bad_request(f"the body did not arrive within {timeout:g} s (TB_CLIENT_TIMEOUT_S); send it whole", 408)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return bad_request(f"the body is not JSON; send {example}")
+    except RecursionError:
+        return bad_request(f"the body nests too deeply; send {example}")
+    except web.HTTPRequestEntityTooLarge:
+        return bad_request(f"the body is over {MAX_BODY} bytes", 413)
+
+
 async def post_code(request: web.Request) -> web.StreamResponse:
     runs = request.app[RUNS]
     if runs.services.model_problem:
         return bad_request(runs.services.model_problem, 503)
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        return bad_request(f"the body is over {MAX_BODY} bytes", 413)
-    timeout = runs.services.settings.client_timeout_s
-    try:
-        async with asyncio.timeout(timeout):
-            raw = await request.read()
-        body = json.loads(raw)
-    except TimeoutError:
-        return bad_request(f"the body did not arrive within {timeout:g} s (TB_CLIENT_TIMEOUT_S); send it whole", 408)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return bad_request('the body is not JSON; send {"repoUrl": "...", "prompt": "..."}')
-    except RecursionError:
-        return bad_request('the body nests too deeply; send {"repoUrl": "...", "prompt": "..."}')
-    except web.HTTPRequestEntityTooLarge:
-        return bad_request(f"the body is over {MAX_BODY} bytes", 413)
+    body = await read_json(request, '{"repoUrl": "...", "prompt": "..."}')
+    if isinstance(body, web.Response):
+        return body
     run = validate(body, runs.services, request.app[LOOPBACK])
     if isinstance(run, web.Response):
         return run
@@ -201,13 +208,79 @@ async def get_trajectory(request: web.Request) -> web.Response:
 
 
 async def cancel_run(request: web.Request) -> web.Response:
+    """Stop a run: `{"changes": "keep"}` (the default) keeps its changes as a draft pull request, or with the run
+    when the forge cannot be reached; `{"changes": "discard"}` drops them."""
     runs, run_id = request.app[RUNS], request.match_info["run_id"]
     record = runs.store.get(run_id)
     if record is None:
         return bad_request(f"no run {run_id!r}", 404)
-    if not await runs.cancel(run_id):
+    body = await read_json(request, '{"changes": "keep"} or {"changes": "discard"}', optional=True)
+    if isinstance(body, web.Response):
+        return body
+    changes = body.get("changes", "keep") if isinstance(body, dict) else None
+    if changes not in ("keep", "discard") or set(body) - {"changes"}:
+        return bad_request('send {"changes": "keep"} to keep the run\'s changes as a draft pull request, or '
+                           '{"changes": "discard"} to drop them (no body: keep)')
+    if not await runs.cancel(run_id, keep=changes == "keep"):
         return bad_request(f"run {run_id} is not running (it is {record['status']})", 409)
-    return web.json_response({"id": run_id, "status": "cancelled"})
+    record = runs.store.get(run_id) or record
+    return redacted_json(request, {"id": run_id, "status": record["status"], "changes": changes,
+                                   "pull_request_url": record["pull_request_url"], "kept": record.get("kept")})
+
+
+async def steer_run(request: web.Request) -> web.Response:
+    """`{"text": "..."}`: a message from the user to the run's active agent, handed over at its next turn."""
+    runs, run_id = request.app[RUNS], request.match_info["run_id"]
+    record = runs.store.get(run_id)
+    if record is None:
+        return bad_request(f"no run {run_id!r}", 404)
+    body = await read_json(request, '{"text": "..."}')
+    if isinstance(body, web.Response):
+        return body
+    limit = runs.services.settings.max_prompt_chars
+    text = body.get("text") if isinstance(body, dict) and set(body) == {"text"} else None
+    if not isinstance(text, str) or not text.strip():
+        return bad_request('send {"text": "..."}: what the agent should know or do, as plain text')
+    if len(text) > limit:
+        return bad_request(f"text is {len(text)} characters, over the limit of {limit} (TB_MAX_PROMPT_CHARS)", 413)
+    if refused := _control_character("text", text):
+        return refused
+    if not runs.steer(run_id, text):
+        return bad_request(f"run {run_id} is not running (it is {record['status']}); start a new run, or retry "
+                           "it if it kept its changes", 409)
+    return web.json_response({"id": run_id, "accepted": True,
+                              "message": "the active agent gets it at its next turn; the stream shows it then"},
+                             status=202)
+
+
+async def publish_run(request: web.Request) -> web.Response:
+    """Open a draft pull request from the changes a stopped run kept."""
+    runs, run_id = request.app[RUNS], request.match_info["run_id"]
+    if runs.store.get(run_id) is None:
+        return bad_request(f"no run {run_id!r}", 404)
+    try:
+        pr = await runs.publish(run_id)
+    except NotPublishable as exc:
+        return bad_request(str(exc), exc.status)
+    return redacted_json(request, {"id": run_id, "pull_request_url": pr["url"], "number": pr.get("number"),
+                                   "draft": pr.get("draft", True)})
+
+
+async def retry_run(request: web.Request) -> web.Response:
+    """Start a new run of a stopped run's request, from the changes it kept; answers the new run's id."""
+    runs, run_id = request.app[RUNS], request.match_info["run_id"]
+    if runs.store.get(run_id) is None:
+        return bad_request(f"no run {run_id!r}", 404)
+    if runs.services.model_problem:
+        return bad_request(runs.services.model_problem, 503)
+    refused = request.app[ADMISSION].check(client_key(request), runs.clients())
+    if refused is not None:
+        return refused
+    try:
+        new_id = runs.retry(run_id, client_key(request))
+    except NotPublishable as exc:
+        return bad_request(str(exc), exc.status)
+    return web.json_response({"id": new_id, "retries": run_id, "events_url": f"/runs/{new_id}/events"}, status=202)
 
 
 async def stream_events(response: web.StreamResponse, events: Any, ping_seconds: float, redact: Redactor) -> None:
@@ -300,6 +373,9 @@ def build_app(runs: RunManager, host: str = "127.0.0.1",
     app.router.add_get("/runs/{run_id}/events", run_events)
     app.router.add_get("/runs/{run_id}/trajectory", get_trajectory)
     app.router.add_post("/runs/{run_id}/cancel", cancel_run)
+    app.router.add_post("/runs/{run_id}/messages", steer_run)
+    app.router.add_post("/runs/{run_id}/publish", publish_run)
+    app.router.add_post("/runs/{run_id}/retry", retry_run)
     app.router.add_get("/health", health)
     app.router.add_get("/", page_handler())
 

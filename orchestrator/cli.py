@@ -104,9 +104,11 @@ async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, An
             data = []
 
 
-async def follow(http: aiohttp.ClientSession, base: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-    """Start the run and yield its events to `completion`, resuming with Last-Event-ID if the connection drops."""
-    run_id, last, attempts = None, 0, 0
+async def follow(http: aiohttp.ClientSession, base: str, body: dict[str, Any], run_id: str | None = None
+                 ) -> AsyncIterator[dict[str, Any]]:
+    """Start the run (or follow `run_id`) and yield its events to `completion`, resuming with Last-Event-ID if the
+    connection drops."""
+    last, attempts = 0, 0
     while True:
         try:
             if run_id is None:
@@ -253,6 +255,16 @@ class Terminal:
                       f"${e.get('cost_usd', 0):.4f}")
         elif kind == "error":
             self.line(self.paint("err", f"error ({e.get('reason')}): {e.get('message', '')}"))
+        elif kind == "kept":
+            self.line(self.paint("err", f"kept: {e.get('message', '')}"))
+        elif kind == "user_message":
+            self.line(self.paint("bold", f"  you -> {e.get('agent')}: ") + str(e.get("text", "")))
+        elif kind == "context":
+            self.line(f"- {e.get('agent')}: context {e.get('action')} ({e.get('tokens_before')} -> "
+                      f"{e.get('tokens_after')} tokens)")
+        elif kind == "budget":
+            self.line(self.paint("err", f"- budget: ${e.get('spent_usd', 0):.2f} of ${e.get('limit_usd', 0):.2f} "
+                                        f"({e.get('scope')}) spent"))
         elif kind == "completion":
             self.state = e["status"]
             self.line(self.paint("ok" if e.get("pull_request_url") else "err",
@@ -315,18 +327,20 @@ def json_line(event: dict[str, Any]) -> str:
     return JSON_UNSAFE.sub(lambda m: f"\\u{ord(m[0]):04x}", json.dumps(event, ensure_ascii=False))
 
 
-async def watch(base: str, token: str | None, body: dict[str, Any], as_json: bool) -> int:
-    """Follow one run, rendering it; 0 when a pull request opened, 1 when not, 130 when interrupted."""
+async def watch(base: str, token: str | None, body: dict[str, Any], as_json: bool, run_id: str | None = None
+                ) -> int:
+    """Start a run (or follow `run_id`), rendering it; 0 when a pull request opened, 1 when not, 130 when
+    interrupted."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     view = Terminal(sys.stdout, sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
-    opened, run_id = False, None
+    opened = False
     task, loop = asyncio.current_task(), asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, task.cancel)
     # Idle streams carry a ping every TB_PING_S (15 s), so a read this long without one is a dead connection.
     timeout = aiohttp.ClientTimeout(sock_connect=10, sock_read=120)
     async with aiohttp.ClientSession(headers=headers, timeout=timeout) as http:
         try:
-            async for event in follow(http, base.rstrip("/"), body):
+            async for event in follow(http, base.rstrip("/"), body, run_id):
                 run_id = event["run_id"]
                 opened = opened or event["type"] == "pull_request"
                 if as_json:
@@ -335,10 +349,11 @@ async def watch(base: str, token: str | None, body: dict[str, Any], as_json: boo
                     view.show(event)
         except asyncio.CancelledError:
             task.uncancel()
-            if run_id:  # Ctrl-C stops the job, not only this view of it
-                async with http.post(f"{base.rstrip('/')}/runs/{run_id}/cancel") as resp:
+            if run_id:  # Ctrl-C stops the job, not only this view of it; its changes are kept as a draft
+                async with http.post(f"{base.rstrip('/')}/runs/{run_id}/cancel", json={"changes": "keep"}) as resp:
                     await resp.read()
-            print(f"\ncancelled {clean(run_id or 'the run')}", file=sys.stderr)
+            print(f"\ncancelled {clean(run_id or 'the run')}; its changes are kept as a draft (discard them with "
+                  f"--cancel {clean(run_id or 'RUN')} --discard)", file=sys.stderr)
             return 130
         finally:
             loop.remove_signal_handler(signal.SIGINT)
@@ -393,6 +408,55 @@ def recent_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+ACTIONS = ("--cancel", "--publish", "--retry", "--say")
+
+
+def action_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator run",
+                                     description="Act on a run: stop it, publish or retry the changes it kept, or "
+                                                 "tell its active agent something.")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--cancel", metavar="RUN", help="stop a run; its changes become a draft pull request")
+    group.add_argument("--publish", metavar="RUN", help="open a draft pull request from the changes a run kept")
+    group.add_argument("--retry", metavar="RUN", help="start a new run from the changes a run kept, and follow it")
+    group.add_argument("--say", nargs=2, metavar=("RUN", "TEXT"), help="a message to a running run's active agent")
+    parser.add_argument("--discard", action="store_true", help="with --cancel: drop the changes instead")
+    parser.add_argument("--service", default=os.environ.get("TB_SERVICE_URL", "http://127.0.0.1:8002"),
+                        help="the service (TB_SERVICE_URL; default %(default)s)")
+    parser.add_argument("--token", default=os.environ.get("TB_API_TOKEN"), help="bearer token (TB_API_TOKEN)")
+    parser.add_argument("--json", action="store_true", help="print the answer (and a retry's events) as JSON")
+    return parser.parse_args(argv)
+
+
+async def act(args: argparse.Namespace) -> int:
+    """Do what `action_args` asked and print the answer; a retry is followed like a new run."""
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    base = args.service.rstrip("/")
+    if args.cancel:
+        path, body = f"/runs/{args.cancel}/cancel", {"changes": "discard" if args.discard else "keep"}
+    elif args.publish:
+        path, body = f"/runs/{args.publish}/publish", None
+    elif args.retry:
+        path, body = f"/runs/{args.retry}/retry", None
+    else:
+        path, body = f"/runs/{args.say[0]}/messages", {"text": args.say[1]}
+    async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=600)) as http:
+        async with http.post(base + path, json=body) as resp:
+            if resp.status >= 400:
+                raise Refused(await error_message(resp))
+            answer = await resp.json()
+    if args.json:
+        print(json_line(answer))
+    elif args.publish or args.cancel:
+        url = answer.get("pull_request_url")
+        print(clean(f"{answer.get('status', 'published')}: {url}" if url else f"{answer.get('status')}"))
+    elif args.say:
+        print(clean(answer.get("message", "sent")))
+    if args.retry:
+        return await watch(base, args.token, {}, args.json, answer["id"])
+    return 0
+
+
 def recent_lines(run: dict[str, Any]) -> list[str]:
     """A run of the list: id, status, when it started, how long it took, repository and prompt; then why it failed."""
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run["created"]))
@@ -420,6 +484,17 @@ async def list_recent(args: argparse.Namespace) -> int:
 
 def main(argv: list[str]) -> int:
     """Run one job; the exit code says whether a pull request opened."""
+    if any(arg in ACTIONS for arg in argv):
+        args = action_args(argv)
+        try:
+            return asyncio.run(act(args))
+        except Refused as exc:
+            print(f"error: {clean(str(exc))}", file=sys.stderr)
+            return 2
+        except aiohttp.ClientConnectionError as exc:
+            print(f"error: no service answers at {args.service} ({clean(str(exc))}): start one with `./tb serve`",
+                  file=sys.stderr)
+            return 2
     if any(arg == "--recent" or arg.startswith("--recent=") for arg in argv):
         args = recent_args(argv)
         try:

@@ -17,7 +17,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anthropic
@@ -25,9 +25,10 @@ from mcp_types import CallToolResult, Tool
 
 from common.redact import Redactor
 
-from . import evidence, telemetry
-from .agent import Budget, LimitReached
+from . import evidence, resume, telemetry
+from .budget import Budget, LimitReached
 from .config import Settings
+from .context import ContextPolicy
 from .events import Event, EventLog
 from .mcp_pool import ServerUnavailable, ToolPool
 from .model import Model
@@ -51,6 +52,69 @@ class RunRequest:
     prompt: str
     mode: str = "team"  # "team": planner, coder, reviewer; "single": one agent that publishes itself
     setup: str | None = None  # the bash that sets up the sandbox's environment; None: the server's choice; "": none
+    resume: dict[str, Any] | None = None  # the work a stopped run kept, to start from: run_id, reason, changeset
+
+
+@dataclass
+class RunControl:
+    """What reaches a run in flight from outside it: the user's messages, a stop, and where work it cannot publish
+    is kept (the run store, given by whoever runs it)."""
+
+    keep: bool = True  # on a stop: keep the changes (a draft pull request, or kept with the run), or discard them
+    stopped: bool = False
+    messages: list[str] = field(default_factory=list)
+    store: Callable[[dict[str, Any]], None] | None = None
+    mark_published: Callable[[str], None] | None = None
+    unpublished: bool = False  # work is kept that no pull request holds
+
+    def inbox(self) -> list[str]:
+        """The user's messages not yet handed to an agent."""
+        taken, self.messages = self.messages, []
+        return taken
+
+    _working: asyncio.Task | None = None  # the run's task, while its agents work
+    _cancels: int = 0  # cancellations of that task this control asked for, not yet seen
+
+    def cancel(self, keep: bool) -> None:
+        """Stop the run's agents wherever they are (a model call, a tool call); the run goes on to keep or discard
+        their work."""
+        self.keep = keep
+        if not self.stopped and self._working is not None:
+            self._cancels += 1
+            self._working.cancel()
+        self.stopped = True
+
+    @contextlib.asynccontextmanager
+    async def working(self) -> AsyncIterator[None]:
+        """Around the agents' work: a stop cancels it, and leaves as `Cancelled`; any other cancellation goes on."""
+        if self.stopped:
+            raise Cancelled()
+        self._working = asyncio.current_task()
+        try:
+            try:
+                yield
+            finally:
+                self._working = None
+            await asyncio.sleep(0)  # where a stop asked for as the work ended arrives
+        except asyncio.CancelledError:
+            if self._cancels == 0:
+                raise
+            self._cancels -= 1
+            asyncio.current_task().uncancel()
+            raise Cancelled() from None
+
+    def keep_work(self, work: dict[str, Any]) -> bool:
+        """Keep `work` with the run; False when there is nowhere to keep it."""
+        if self.store is None:
+            return False
+        self.store(work)
+        self.unpublished = True
+        return True
+
+    def published(self, url: str) -> None:
+        if self.mark_published is not None and self.unpublished:
+            self.mark_published(url)
+        self.unpublished = False
 
 
 @dataclass
@@ -123,14 +187,15 @@ def new_run_id() -> str:
     return "run_" + secrets.token_hex(8)
 
 
-async def execute(request: RunRequest, services: Services, events: EventLog) -> AsyncIterator[Event]:
+async def execute(request: RunRequest, services: Services, events: EventLog, control: RunControl | None = None
+                  ) -> AsyncIterator[Event]:
     """Stream the events of one run, all in one trace. The sandbox is destroyed on every way out, cancellation
-    included."""
+    included; `control` steers and stops it."""
     with telemetry.run_span(events.run_id, request.repo_url, mode=request.mode,
                             model=services.model.name) as run_trace:
         output = LiveOutput(events, Redactor())
-        async with contextlib.aclosing(output.merged(_execute(request, services, events, output,
-                                                              run_trace.trace_id))) as run:
+        async with contextlib.aclosing(output.merged(_execute(request, services, events, output, run_trace.trace_id,
+                                                              control or RunControl()))) as run:
             async for event in run:
                 if event["type"] == "completion":
                     run_trace.outcome = event["status"]
@@ -138,15 +203,16 @@ async def execute(request: RunRequest, services: Services, events: EventLog) -> 
 
 
 async def _execute(request: RunRequest, services: Services, events: EventLog, output: LiveOutput,
-                   trace_id: str | None) -> AsyncIterator[Event]:
+                   trace_id: str | None, control: RunControl) -> AsyncIterator[Event]:
     settings, pool, redact = services.settings, services.pool, output.redact
     limits = settings.limits
-    budget = Budget(limits.max_tokens, time.monotonic() + limits.run_seconds)
+    budget = Budget.of(limits)
     started = time.monotonic()
     sandbox_id: str | None = None
     outcome: dict[str, Any] = {"status": "error"}
     yield events("run", repo=request.repo_url, prompt=request.prompt, model=services.model.name, mode=request.mode,
-                 setup=request.setup is not None, events_url=f"/runs/{events.run_id}/events", trace_id=trace_id)
+                 setup=request.setup is not None, events_url=f"/runs/{events.run_id}/events", trace_id=trace_id,
+                 **({"resumes": request.resume["run_id"]} if request.resume else {}))
     try:
         # The github server decides which branches it writes; asked first, so a repository it cannot serve is
         # refused before any work is done.
@@ -154,6 +220,8 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, ou
         prefix = forge["branch_prefix"]
         yield events("status", stage="sandbox", message="cloning the repository into a sandbox")
         create = {"repo_url": request.repo_url} | ({} if request.setup is None else {"setup": request.setup})
+        if request.resume:  # the commit the kept changes were made on
+            create["ref"] = request.resume["changeset"]["base_commit"]
         with telemetry.sandbox_span("create"), output.stream("create_sandbox") as on_progress:
             info = await _call(pool, "sandbox", "create_sandbox", create, limits.tool_seconds, on_progress)
         sandbox_id = info["sandbox_id"]
@@ -170,49 +238,93 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, ou
         guard = PublishGuard(pool, redact, sandbox_id, prefix)
         tools = RunTools(guard, sandbox_id, request.repo_url, info["base_commit"], limits.tool_seconds,
                          settings.tool_result_chars, output=output)
-        crew = Crew(services.model, tools, budget, events, redact, settings.role_models, environment)
+        prompt = request.prompt
+        if request.resume:
+            changeset = request.resume["changeset"]
+            yield events("status", stage="resume", message=f"applying the changes kept by {request.resume['run_id']}")
+            await resume.apply(tools, changeset)
+            prompt += resume.note(request.resume["run_id"], request.resume["reason"], changeset)
+        crew = Crew(services.model, tools, budget, events, redact, settings.role_models, environment,
+                    inbox=control.inbox, context=ContextPolicy.of(limits))
         work = Work()
-        stopped: LimitReached | None = None
-        args = (crew, work, request.prompt, request.repo_url, info["default_branch"], limits.max_turns)
+        stopped: str | None = None  # why the run ended before its agents finished
+        args = (crew, work, prompt, request.repo_url, info["default_branch"], limits.max_turns)
         flow = (single(*args, prefix) if request.mode == "single"
                 else team(*args, settings.review_rounds))
+        checkpoint = resume.Checkpoint(tools)
         try:
-            async for event in flow:
-                yield event
+            async with control.working():
+                async for event in flow:
+                    yield event
+                    await checkpoint.saw(event)
         except LimitReached as exc:
-            stopped = exc
+            stopped, outcome = f"the run stopped before it finished: {exc}", {"status": "limit", "limit": exc.limit}
             yield events("error", reason="limit", limit=exc.limit, message=str(exc))
-        async for event in _publish(request, tools, work, events, stopped, settings, redact, prefix, environment):
-            yield event
-        status = "limit" if stopped else "success" if tools.pull_request else "no_changes"
-        outcome = {"status": status}
+        except Cancelled:
+            yield events("error", reason="cancelled", message="the run was cancelled"
+                         + ("; its changes are kept as a draft" if control.keep else "; its changes are discarded"),
+                         changes="keep" if control.keep else "discard")
+            stopped, outcome = "the run was cancelled by its user", {"status": "cancelled"}
+        except Exception as exc:  # noqa: BLE001 - whatever stopped the agents, their work is kept
+            error = _failure(exc, events.run_id)
+            yield events("error", **error)
+            stopped, outcome = f"the run failed: {error['message']}", {"status": "error"}
+        if outcome["status"] != "cancelled" or control.keep:
+            async for event in _publish(request, tools, work, events, stopped, settings, redact, prefix,
+                                        environment, checkpoint, control):
+                yield event
+        if stopped is None:
+            outcome = {"status": "success" if tools.pull_request else "error" if control.unpublished else "no_changes"}
+            if tools.pull_request and tools.pull_request.out_of_date:
+                outcome["status"] = "error"  # the pull request lacks the sandbox's final changes
         if tools.pull_request:
             outcome["pull_request_url"] = tools.pull_request.url
-        if stopped:
-            outcome["limit"] = stopped.limit
+        if control.unpublished:
+            outcome["kept"] = True
     except SecretRefused as exc:
         yield events("error", reason="secret", files=exc.files, message=str(exc))
-    except (RunFailed, ServerUnavailable, ToolFailed) as exc:
-        yield events("error", reason="failed", message=str(exc))
-    except anthropic.APIError as exc:
-        yield events("error", reason="model", message=f"the model API failed: {_api_message(exc)}")
-    except Exception:
-        log.exception("run %s failed", events.run_id)
-        yield events("error", reason="internal", message="the run failed unexpectedly; the server log has details")
+    except Exception as exc:  # noqa: BLE001 - the run reports it and ends
+        yield events("error", **_failure(exc, events.run_id))
     finally:
         if sandbox_id:
             await _destroy(pool, sandbox_id)
-    yield events("usage", **budget.usage.as_dict(), cost_usd=round(budget.cost_usd, 6))
+    yield events("usage", **budget.report())
     yield events("completion", **outcome, duration_s=round(time.monotonic() - started, 3))
 
 
-async def _publish(request: RunRequest, tools: RunTools, work: Work, events: EventLog, stopped: LimitReached | None,
-                   settings: Settings, redact: Redactor, prefix: str, environment: dict[str, Any] | None
-                   ) -> AsyncIterator[Event]:
-    """Show the diff; open a pull request for changes no agent published: a draft when a limit stopped the run or
-    the reviewer did not approve, saying why."""
-    exported = await tools.export()
+def _failure(exc: BaseException, run_id: str) -> dict[str, str]:
+    """The `error` event's fields for a failure that ends a run."""
+    if isinstance(exc, (RunFailed, ServerUnavailable, ToolFailed)):
+        return {"reason": "failed", "message": str(exc)}
+    if isinstance(exc, anthropic.APIError):
+        return {"reason": "model", "message": f"the model API failed: {_api_message(exc)}"}
+    log.error("run %s failed", run_id, exc_info=exc)
+    return {"reason": "internal", "message": "the run failed unexpectedly; the server log has details"}
+
+
+class Cancelled(Exception):
+    """The run's user stopped it."""
+
+
+async def _publish(request: RunRequest, tools: RunTools, work: Work, events: EventLog, stopped: str | None,
+                   settings: Settings, redact: Redactor, prefix: str, environment: dict[str, Any] | None,
+                   checkpoint: resume.Checkpoint, control: RunControl) -> AsyncIterator[Event]:
+    """Show the diff; open a pull request for changes no agent published: a draft when the run stopped before it
+    finished or the reviewer did not approve, saying why. Work that cannot be published is kept with the run."""
+    try:
+        exported = await tools.export()
+    except (ToolFailed, ServerUnavailable) as exc:
+        if checkpoint.last is None:
+            raise
+        exported = checkpoint.last
+        yield events("status", stage="publish", message=f"the sandbox cannot be read ({exc}); publishing its "
+                                                         f"changes as of {checkpoint.when}")
     changeset, diff = exported["changeset"], exported["diff"]
+    if tools.pull_request is not None:
+        # An agent opened it: what the agents changed after its last commit goes on its branch too.
+        if problem := await tools.sync_pull_request(_title(redact(request.prompt))):
+            yield events("error", reason="failed", message=f"the pull request {tools.pull_request.url} does not hold "
+                                                           f"the sandbox's final changes: {problem}")
     if not changeset["files"] and not changeset["deleted"]:
         if not tools.pull_request:
             yield events("status", stage="publish", message="the agents made no changes; nothing to publish")
@@ -222,28 +334,51 @@ async def _publish(request: RunRequest, tools: RunTools, work: Work, events: Eve
         if leaking := redact.files_with_secrets(changeset):
             raise SecretRefused(leaking)
         # Redacted before it is cut into a branch name and a title, where a cut secret would no longer match.
-        request = RunRequest(request.repo_url, redact(request.prompt), request.mode, request.setup)
+        request = replace(request, prompt=redact(request.prompt))
         overruled = evidence.failed_verification(work.plan, tools) if work.approved else None
-        draft_reason = (f"the run stopped before it finished: {stopped}" if stopped else
+        draft_reason = (stopped if stopped else
                         f"the reviewer did not approve after {work.rounds} round(s)" if work.approved is False else
                         f"the reviewer approved, but {overruled}" if overruled else None)
+        branch = f"{prefix}{_slug(request.prompt)}-{events.run_id[-6:]}"
+        kept = {"repo": request.repo_url, "prompt": request.prompt, "mode": request.mode, "setup": request.setup,
+                "reason": stopped, "branch": branch, "title": _title(request.prompt), "changeset": changeset,
+                "body": _body(request, work, changeset, draft_reason, events.run_id, tools, environment)}
+        if stopped:  # kept first: whatever happens to the forge, a retry can start from it
+            control.keep_work(kept)
         yield events("status", stage="publish", message="opening a pull request" + (" (draft)" if draft_reason
                                                                                       else ""))
-        branch = f"{prefix}{_slug(request.prompt)}-{events.run_id[-6:]}"
-        title = _title(request.prompt)
-        body = _body(request, work, changeset, draft_reason, events.run_id, tools, environment)
-        repo, draft = request.repo_url, draft_reason is not None
-        timeout = min(settings.limits.tool_seconds, PUBLISH_CALL_SECONDS)
-        with telemetry.span("publish", {"tb.branch": branch, "tb.draft": draft}):
-            # commit_changes makes the branch at the new commit: a changeset the forge refuses leaves no branch.
-            await _call(tools.pool, "github", "commit_changes", {"repo": repo, "branch": branch, "message": title,
-                                                                 "changes": changeset}, timeout)
-            pr = await _call(tools.pool, "github", "open_pull_request", {"repo": repo, "head": branch,
-                                                                         "title": title, "body": body,
-                                                                         "draft": draft}, timeout)
-        tools.saw_pull_request(pr, branch)
+        try:
+            pr = await open_pull_request(tools.pool, kept, draft_reason is not None,
+                                         min(settings.limits.tool_seconds, PUBLISH_CALL_SECONDS))
+        except (RunFailed, ServerUnavailable) as exc:
+            if not control.keep_work({**kept, "reason": stopped or f"publishing failed: {exc}"}):
+                raise
+            if stopped is None:
+                yield events("error", reason="failed", message=f"the pull request could not be opened: {exc}")
+            yield events("kept", reason=str(exc), files=[f["path"] for f in changeset["files"]],
+                         deleted=changeset["deleted"], publish_url=f"/runs/{events.run_id}/publish",
+                         retry_url=f"/runs/{events.run_id}/retry",
+                         message=f"the changes could not be published ({exc}); they are kept with the run: "
+                                 f"POST /runs/{events.run_id}/publish opens a draft pull request from them, "
+                                 f"POST /runs/{events.run_id}/retry starts a new run from them")
+            return
+        tools.saw_pull_request(pr, kept["branch"])
+        if stopped:
+            control.published(tools.pull_request.url)
     pr = tools.pull_request
     yield events("pull_request", number=pr.number, url=pr.url, head=pr.head, draft=pr.draft)
+
+
+async def open_pull_request(pool: ToolPool, kept: dict[str, Any], draft: bool, timeout: float) -> dict[str, Any]:
+    """Commit a changeset on a new branch and open a pull request from it: at the end of a run, or later from the
+    work a run kept."""
+    repo, branch = kept["repo"], kept["branch"]
+    with telemetry.span("publish", {"tb.branch": branch, "tb.draft": draft}):
+        # commit_changes makes the branch at the new commit: a changeset the forge refuses leaves no branch.
+        await _call(pool, "github", "commit_changes", {"repo": repo, "branch": branch, "message": kept["title"],
+                                                       "changes": kept["changeset"]}, timeout)
+        return await _call(pool, "github", "open_pull_request", {"repo": repo, "head": branch, "title": kept["title"],
+                                                                 "body": kept["body"], "draft": draft}, timeout)
 
 
 async def _call(pool: ToolPool, server: str, tool: str, args: dict[str, Any], timeout: float,

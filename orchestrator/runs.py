@@ -16,11 +16,22 @@ from typing import Any
 
 from . import replay
 from .events import Event, EventLog
-from .run import RunRequest, Services, execute, new_run_id
+from .mcp_pool import ServerUnavailable
+from .run import PUBLISH_CALL_SECONDS, RunControl, RunFailed, RunRequest, Services, execute, new_run_id, \
+    open_pull_request
 from .store import RunStore
 
 log = logging.getLogger(__name__)
 FLUSH_SECONDS = 0.05  # events reach the store in batches at most this old; readers of a live run see them at once
+STOP_SECONDS = 120  # a stopped run keeps its work (a draft pull request) in this long, or is cancelled outright
+
+
+class NotPublishable(Exception):
+    """A run's kept work cannot be published or retried now; the message says why; `status` is the HTTP one."""
+
+    def __init__(self, message: str, status: int = 409):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -32,6 +43,7 @@ class LiveRun:
     client: str = ""  # who started it, for the per-client cap
     agents: list[str] = field(default_factory=list)  # the agents started so far, for the model's turns
     turns: int = 0
+    control: RunControl = field(default_factory=RunControl)
 
 
 class RunManager:
@@ -47,6 +59,8 @@ class RunManager:
         run_id = new_run_id()
         self.store.create(run_id, request.repo_url, request.prompt, request.mode)
         live = self.live[run_id] = LiveRun(client=client)
+        live.control.store = lambda work: self.store.keep_work(run_id, work)
+        live.control.mark_published = lambda url: self.store.published(run_id, url)
         live.task = asyncio.create_task(self._drive(run_id, request, live), name=run_id)
         return run_id
 
@@ -54,12 +68,12 @@ class RunManager:
         events = EventLog(run_id)
         model = replay.Recorder(replay.for_run(self.services.model), lambda turn: self._keep_turn(run_id, live, turn))
         try:
-            async for event in execute(request, replace(self.services, model=model), events):
+            async for event in execute(request, replace(self.services, model=model), events, live.control):
                 if event["type"] == "agent" and event.get("state") == "start":
                     live.agents.append(event["agent"])
                 self._keep(live, event)
         except asyncio.CancelledError:
-            # The run's own cleanup (its sandbox) has run; say how it ended.
+            # Cancelled outright (a stop that did not end in time): its sandbox is gone; say how it ended.
             self._keep(live, events("error", reason="cancelled", message="the run was cancelled"))
             self._keep(live, events("completion", status="cancelled"))
         finally:
@@ -123,14 +137,63 @@ class RunManager:
                 return
             await live.changed.wait()
 
-    async def cancel(self, run_id: str) -> bool:
-        """Stop a live run promptly; False when it is not running."""
+    async def cancel(self, run_id: str, keep: bool = True) -> bool:
+        """Stop a live run's agents at once and wait for it to end, its changes kept as a draft (or discarded);
+        False when it is not running."""
         live = self.live.get(run_id)
         if live is None or live.task is None or live.done:
             return False
-        live.task.cancel()
-        await asyncio.gather(live.task, return_exceptions=True)
+        await self._stop([live], keep, STOP_SECONDS)
         return True
+
+    @staticmethod
+    async def _stop(runs: list[LiveRun], keep: bool, wait_s: float) -> None:
+        for live in runs:
+            live.control.cancel(keep)
+        tasks = [live.task for live in runs if live.task]
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=wait_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def steer(self, run_id: str, text: str) -> bool:
+        """Hand `text` to the run's active agent at its next turn; False when the run is not running."""
+        live = self.live.get(run_id)
+        if live is None or live.done:
+            return False
+        live.control.messages.append(text)
+        return True
+
+    async def publish(self, run_id: str) -> dict[str, Any]:
+        """Open a draft pull request from the work a stopped run kept; `NotPublishable` says why not."""
+        kept = self._kept(run_id)
+        if kept["published_url"]:
+            raise NotPublishable(f"run {run_id}'s changes are already published: {kept['published_url']}")
+        timeout = min(self.services.settings.limits.tool_seconds, PUBLISH_CALL_SECONDS)
+        try:
+            pr = await open_pull_request(self.services.pool, kept, True, timeout)
+        except (RunFailed, ServerUnavailable) as exc:
+            raise NotPublishable(f"the changes could not be published: {exc}. They are still kept; try again when "
+                                 "the forge answers", 502) from None
+        self.store.published(run_id, pr["url"])
+        return pr
+
+    def retry(self, run_id: str, client: str = "") -> str:
+        """Start a new run of the same request from the work a stopped run kept."""
+        kept = self._kept(run_id)
+        resume = {"run_id": run_id, "reason": kept["reason"] or "it did not finish", "changeset": kept["changeset"]}
+        return self.start(RunRequest(kept["repo"], kept["prompt"], kept["mode"], kept["setup"], resume), client)
+
+    def _kept(self, run_id: str) -> dict[str, Any]:
+        if run_id in self.live:
+            raise NotPublishable(f"run {run_id} is still running; cancel it first (its changes are kept as a draft)")
+        kept = self.store.kept_work(run_id)
+        if kept is None:
+            raise NotPublishable(f"run {run_id} kept no changes: it published them, made none, or discarded them",
+                                 404)
+        return kept
 
     async def recover(self) -> list[str]:
         """Mark the runs a previous process left unfinished as interrupted. Their sandboxes went with the old
@@ -147,10 +210,8 @@ class RunManager:
         return interrupted
 
     async def shutdown(self, grace_s: float) -> None:
-        """Let live runs finish for up to `grace_s` seconds, then cancel the rest."""
+        """Let live runs finish for up to `grace_s` seconds, then stop the rest, their work kept."""
         tasks = [r.task for r in self.live.values() if r.task]
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=grace_s)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.wait(tasks, timeout=grace_s)
+            await self._stop([r for r in self.live.values() if not r.done], True, STOP_SECONDS)

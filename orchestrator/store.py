@@ -32,6 +32,9 @@ CREATE TABLE IF NOT EXISTS turns (
     run_id TEXT NOT NULL, seq INTEGER NOT NULL, agent TEXT NOT NULL, agent_seq INTEGER NOT NULL, data TEXT NOT NULL,
     PRIMARY KEY (run_id, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS kept (
+    run_id TEXT PRIMARY KEY, data TEXT NOT NULL, published_url TEXT
+);
 """
 
 
@@ -49,6 +52,9 @@ class RunStore(Protocol):
     def last_seq(self, run_id: str) -> int: ...
     def add_turn(self, run_id: str, seq: int, agent: str, agent_seq: int, turn: dict[str, Any]) -> None: ...
     def turns(self, run_id: str) -> list[dict[str, Any]]: ...
+    def keep_work(self, run_id: str, work: dict[str, Any]) -> None: ...
+    def kept_work(self, run_id: str) -> dict[str, Any] | None: ...
+    def published(self, run_id: str, url: str) -> None: ...
 
 
 class SQLiteRunStore:
@@ -112,7 +118,14 @@ class SQLiteRunStore:
 
     def get(self, run_id: str) -> dict[str, Any] | None:
         row = self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
-        return _record(row) if row else None
+        if not row:
+            return None
+        record = _record(row)
+        if (kept := self.kept_work(run_id)) is not None:
+            changeset = kept["changeset"]
+            record["kept"] = {"reason": kept["reason"], "files": [f["path"] for f in changeset["files"]],
+                              "deleted": changeset["deleted"], "published_url": kept["published_url"]}
+        return record
 
     def list(self, limit: int, before: float | None) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT * FROM runs WHERE created < ? ORDER BY created DESC LIMIT ?",
@@ -135,6 +148,25 @@ class SQLiteRunStore:
         """The model's turns in a run, in order, each with its `agent` and `agent_seq`."""
         rows = self.db.execute("SELECT agent, agent_seq, data FROM turns WHERE run_id = ? ORDER BY seq", (run_id,))
         return [{"agent": r["agent"], "agent_seq": r["agent_seq"], **json.loads(r["data"])} for r in rows]
+
+    def keep_work(self, run_id: str, work: dict[str, Any]) -> None:
+        """Keep the work of a run that stopped before it finished: its changeset and what publishing it needs. The
+        changeset is kept as it is (the run refuses one that holds a secret), the rest redacted."""
+        work = {**self.redact.data({k: v for k, v in work.items() if k != "changeset"}), "changeset": work["changeset"]}
+        self.db.execute("INSERT OR REPLACE INTO kept (run_id, data) VALUES (?, ?)",
+                        (run_id, json.dumps(work, ensure_ascii=False)))
+
+    def kept_work(self, run_id: str) -> dict[str, Any] | None:
+        """The work kept for a run, with `published_url` once published; None when none was kept."""
+        row = self.db.execute("SELECT data, published_url FROM kept WHERE run_id = ?", (run_id,)).fetchone()
+        return {**json.loads(row["data"]), "published_url": row["published_url"]} if row else None
+
+    def published(self, run_id: str, url: str) -> None:
+        """Record that the work kept for a run is now the pull request at `url`."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("UPDATE kept SET published_url = ? WHERE run_id = ?", (url, run_id))
+            self.db.execute("UPDATE runs SET pull_request_url = ? WHERE id = ?", (url, run_id))
 
     def close(self) -> None:
         self.db.close()

@@ -146,7 +146,10 @@ async def test_a_replay_that_parts_from_its_recording_ends_with_an_error_saying_
     assert [e["reason"] for e in errors] == ["failed"] and said in errors[0]["message"], errors
     assert "record the trajectory again" in errors[0]["message"]
     assert events[-1]["type"] == "completion" and events[-1]["status"] == "error"
-    assert git(repo, "branch", "--list", "tb/*") == ""
+    # What the agents changed before the replay parted is kept as a draft, as by any run that cannot go on.
+    drafts = of_type(events, "pull_request")
+    assert all(pr["draft"] for pr in drafts) and (recording is not truncated or drafts)
+    assert git(repo, "branch", "--list", "tb/*").split() == [pr["head"] for pr in drafts]
 
 
 async def test_the_command_line_replays_a_trajectory_from_any_folder(make_repo, tmp_path):

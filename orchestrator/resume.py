@@ -1,0 +1,92 @@
+"""Work that outlives its run: a checkpoint of the sandbox's changes while agents work (for when the sandbox is
+lost), and a new run started from the changes a stopped run kept (`POST /runs/{id}/retry`).
+
+Kept changes go back into a sandbox through its own `exec`, as the sandbox's user inside its jail, like any agent's
+write: nothing is written into a sandbox from the host.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+from .events import Event
+from .mcp_pool import ServerUnavailable
+from .tools import RunTools, ToolFailed, result_text
+
+# Tools whose success may have changed the sandbox's files (exec is read-only for the planner and the reviewer).
+WRITES = frozenset({"sandbox_write_file", "sandbox_edit_file", "sandbox_exec"})
+READ_ONLY_AGENTS = frozenset({"planner", "reviewer"})
+SCRIPT_CHARS = 90_000  # of one exec's command, under the sandbox's 100 000
+CHUNK = 60_000  # base64 characters per line of a script; a multiple of 4, so each line decodes alone
+
+
+class Checkpoint:
+    """The sandbox's changes as of the end of the last agent turn that could have changed them."""
+
+    def __init__(self, tools: RunTools):
+        self.tools = tools
+        self.last: dict[str, Any] | None = None  # what export_changes gave: changeset and diff
+        self.when = ""
+        self._changed_by: str | None = None
+
+    async def saw(self, event: Event) -> None:
+        """Follow the run's events; after a turn whose tools may have written, export the changes."""
+        if event["type"] == "tool_result":
+            if event["name"] in WRITES and not event["is_error"] and event["agent"] not in READ_ONLY_AGENTS:
+                self._changed_by = event["agent"]
+            return
+        if self._changed_by is None or event["type"] == "output":
+            return
+        agent, self._changed_by = self._changed_by, None
+        try:
+            self.last = await self.tools.export()
+            self.when = f"the {agent}'s last turn that changed them"
+        except (ToolFailed, ServerUnavailable):
+            pass  # the previous checkpoint stands; the end of the run says what it could publish
+
+
+def note(run_id: str, reason: str, changeset: dict[str, Any]) -> str:
+    """What the agents of a retry are told about the work they start from."""
+    return (f"\n\nThis continues run {run_id}, which stopped before it finished ({reason}). Its changes are already "
+            f"in the sandbox ({len(changeset['files'])} file(s) written, {len(changeset['deleted'])} deleted): "
+            "look at them first (export_changes shows them), then finish the task.")
+
+
+async def apply(tools: RunTools, changeset: dict[str, Any]) -> None:
+    """Make the sandbox hold `changeset` (made on the commit the sandbox was cloned at), then check that it does;
+    `ToolFailed` says what did not apply."""
+    for script in _scripts(changeset):
+        result = await tools.pool.call("sandbox", "exec", {"sandbox_id": tools.sandbox_id, "command": script,
+                                                          "timeout_s": 120}, tools.timeout_s)
+        data = result.structured_content or {}
+        if result.is_error or data.get("exit_code") != 0:
+            raise ToolFailed(f"the kept changes could not be applied: {result_text(result)[-2000:]}")
+    now = (await tools.export())["changeset"]
+    if _files(now) != _files(changeset) or sorted(now["deleted"]) != sorted(changeset["deleted"]):
+        raise ToolFailed("the kept changes did not apply as they were: the sandbox differs from them afterwards")
+
+
+def _files(changeset: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {f["path"]: (f["mode"], f["content_base64"]) for f in changeset["files"]}
+
+
+def _scripts(changeset: dict[str, Any]) -> list[str]:
+    """Bash scripts, each under `SCRIPT_CHARS`, that delete and write what `changeset` says."""
+    lines = [f"rm -rf -- {shlex.quote(path)}" for path in changeset["deleted"]]
+    for file in changeset["files"]:
+        path, data = shlex.quote(file["path"]), file["content_base64"]
+        temp = shlex.quote(file["path"] + ".tb-resume")
+        lines.append(f'mkdir -p -- "$(dirname -- {path})" && rm -rf -- {path} && : > {temp}')
+        lines += [f"printf %s {data[i:i + CHUNK]} | base64 -d >> {temp}" for i in range(0, len(data), CHUNK)]
+        if file["mode"] == "120000":
+            lines.append(f'ln -s -- "$(cat -- {temp})" {path} && rm -f -- {temp}')
+        else:
+            lines.append(f"chmod {'755' if file['mode'] == '100755' else '644'} -- {temp} && mv -- {temp} {path}")
+    scripts, current = [], "set -e"
+    for line in lines:
+        if len(current) + len(line) + 1 > SCRIPT_CHARS:
+            scripts.append(current)
+            current = "set -e"
+        current += "\n" + line
+    return [*scripts, current] if lines else []

@@ -192,7 +192,7 @@ async def list_runs(request: web.Request) -> web.Response:
 
 
 async def get_run(request: web.Request) -> web.Response:
-    record = request.app[RUNS].store.get(request.match_info["run_id"])
+    record = request.app[RUNS].get(request.match_info["run_id"])
     if record is None:
         return bad_request(f"no run {request.match_info['run_id']!r}", 404)
     return redacted_json(request, {**record, "events_url": f"/runs/{record['id']}/events"})

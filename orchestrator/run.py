@@ -66,6 +66,7 @@ class RunControl:
     store: Callable[[dict[str, Any]], None] | None = None
     mark_published: Callable[[str], None] | None = None
     unpublished: bool = False  # work is kept that no pull request holds
+    budget: Budget | None = None  # what the run has spent so far, once it started
 
     def inbox(self) -> list[str]:
         """The user's messages not yet handed to an agent."""
@@ -206,7 +207,7 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, ou
                    trace_id: str | None, control: RunControl) -> AsyncIterator[Event]:
     settings, pool, redact = services.settings, services.pool, output.redact
     limits = settings.limits
-    budget = Budget.of(limits)
+    budget = control.budget = Budget.of(limits)
     started = time.monotonic()
     sandbox_id: str | None = None
     outcome: dict[str, Any] = {"status": "error"}

@@ -158,6 +158,14 @@ class RunManager:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    def get(self, run_id: str) -> dict[str, Any] | None:
+        """A run's record; a live run's `usage` is what it has spent so far."""
+        record = self.store.get(run_id)
+        live = self.live.get(run_id)
+        if record is not None and live is not None and live.control.budget is not None:
+            record["usage"] = live.control.budget.report()
+        return record
+
     def steer(self, run_id: str, text: str) -> bool:
         """Hand `text` to the run's active agent at its next turn; False when the run is not running."""
         live = self.live.get(run_id)

@@ -180,3 +180,30 @@ async def test_a_bad_variable_is_one_line_naming_it(make_repo, tmp_path):
         assert code == 2 and len(err) == 1, err
         assert err[0].startswith("error: bad configuration: TB_MAX_TURNS='abc': expected a whole number"), err
         assert "TB_OVERLOADED_RETRIES='-1': must be 0 or more" in err[0] and "unset them" in err[0], err
+
+
+async def test_the_cli_publishes_and_retries_kept_changes_and_says_what_is_wrong(pool, make_repo, tmp_path):
+    repo = make_repo(BUGGY)
+    away = tmp_path / "away"
+
+    def forge_goes_away(_: dict):
+        repo.rename(away)
+        return turn(text("Done."))
+
+    script = [turn(tool_use("sandbox_write_file", {"path": "calc.py", "content": "fixed\n"})), forge_goes_away,
+              turn(text("It is there already."))]
+    async with stack(pool, script) as s:
+        code, out, err = await cli("--service", s.url, "--json", *fix(repo))
+        run_id = json.loads(out.splitlines()[0])["run_id"]
+        assert code == 1 and '"type": "kept"' in out
+        code, out, err = await cli("--service", s.url, "--publish", run_id)
+        assert code == 2 and "could not be published" in err and "still kept" in err
+        away.rename(repo)
+        code, out, err = await cli("--service", s.url, "--publish", run_id)
+        assert code == 0 and "file://" in out, err
+        code, out, err = await cli("--service", s.url, "--retry", run_id)
+        assert code == 0 and "pull request #" in out, err
+        code, out, err = await cli("--service", s.url, "--say", run_id, "hello")
+        assert code == 2 and "is not running" in err
+        code, out, err = await cli("--service", s.url, "--cancel", "run_0000000000000000", "--discard")
+        assert code == 2 and "no run" in err

@@ -232,6 +232,10 @@ async def test_a_message_from_the_user_reaches_the_agent_at_its_next_turn(pool, 
                               ({"text": "bell\x07"}, 400), ({"text": "a", "b": 1}, 400)]:
             got, _ = await request(s.url, "POST", f"/runs/{run_id}/messages", bad)
             assert got == expected, bad
+        # The run's record shows what it has spent so far, while it runs.
+        _, record = await request(s.url, "GET", f"/runs/{run_id}")
+        assert record["status"] == "running" and record["usage"]["cost_usd"] > 0
+        assert record["usage"]["by_role"]["agent"]["input_tokens"] == record["usage"]["input_tokens"] > 0
         status, answer = await request(s.url, "POST", f"/runs/{run_id}/messages",
                                        {"text": "Do not change anything; just stop."})
         assert status == 202 and answer["accepted"] is True

@@ -203,3 +203,57 @@ async def test_the_page_shows_a_failed_environment_and_a_commands_output_while_i
         await page.screenshot(path=tmp_path / "environment.png", full_page=True)
         await page.click("#cancel")
         await expect(page.locator("#run-status")).to_have_text("cancelled")
+
+
+async def test_the_page_steers_a_run_and_cancels_it_discarding_its_changes(pool, make_repo, tmp_path):
+    mark = unique_marker()
+    script = [turn(tool_use("sandbox_write_file", {"path": "calc.py", "content": "changed\n"})),
+              turn(tool_use("sandbox_exec", {"command": f"sleep {mark}"}))]
+    async with stack(pool, script) as s, browser_page(s.url) as page:
+        repo = make_repo(BUGGY)
+        run_id = await start(page, repo, "Change calc.py, then sleep.")
+        await expect(page.locator('.tool[data-tool="sandbox_exec"] .input')).to_contain_text(mark)
+        await page.fill("#say", "Keep the public API as it is.")
+        await page.click("#send")
+        await expect(page.locator("#say")).to_have_value("")
+        await page.select_option("#cancel-changes", "discard")
+        await page.click("#cancel")
+        await expect(page.locator("#run-status")).to_have_text("cancelled")
+        await expect(page.locator("#steer")).to_be_hidden()
+        await expect(page.locator("#timeline .error")).to_contain_text("its changes are discarded")
+        await page.screenshot(path=tmp_path / "discarded.png", full_page=True)
+        events = await stored_events(s.url, run_id)
+    assert not [e for e in events if e["type"] == "pull_request"] and events[-1]["status"] == "cancelled"
+    # Sent while a tool ran, it was never handed over: the run stopped before the agent's next turn.
+    assert not [e for e in events if e["type"] == "user_message"]
+
+
+async def test_the_page_publishes_and_retries_what_a_stopped_run_kept(pool, make_repo, tmp_path):
+    repo = make_repo(BUGGY)
+    away = tmp_path / "away"
+
+    def forge_goes_away(_: dict):
+        repo.rename(away)
+        return turn(text("Done."))
+
+    script = [turn(tool_use("sandbox_write_file", {"path": "calc.py", "content": "fixed\n"})), forge_goes_away,
+              turn(text("The change is there already."))]
+    async with stack(pool, script) as s, browser_page(s.url) as page:
+        first = await start(page, repo, "Fix calc.py")
+        await expect(page.locator("#run-status")).to_have_text("error")
+        await expect(page.locator("#kept")).to_be_visible()
+        await expect(page.locator("#kept-text")).to_contain_text("/publish opens a draft pull request")
+        await page.click("#publish")
+        await expect(page.locator("#timeline .error").last).to_contain_text("could not be published")
+        away.rename(repo)
+        await page.click("#publish")
+        await expect(page.locator("#pr a")).to_contain_text("Draft pull request #")
+        await expect(page.locator("#kept")).to_be_hidden()
+        await page.screenshot(path=tmp_path / "published.png", full_page=True)
+        # Retry from the same kept changes: the page follows the new run, which publishes them again.
+        await page.reload()
+        await expect(page.locator("#kept")).to_be_visible()
+        await page.click("#retry")
+        await page.wait_for_function("old => location.hash.length > 1 && location.hash.slice(1) !== old", arg=first)
+        await expect(page.locator("#run-status")).to_have_text("success")
+        await expect(page.locator("#pr a")).to_contain_text("Pull request #")

@@ -33,7 +33,8 @@ ADMISSION = web.AppKey("admission", Admission)
 MAX_BODY = 256 * 1024
 WILDCARDS = {"", "0.0.0.0", "::"}  # listening on every address names none a client would send as Host
 PAGE = Path(__file__).parent / "web" / "index.html"
-FIELDS = ("repoUrl", "prompt", "mode", "on_disconnect", "setup")  # what POST /code accepts; anything else is refused
+# What POST /code accepts; anything else is refused.
+FIELDS = ("repoUrl", "prompt", "mode", "on_disconnect", "setup", "attempts")
 SETUP_CHARS = 20_000  # the sandbox server's own limit on a setup script
 # C0 and C1 controls and DEL: text that git, terminals and pull requests refuse or act on. Newline, tab and carriage
 # return are text.
@@ -82,6 +83,12 @@ def validate(body: Any, services: Services, loopback: bool) -> RunRequest | web.
         return bad_request('mode must be "team" (planner, coder, reviewer) or "single" (one agent)')
     if body.get("on_disconnect", "continue") not in ("continue", "cancel"):
         return bad_request('on_disconnect must be "continue" (the run goes on) or "cancel"')
+    attempts, most = body.get("attempts", 1), services.settings.max_attempts
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= most:
+        return bad_request(f"attempts must be a whole number from 1 to {most} (TB_MAX_ATTEMPTS): how many coders work "
+                           "on the plan at once, each in a sandbox of its own, for the reviewer to choose from")
+    if attempts > 1 and mode != "team":
+        return bad_request('attempts above 1 need mode "team": the reviewer chooses between the attempts')
     hosts = services.settings.github_hosts
     forms = (f"repoUrl must be owner/name, https://HOST/owner/name with HOST one of {', '.join(hosts)} "
              "(TB_GITHUB_HOSTS), or an absolute path or file:// URL of a local git repository")
@@ -92,7 +99,7 @@ def validate(body: Any, services: Services, loopback: bool) -> RunRequest | web.
     if ref.kind == "https":
         return bad_request(f"{forms}: {ref.host} is not one of the GitHub hosts")
     if ref.kind == "github":
-        return RunRequest(repo_url=str(ref), prompt=prompt, mode=mode, setup=setup)
+        return RunRequest(repo_url=str(ref), prompt=prompt, mode=mode, setup=setup, attempts=attempts)
     local = ref.path.resolve()
     roots = services.settings.local_roots
     if not loopback and not any(local == r or r in local.parents for r in roots):
@@ -100,7 +107,7 @@ def validate(body: Any, services: Services, loopback: bool) -> RunRequest | web.
                            "a root listed in TB_LOCAL_ROOTS", 403)
     if not (local / ".git").exists() and not (local / "HEAD").is_file():
         return bad_request(f"{local} is not a git repository")
-    return RunRequest(repo_url=str(local), prompt=prompt, mode=mode, setup=setup)
+    return RunRequest(repo_url=str(local), prompt=prompt, mode=mode, setup=setup, attempts=attempts)
 
 
 def _control_character(name: str, value: str) -> web.Response | None:

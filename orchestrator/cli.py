@@ -49,6 +49,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("instruction", nargs="?", help="what to change, in words (with --replay: the recorded one)")
     parser.add_argument("--repo", required=True, help="https://github.com/owner/name, owner/name, or a local path")
     parser.add_argument("--mode", choices=("team", "single"), help="default: team (with --replay: the recorded one)")
+    parser.add_argument("--attempts", type=int, metavar="N",
+                        help="coders working on the plan at once (1-4; team mode), each in a sandbox of its own; the "
+                             "reviewer chooses one")
     parser.add_argument("--service", default=os.environ.get("TB_SERVICE_URL", "http://127.0.0.1:8002"),
                         help="the service to run through (TB_SERVICE_URL; default %(default)s)")
     parser.add_argument("--token", default=os.environ.get("TB_API_TOKEN"), help="bearer token (TB_API_TOKEN)")
@@ -152,13 +155,16 @@ class Terminal:
         self.state = "starting"
         self.agent = ""
         self.text = ""  # the model's text since the last line printed, shown whole when something else happens
+        self.attempt: Any = None  # the attempt whose events are being shown; lines of an attempt start "[N] "
+        self.text_attempt: Any = None  # the attempt `text` belongs to
         self.output: dict[str, str] = {}  # per call, the output's last line while it has no newline yet
 
     def paint(self, key: str, text: str) -> str:
         return f"\x1b[{COLOURS[key]}m{text}\x1b[0m" if self.live else text
 
     def line(self, text: str) -> None:
-        self.out.write(("\r\x1b[2K" if self.live else "") + text + "\n")
+        tag = f"[{self.attempt}] " if self.attempt else ""
+        self.out.write(("\r\x1b[2K" if self.live else "") + tag + text + "\n")
 
     def status(self) -> None:
         if self.live:
@@ -169,10 +175,11 @@ class Terminal:
         self.out.flush()
 
     def flush_text(self) -> None:
+        shown, self.attempt = self.attempt, self.text_attempt
         if self.text.strip():
             for text_line in self.text.strip().splitlines():
                 self.line(f"  {text_line}")
-        self.text = ""
+        self.text, self.attempt = "", shown
         for partial in self.output.values():
             self.output_line(partial)
         self.output.clear()
@@ -208,7 +215,11 @@ class Terminal:
         """Render one event, with every string in it cleaned of what could drive the terminal."""
         e = scrubbed(event)
         kind = e["type"]
+        if e.get("attempt") != self.text_attempt and kind != "output":
+            self.flush_text()  # several attempts work at once: their text is never run together
+        self.attempt = e.get("attempt")
         if kind == "text":
+            self.text_attempt = self.attempt
             self.text += e["text"]
             self.state = "writing"
             return self.status()
@@ -255,6 +266,9 @@ class Terminal:
                       f"${e.get('cost_usd', 0):.4f}")
         elif kind == "error":
             self.line(self.paint("err", f"error ({e.get('reason')}): {e.get('message', '')}"))
+        elif kind == "attempt_chosen":
+            self.line(self.paint("ok", f"- the reviewer chose attempt {e.get('attempt')} ({e.get('verdict')}): "
+                                       f"{e.get('reason', '')}"))
         elif kind == "kept":
             self.line(self.paint("err", f"kept: {e.get('message', '')}"))
         elif kind == "user_message":
@@ -513,6 +527,8 @@ def main(argv: list[str]) -> int:
                 "mode": args.mode or request.get("mode", "team")}
         if args.setup is not None:
             body["setup"] = setup_argument(args.setup)
+        if args.attempts is not None:
+            body["attempts"] = args.attempts
         if args.in_process or args.replay:
             return asyncio.run(in_process(args, body))
         return asyncio.run(watch(args.service, args.token, body, args.json))

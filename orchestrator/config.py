@@ -11,7 +11,7 @@ from pathlib import Path
 
 import anthropic.types
 
-from common.settings import ConfigError, at_least, one_of, read, setting
+from common.settings import ConfigError, at_least, between, one_of, read, setting
 
 
 def newest_sonnet() -> str:
@@ -103,6 +103,8 @@ class Settings:
     # On SIGTERM, running runs get this long to finish.
     shutdown_grace_s: float = setting("TB_SHUTDOWN_GRACE_S", 30.0, check=at_least(0))
     review_rounds: int = setting("TB_REVIEW_ROUNDS", 2, check=at_least(1))  # coder-reviewer rounds before a draft
+    # The most attempts a run may ask for: coders at once, each in a sandbox of its own, for the reviewer to choose.
+    max_attempts: int = setting("TB_MAX_ATTEMPTS", 4, check=between(1, 8))
     api_token: str | None = setting("TB_API_TOKEN", None, repr=False)  # bearer token for every endpoint
     github_hosts: tuple[str, ...] = setting("TB_GITHUB_HOSTS", ("github.com",), parse=_names)
     max_runs: int = setting("TB_MAX_RUNS", 20, check=at_least(1))  # runs in flight, in all

@@ -27,6 +27,18 @@ class EventLog:
         self.seq = seq
 
 
+class Tagged:
+    """A run's `EventLog` whose events all carry `fields` too (the number of the attempt they belong to)."""
+
+    def __init__(self, log: EventLog, **fields: Any):
+        self.log = log
+        self.run_id = log.run_id
+        self.fields = fields
+
+    def __call__(self, type: str, **fields: Any) -> Event:
+        return self.log(type, **self.fields, **fields)
+
+
 def sse(event: Event, redact: Redactor) -> bytes:
     """One SSE message, its data redacted; `data:` lines never hold a raw newline, since JSON escapes them."""
     data = redact(json.dumps(event, ensure_ascii=False, separators=(",", ":")))

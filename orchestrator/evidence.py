@@ -58,6 +58,27 @@ def tests_section(plan: dict[str, Any] | None, review: dict[str, Any] | None, to
     return lines
 
 
+def attempt_evidence(plan: dict[str, Any] | None, tools: RunTools) -> str:
+    """An attempt's verification as it ran in its sandbox, for the reviewer who chooses between attempts."""
+    lines = []
+    for command in verification_commands(plan):
+        lines += _entry(command, tools.last_run(command, "tests"), False, "")
+    return "\n".join(lines) or "(the plan names no verification command)"
+
+
+def attempts_section(plan: dict[str, Any] | None, attempts: list[Any], chosen: Any) -> list[str]:
+    """The lines of the body's "Attempts": each attempt's files and how its verification ended, the chosen marked."""
+    lines = []
+    for attempt in attempts:
+        runs = [f"{code(c)} {outcome(attempt.crew.tools.last_run(c, 'tests'), False)}"
+                for c in verification_commands(plan)]
+        mark = " (chosen)" if attempt is chosen else ""
+        files = ", ".join(f"`{f}`" for f in attempt.files) or "no changes"
+        stopped = f"; stopped early: {attempt.stopped}" if attempt.stopped else ""
+        lines.append(f"- Attempt {attempt.number}{mark}: {files}; verification: {'; '.join(runs) or 'none'}{stopped}")
+    return lines
+
+
 def outcome(seen: CommandRun | None, unusable: bool) -> str:
     if seen is None:
         return "not run in the sandbox"

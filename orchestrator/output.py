@@ -2,8 +2,9 @@
 stream while the call runs.
 
 The agent loop awaits its tool calls, so their output cannot come through it. Instead the run's events are produced
-by a task of their own (`LiveOutput.merged`) and meet the output in one queue, each event numbered as it is made:
-`seq` stays the order of the stream. A call's pieces are joined, so that it sends at most one event every
+by a task of their own (`LiveOutput.merged`) and meet the output in one queue; each event gets its `seq` as it leaves
+that queue, so `seq` is the order of the stream whichever task made the event (agents of several attempts work at
+once). A call's pieces are joined, so that it sends at most one event every
 `OUTPUT_INTERVAL_S`, and each event is cut to `OUTPUT_EVENT_CHARS`.
 """
 
@@ -45,8 +46,8 @@ class LiveOutput:
         self.redact = redact
         self._queue: asyncio.Queue[Event | None] | None = None  # while `merged` runs
 
-    def stream(self, tool: str, **where: str) -> OutputStream:
-        """The output of one call of `tool`; `where` (its `agent` and call `id`) goes into each of its events."""
+    def stream(self, tool: str, **where: Any) -> OutputStream:
+        """The output of one call of `tool`; `where` (its `agent`, call `id`, `attempt`) goes into each event."""
         return OutputStream(self, {"tool": tool, **where})
 
     def send(self, fields: dict[str, Any]) -> None:
@@ -70,7 +71,8 @@ class LiveOutput:
         producer = asyncio.create_task(produce())
         try:
             while (event := await queue.get()) is not None:
-                sent = event["seq"]
+                sent += 1
+                event["seq"] = sent
                 yield event
             await producer  # the run's own exception, if it raised one
         finally:

@@ -78,6 +78,42 @@ repository cannot be changed by your commands). Then call submit_review once:
 Do not request changes for matters of taste.
 """
 
+JUDGE = _SANDBOX + """\
+You are the reviewer of a small team, and several coders worked on the same plan at once, each in a sandbox of its
+own. You are given each attempt's summary, its diff against the base commit and the plan's verification as the
+orchestrator ran it in that attempt's sandbox (exit code and the end of the output: evidence, not the coder's
+word). Choose the attempt that best does what was asked: correct first, its verification passing, then the
+smallest and clearest change in the repository's style. Call submit_choice once with the attempt's number, the
+reason (from the diffs and the test runs), and verdict "approve" when it is ready to publish, or "request_changes"
+with findings its coder can act on (file, problem, fix). Do not request changes for matters of taste.
+"""
+
+# Attempt k of several: a nudge each, so that the attempts differ (the Messages API of today's models takes no
+# sampling temperature).
+NUDGES = (
+    "Take the most direct route to what the plan asks.",
+    "Before editing, consider how else the plan could be carried out, and take the way you find most robust.",
+    "Pay most attention to edge cases and to the tests: make sure the change is proven, not only made.",
+    "Keep the change as small as it can be while doing all the plan asks.",
+)
+
+
+def attempt_note(number: int, count: int) -> str:
+    """What an attempt's coder is told of the attempts."""
+    return (f"\n\nYou are attempt {number} of {count}: other coders work on the same plan at once, and the reviewer "
+            f"will choose one. {NUDGES[(number - 1) % len(NUDGES)]}")
+
+
+def judge_brief(prompt: str, plan: dict, attempts: list[tuple[int, str, str, str | None, str]]) -> str:
+    """The reviewer's brief when choosing: each attempt's number, summary, diff, why it stopped early (if it did)
+    and its test evidence."""
+    parts = [f"Request:\n{prompt}\n\nPlan:\n{format_plan(plan)}"]
+    for number, summary, diff, stopped, tests in attempts:
+        parts.append(f"## Attempt {number}" + (f" (stopped early: {stopped})" if stopped else "")
+                     + f"\n\nSummary:\n{summary or '(none)'}\n\nDiff:\n```diff\n{diff or '(no changes)'}\n```"
+                     + f"\n\nVerification:\n{tests}")
+    return "\n\n".join(parts)
+
 
 def environment_note(environment: dict | None) -> str:
     """What a brief says of the sandbox's environment: what it holds, or why it could not be set up."""

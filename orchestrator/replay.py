@@ -114,18 +114,26 @@ class Recorder:
     """A run's model that hands each completed turn to `keep`: content, stop reason, usage, and the ids of calls
     that did not fit the tools even then (a replay lets those through, since the model erred, not the code)."""
 
+    OPTIONS = ("name", "context_edit")  # set on a copy of this wrapper, they reach the model
+
     def __init__(self, model: Model, keep: Callable[[dict[str, Any]], None]):
         self.model = model
-        self.name = model.name
         self.keep = keep
+        for option in self.OPTIONS:
+            setattr(self, option, getattr(model, option, None))
 
     async def turn(self, system: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
                    ) -> AsyncIterator[ModelEvent]:
         """The wrapped model's turn, unchanged."""
         model = self.model
-        if model.name != self.name:  # a role's own model (TB_<ROLE>_MODEL) is named on a copy of this wrapper
+        # A role's own model (TB_<ROLE>_MODEL) and the API's context editing are set on a copy of this wrapper, and
+        # reach the wrapped model here.
+        changed = {option: getattr(self, option) for option in self.OPTIONS
+                   if hasattr(model, option) and getattr(model, option) != getattr(self, option)}
+        if changed:
             model = copy.copy(model)
-            model.name = self.name
+            for option, value in changed.items():
+                setattr(model, option, value)
         async for event in model.turn(system, messages, tools):
             if isinstance(event, TurnDone):
                 specs = {t["name"]: t for t in tools}

@@ -16,7 +16,7 @@ from .tools import RunTools, ToolFailed, result_text
 
 # Tools whose success may have changed the sandbox's files (exec is read-only for the planner and the reviewer).
 WRITES = frozenset({"sandbox_write_file", "sandbox_edit_file", "sandbox_exec"})
-READ_ONLY_AGENTS = frozenset({"planner", "reviewer"})
+READ_ONLY_AGENTS = frozenset({"planner", "reviewer", "tests"})
 SCRIPT_CHARS = 90_000  # of one exec's command, under the sandbox's 100 000
 CHUNK = 60_000  # base64 characters per line of a script; a multiple of 4, so each line decodes alone
 
@@ -33,7 +33,9 @@ class Checkpoint:
     async def saw(self, event: Event) -> None:
         """Follow the run's events; after a turn whose tools may have written, export the changes."""
         if event["type"] == "tool_result":
-            if event["name"] in WRITES and not event["is_error"] and event["agent"] not in READ_ONLY_AGENTS:
+            # Of several attempts, the first one's sandbox is the run's own: the one checkpointed.
+            if event["name"] in WRITES and not event["is_error"] and event["agent"] not in READ_ONLY_AGENTS \
+                    and event.get("attempt", 1) == 1:
                 self._changed_by = event["agent"]
             return
         if self._changed_by is None or event["type"] == "output":

@@ -55,6 +55,25 @@ SUBMIT_REVIEW = {
 }
 
 
+def submit_choice(numbers: list[int]) -> dict[str, Any]:
+    """The tool with which the reviewer chooses one of several attempts (those numbered `numbers`)."""
+    return {
+        "name": "submit_choice",
+        "description": "Choose the attempt to publish, and approve it or request changes to it. Ends the review.",
+        "input_schema": {
+            "type": "object",
+            "properties": {
+                "attempt": {"type": "integer", "enum": numbers, "description": "The number of the chosen attempt."},
+                "reason": {"type": "string", "description": "Why this one, from what its diff and tests show."},
+                "verdict": {"type": "string", "enum": ["approve", "request_changes"]},
+                "findings": {"type": "array", "items": {"type": "string"},
+                             "description": "What the chosen attempt must fix; empty when approving."},
+            },
+            "required": ["attempt", "reason", "verdict", "findings"],
+        },
+    }
+
+
 @dataclass(frozen=True)
 class Role:
     name: str
@@ -72,6 +91,13 @@ def team_roles(max_turns: int) -> dict[str, Role]:
         "reviewer": Role("reviewer", prompts.REVIEWER, READ_TOOLS, max(1, max_turns // 2), SUBMIT_REVIEW,
                          read_only=True),
     }
+
+
+def judge_role(max_turns: int, numbers: list[int]) -> Role:
+    """The reviewer choosing between attempts: it reads their diffs and test runs in its brief, and has no tools but
+    its choice (the reviewer's model and limits apply)."""
+    return Role("reviewer", prompts.JUDGE, frozenset(), max(1, max_turns // 2), submit_choice(numbers),
+                read_only=True)
 
 
 def single_role(max_turns: int, branch_prefix: str) -> Role:

@@ -29,7 +29,7 @@ from . import evidence, resume, telemetry
 from .budget import Budget, LimitReached
 from .config import Settings
 from .context import ContextPolicy
-from .events import Event, EventLog
+from .events import Event, EventLog, Tagged
 from .mcp_pool import ServerUnavailable, ToolPool
 from .model import Model
 from .output import LiveOutput, fit
@@ -53,6 +53,7 @@ class RunRequest:
     mode: str = "team"  # "team": planner, coder, reviewer; "single": one agent that publishes itself
     setup: str | None = None  # the bash that sets up the sandbox's environment; None: the server's choice; "": none
     resume: dict[str, Any] | None = None  # the work a stopped run kept, to start from: run_id, reason, changeset
+    attempts: int = 1  # coders at once from the plan, each in a sandbox of its own; the reviewer chooses one
 
 
 @dataclass
@@ -211,9 +212,10 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, ou
     started = time.monotonic()
     sandbox_id: str | None = None
     outcome: dict[str, Any] = {"status": "error"}
+    forks: list[str] = []  # the sandboxes of attempts after the first
     yield events("run", repo=request.repo_url, prompt=request.prompt, model=services.model.name, mode=request.mode,
-                 setup=request.setup is not None, events_url=f"/runs/{events.run_id}/events", trace_id=trace_id,
-                 **({"resumes": request.resume["run_id"]} if request.resume else {}))
+                 setup=request.setup is not None, attempts=request.attempts, events_url=f"/runs/{events.run_id}/events",
+                 trace_id=trace_id, **({"resumes": request.resume["run_id"]} if request.resume else {}))
     try:
         # The github server decides which branches it writes; asked first, so a repository it cannot serve is
         # refused before any work is done.
@@ -250,8 +252,26 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, ou
         work = Work()
         stopped: str | None = None  # why the run ended before its agents finished
         args = (crew, work, prompt, request.repo_url, info["default_branch"], limits.max_turns)
+
+        async def fork(count: int) -> list[Crew]:
+            """The crews of `count` attempts: this sandbox's, and new ones cloned at the same commit."""
+            same = {**create, "ref": info["base_commit"]}
+            made = await asyncio.gather(*(_call(pool, "sandbox", "create_sandbox", same, limits.tool_seconds)
+                                          for _ in range(count - 1)), return_exceptions=True)
+            forks.extend(m["sandbox_id"] for m in made if isinstance(m, dict))
+            if failed := next((m for m in made if isinstance(m, BaseException)), None):
+                raise failed
+            crews = []
+            for number, sandbox in enumerate([sandbox_id, *(m["sandbox_id"] for m in made)], 1):
+                fork_tools = tools if sandbox == sandbox_id else RunTools(
+                    PublishGuard(pool, redact, sandbox, prefix), sandbox, request.repo_url, info["base_commit"],
+                    limits.tool_seconds, settings.tool_result_chars, output=output)
+                fork_tools.attempt = number
+                crews.append(replace(crew, tools=fork_tools, events=Tagged(events, attempt=number)))
+            return crews
+
         flow = (single(*args, prefix) if request.mode == "single"
-                else team(*args, settings.review_rounds))
+                else team(*args, settings.review_rounds, request.attempts, fork))
         checkpoint = resume.Checkpoint(tools)
         try:
             async with control.working():
@@ -270,6 +290,8 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, ou
             error = _failure(exc, events.run_id)
             yield events("error", **error)
             stopped, outcome = f"the run failed: {error['message']}", {"status": "error"}
+        if work.chosen is not None:  # what is published is the chosen attempt's sandbox
+            tools = work.chosen.crew.tools
         if outcome["status"] != "cancelled" or control.keep:
             async for event in _publish(request, tools, work, events, stopped, settings, redact, prefix,
                                         environment, checkpoint, control):
@@ -287,8 +309,7 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, ou
     except Exception as exc:  # noqa: BLE001 - the run reports it and ends
         yield events("error", **_failure(exc, events.run_id))
     finally:
-        if sandbox_id:
-            await _destroy(pool, sandbox_id)
+        await asyncio.gather(*(_destroy(pool, sandbox) for sandbox in [sandbox_id, *forks] if sandbox))
     yield events("usage", **budget.report())
     yield events("completion", **outcome, duration_s=round(time.monotonic() - started, 3))
 
@@ -446,5 +467,7 @@ def _body(request: RunRequest, work: Work, changeset: dict[str, Any], draft_reas
                   *(f"- {f}" for f in findings), ""]
     if tests := evidence.tests_section(work.plan, work.review, tools, environment):
         parts += ["## Tests run", *tests, ""]
+    if work.attempts:
+        parts += ["## Attempts", *evidence.attempts_section(work.plan, work.attempts, work.chosen), ""]
     parts += ["## Files", *files, "", f"_Opened by Tiny Backspace, run `{run_id}`._"]
     return "\n".join(parts)

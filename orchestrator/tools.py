@@ -83,6 +83,7 @@ class RunTools:
     result_chars: int = 30_000
     pull_request: PullRequestSeen | None = None
     output: LiveOutput | None = None  # where the output of a running call goes, live
+    attempt: int | None = None  # which of several attempts this sandbox holds; its output events say so
     commands: list[CommandRun] = field(default_factory=list)  # every command that ran, in order: the tests' evidence
     _commits: dict[str, str] = field(default_factory=dict)  # branch -> the last commit this run made on it
     _digests: dict[str, str] = field(default_factory=dict)  # branch -> the digest of the changeset it holds
@@ -131,8 +132,8 @@ class RunTools:
             if "changes" in hidden:
                 args["changes"] = await self.changes_for(str(args.get("branch", "")))
             started = time.monotonic()
-            with (self.output.stream(tool, agent=agent, id=call_id) if self.output else contextlib.nullcontext()
-                  ) as on_progress:
+            where = {"agent": agent, "id": call_id} | ({"attempt": self.attempt} if self.attempt else {})
+            with (self.output.stream(tool, **where) if self.output else contextlib.nullcontext()) as on_progress:
                 result = await self.pool.call(server, tool, args, self.timeout_s, on_progress)
         except TimeoutError:
             return ToolOutput(f"{name} did not answer within {self.timeout_s:g} s and was abandoned", is_error=True)

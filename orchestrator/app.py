@@ -252,9 +252,9 @@ async def steer_run(request: web.Request) -> web.Response:
         return bad_request(f"text is {len(text)} characters, over the limit of {limit} (TB_MAX_PROMPT_CHARS)", 413)
     if refused := _control_character("text", text):
         return refused
-    if not runs.steer(run_id, text):
-        return bad_request(f"run {run_id} is not running (it is {record['status']}); start a new run, or retry "
-                           "it if it kept its changes", 409)
+    if refused := runs.steer(run_id, text):
+        return bad_request(f"not delivered: {refused} (run {run_id} is {record['status']}); start a new run, or "
+                           "retry it if it kept its changes", 409)
     return web.json_response({"id": run_id, "accepted": True,
                               "message": "the active agent gets it at its next turn; the stream shows it then"},
                              status=202)

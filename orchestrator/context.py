@@ -283,8 +283,9 @@ def _render(messages: list[dict[str, Any]], names: dict[str, str]) -> str:
     lines = []
     for message in messages:
         for block in _list(message["content"]):
-            if block["type"] == "text":
-                lines.append(f"{message['role']}: {fit(block['text'], PIECE_CHARS)}")
+            if block["type"] == "text":  # the user's words whole: the summary must keep every one of them
+                said = block["text"] if message["role"] == "user" else fit(block["text"], PIECE_CHARS)
+                lines.append(f"{message['role']}: {said}")
             elif block["type"] == "tool_use":
                 lines.append(f"assistant called {block['name']}: "
                              f"{fit(json.dumps(block['input'], ensure_ascii=False), PIECE_CHARS)}")

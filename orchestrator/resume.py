@@ -7,6 +7,8 @@ write: nothing is written into a sandbox from the host.
 
 from __future__ import annotations
 
+import re
+import secrets
 import shlex
 from typing import Any
 
@@ -19,6 +21,7 @@ WRITES = frozenset({"sandbox_write_file", "sandbox_edit_file", "sandbox_exec"})
 READ_ONLY_AGENTS = frozenset({"planner", "reviewer", "tests"})
 SCRIPT_CHARS = 90_000  # of one exec's command, under the sandbox's 100 000
 CHUNK = 60_000  # base64 characters per line of a script; a multiple of 4, so each line decodes alone
+BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
 
 class Checkpoint:
@@ -74,15 +77,20 @@ def _files(changeset: dict[str, Any]) -> dict[str, tuple[str, str]]:
 
 
 def _scripts(changeset: dict[str, Any]) -> list[str]:
-    """Bash scripts, each under `SCRIPT_CHARS`, that delete and write what `changeset` says."""
-    lines = [f"rm -rf -- {shlex.quote(path)}" for path in changeset["deleted"]]
+    """Bash scripts, each under `SCRIPT_CHARS`, that delete and write what `changeset` says; `ToolFailed` for a path
+    or a content that no export makes (the jail holds whatever a script does; this keeps a retry from doing
+    something else than the changeset says)."""
+    lines = [f"rm -rf -- {shlex.quote(_path(path))}" for path in changeset["deleted"]]
     for file in changeset["files"]:
-        path, data = shlex.quote(file["path"]), file["content_base64"]
-        temp = shlex.quote(file["path"] + ".tb-resume")
+        path, data = shlex.quote(_path(file["path"])), file["content_base64"]
+        if not BASE64.fullmatch(data) or len(data) % 4:
+            raise ToolFailed(f"the kept changes hold {file['path']!r} in a form no export makes (not base64)")
+        temp = shlex.quote(f"{_path(file['path'])}.tb-resume-{secrets.token_hex(4)}")
         lines.append(f'mkdir -p -- "$(dirname -- {path})" && rm -rf -- {path} && : > {temp}')
-        lines += [f"printf %s {data[i:i + CHUNK]} | base64 -d >> {temp}" for i in range(0, len(data), CHUNK)]
-        if file["mode"] == "120000":
-            lines.append(f'ln -s -- "$(cat -- {temp})" {path} && rm -f -- {temp}')
+        lines += [f"printf %s {shlex.quote(data[i:i + CHUNK])} | base64 -d >> {temp}"
+                  for i in range(0, len(data), CHUNK)]
+        if file["mode"] == "120000":  # the target whole, a final newline included
+            lines.append(f'target="$(cat -- {temp}; printf x)" && ln -s -- "${{target%x}}" {path} && rm -f -- {temp}')
         else:
             lines.append(f"chmod {'755' if file['mode'] == '100755' else '644'} -- {temp} && mv -- {temp} {path}")
     scripts, current = [], "set -e"
@@ -92,3 +100,11 @@ def _scripts(changeset: dict[str, Any]) -> list[str]:
             current = "set -e"
         current += "\n" + line
     return [*scripts, current] if lines else []
+
+
+def _path(path: str) -> str:
+    """`path`, when it is one an export gives: relative, inside the repository, outside .git."""
+    parts = path.split("/")
+    if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts) or parts[0] == ".git":
+        raise ToolFailed(f"the kept changes name {path!r}, which is no path inside the repository")
+    return path

@@ -16,7 +16,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -44,6 +44,7 @@ PUBLISH_CALL_SECONDS = 120  # each publishing call; publishing also follows a ru
 ENVIRONMENT_FIELDS = ("status", "source", "detected", "script", "cached", "duration_s", "installed", "test_commands",
                       "error", "output_tail")
 SCRIPT_CHARS = 4000
+MAX_WAITING_MESSAGES = 10  # the user's messages waiting for the agent's next turn
 
 
 @dataclass(frozen=True)
@@ -68,11 +69,31 @@ class RunControl:
     mark_published: Callable[[str], None] | None = None
     unpublished: bool = False  # work is kept that no pull request holds
     budget: Budget | None = None  # what the run has spent so far, once it started
+    accepting: bool = False  # whether an agent is at work to read the user's messages
 
     def inbox(self) -> list[str]:
         """The user's messages not yet handed to an agent."""
         taken, self.messages = self.messages, []
         return taken
+
+    def say(self, text: str) -> str | None:
+        """Queue `text` for the agent at work; why not, when it cannot be."""
+        if not self.accepting:
+            return "no agent is at work in this run now (it has not started yet, or its agents are done)"
+        if len(self.messages) >= MAX_WAITING_MESSAGES:
+            return (f"{MAX_WAITING_MESSAGES} messages already wait for the agent's next turn; wait until the stream "
+                    "shows them (user_message events)")
+        self.messages.append(text)
+        return None
+
+    @contextlib.contextmanager
+    def listening(self) -> Iterator[None]:
+        """Around the agents' work: the user's messages are taken meanwhile."""
+        self.accepting = True
+        try:
+            yield
+        finally:
+            self.accepting = False
 
     _working: asyncio.Task | None = None  # the run's task, while its agents work
     _cancels: int = 0  # cancellations of that task this control asked for, not yet seen
@@ -217,36 +238,38 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, ou
                  setup=request.setup is not None, attempts=request.attempts, events_url=f"/runs/{events.run_id}/events",
                  trace_id=trace_id, **({"resumes": request.resume["run_id"]} if request.resume else {}))
     try:
-        # The github server decides which branches it writes; asked first, so a repository it cannot serve is
-        # refused before any work is done.
-        forge = await _call(pool, "github", "get_repository", {"repo": request.repo_url}, limits.tool_seconds)
-        prefix = forge["branch_prefix"]
-        yield events("status", stage="sandbox", message="cloning the repository into a sandbox")
-        create = {"repo_url": request.repo_url} | ({} if request.setup is None else {"setup": request.setup})
-        if request.resume:  # the commit the kept changes were made on
-            create["ref"] = request.resume["changeset"]["base_commit"]
-        with telemetry.sandbox_span("create"), output.stream("create_sandbox") as on_progress:
-            info = await _call(pool, "sandbox", "create_sandbox", create, limits.tool_seconds, on_progress)
-        sandbox_id = info["sandbox_id"]
-        environment = info.pop("environment", None)
-        yield events("sandbox", **info)
-        if isinstance(environment, dict):
-            # A failed setup is reported here alone, not as an `error`: the run goes on without it.
-            environment = {name: environment.get(name) for name in ENVIRONMENT_FIELDS}
-            if isinstance(environment["script"], str):
-                environment["script"] = fit(environment["script"], SCRIPT_CHARS)
-            yield events("environment", **environment)
-        else:
-            environment = None
-        guard = PublishGuard(pool, redact, sandbox_id, prefix)
-        tools = RunTools(guard, sandbox_id, request.repo_url, info["base_commit"], limits.tool_seconds,
-                         settings.tool_result_chars, output=output)
-        prompt = request.prompt
-        if request.resume:
-            changeset = request.resume["changeset"]
-            yield events("status", stage="resume", message=f"applying the changes kept by {request.resume['run_id']}")
-            await resume.apply(tools, changeset)
-            prompt += resume.note(request.resume["run_id"], request.resume["reason"], changeset)
+        async with control.working():  # a stop while the sandbox is made ends the run at once
+            # The github server decides which branches it writes; asked first, so a repository it cannot serve is
+            # refused before any work is done.
+            forge = await _call(pool, "github", "get_repository", {"repo": request.repo_url}, limits.tool_seconds)
+            prefix = forge["branch_prefix"]
+            yield events("status", stage="sandbox", message="cloning the repository into a sandbox")
+            create = {"repo_url": request.repo_url} | ({} if request.setup is None else {"setup": request.setup})
+            if request.resume:  # the commit the kept changes were made on
+                create["ref"] = request.resume["changeset"]["base_commit"]
+            with telemetry.sandbox_span("create"), output.stream("create_sandbox") as on_progress:
+                info = await _call(pool, "sandbox", "create_sandbox", create, limits.tool_seconds, on_progress)
+            sandbox_id = info["sandbox_id"]
+            environment = info.pop("environment", None)
+            yield events("sandbox", **info)
+            if isinstance(environment, dict):
+                # A failed setup is reported here alone, not as an `error`: the run goes on without it.
+                environment = {name: environment.get(name) for name in ENVIRONMENT_FIELDS}
+                if isinstance(environment["script"], str):
+                    environment["script"] = fit(environment["script"], SCRIPT_CHARS)
+                yield events("environment", **environment)
+            else:
+                environment = None
+            guard = PublishGuard(pool, redact, sandbox_id, prefix)
+            tools = RunTools(guard, sandbox_id, request.repo_url, info["base_commit"], limits.tool_seconds,
+                             settings.tool_result_chars, output=output)
+            prompt = request.prompt
+            if request.resume:
+                changeset = request.resume["changeset"]
+                yield events("status", stage="resume",
+                             message=f"applying the changes kept by {request.resume['run_id']}")
+                await resume.apply(tools, changeset)
+                prompt += resume.note(request.resume["run_id"], request.resume["reason"], changeset)
         crew = Crew(services.model, tools, budget, events, redact, settings.role_models, environment,
                     inbox=control.inbox, context=ContextPolicy.of(limits))
         work = Work()
@@ -275,9 +298,10 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, ou
         checkpoint = resume.Checkpoint(tools)
         try:
             async with control.working():
-                async for event in flow:
-                    yield event
-                    await checkpoint.saw(event)
+                with control.listening():
+                    async for event in flow:
+                        yield event
+                        await checkpoint.saw(event)
         except LimitReached as exc:
             stopped, outcome = f"the run stopped before it finished: {exc}", {"status": "limit", "limit": exc.limit}
             yield events("error", reason="limit", limit=exc.limit, message=str(exc))
@@ -298,12 +322,16 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, ou
                 yield event
         if stopped is None:
             outcome = {"status": "success" if tools.pull_request else "error" if control.unpublished else "no_changes"}
-            if tools.pull_request and tools.pull_request.out_of_date:
-                outcome["status"] = "error"  # the pull request lacks the sandbox's final changes
+            if work.out_of_date:
+                outcome["status"] = "error"  # the agent's pull request lacks the sandbox's final changes
         if tools.pull_request:
             outcome["pull_request_url"] = tools.pull_request.url
         if control.unpublished:
             outcome["kept"] = True
+    except Cancelled:
+        yield events("error", reason="cancelled", message="the run was cancelled before its agents started",
+                     changes="keep" if control.keep else "discard")
+        outcome = {"status": "cancelled"}
     except SecretRefused as exc:
         yield events("error", reason="secret", files=exc.files, message=str(exc))
     except Exception as exc:  # noqa: BLE001 - the run reports it and ends
@@ -342,23 +370,33 @@ async def _publish(request: RunRequest, tools: RunTools, work: Work, events: Eve
         yield events("status", stage="publish", message=f"the sandbox cannot be read ({exc}); publishing its "
                                                          f"changes as of {checkpoint.when}")
     changeset, diff = exported["changeset"], exported["diff"]
-    if tools.pull_request is not None:
+    if control.stopped and not control.keep:
+        return  # a cancel that discards, come while the run was publishing
+    agents_pr = tools.pull_request
+    if agents_pr is not None:
         # An agent opened it: what the agents changed after its last commit goes on its branch too.
-        if problem := await tools.sync_pull_request(_title(redact(request.prompt))):
-            yield events("error", reason="failed", message=f"the pull request {tools.pull_request.url} does not hold "
-                                                           f"the sandbox's final changes: {problem}")
+        try:
+            work.out_of_date = await tools.sync_pull_request(_title(redact(request.prompt)))
+        except ServerUnavailable as exc:
+            work.out_of_date = str(exc)
+        if work.out_of_date:
+            yield events("error", reason="failed", message=f"the pull request {agents_pr.url} does not hold the "
+                                                           f"sandbox's final changes: {work.out_of_date}; they go to "
+                                                           "a draft of their own")
     if not changeset["files"] and not changeset["deleted"]:
         if not tools.pull_request:
             yield events("status", stage="publish", message="the agents made no changes; nothing to publish")
         return
     yield events("diff", diff=diff, files=[f["path"] for f in changeset["files"]], deleted=changeset["deleted"])
-    if tools.pull_request is None:
+    if agents_pr is None or work.out_of_date:
         if leaking := redact.files_with_secrets(changeset):
             raise SecretRefused(leaking)
         # Redacted before it is cut into a branch name and a title, where a cut secret would no longer match.
         request = replace(request, prompt=redact(request.prompt))
         overruled = evidence.failed_verification(work.plan, tools) if work.approved else None
         draft_reason = (stopped if stopped else
+                        f"the pull request an agent opened ({agents_pr.url}) lacks these final changes: "
+                        f"{work.out_of_date}" if work.out_of_date else
                         f"the reviewer did not approve after {work.rounds} round(s)" if work.approved is False else
                         f"the reviewer approved, but {overruled}" if overruled else None)
         branch = f"{prefix}{_slug(request.prompt)}-{events.run_id[-6:]}"
@@ -372,6 +410,9 @@ async def _publish(request: RunRequest, tools: RunTools, work: Work, events: Eve
         try:
             pr = await open_pull_request(tools.pool, kept, draft_reason is not None,
                                          min(settings.limits.tool_seconds, PUBLISH_CALL_SECONDS))
+        except asyncio.CancelledError:
+            control.keep_work({**kept, "reason": stopped or "the run was stopped while it published"})
+            raise
         except (RunFailed, ServerUnavailable) as exc:
             if not control.keep_work({**kept, "reason": stopped or f"publishing failed: {exc}"}):
                 raise
@@ -396,9 +437,13 @@ async def open_pull_request(pool: ToolPool, kept: dict[str, Any], draft: bool, t
     work a run kept."""
     repo, branch = kept["repo"], kept["branch"]
     with telemetry.span("publish", {"tb.branch": branch, "tb.draft": draft}):
-        # commit_changes makes the branch at the new commit: a changeset the forge refuses leaves no branch.
-        await _call(pool, "github", "commit_changes", {"repo": repo, "branch": branch, "message": kept["title"],
-                                                       "changes": kept["changeset"]}, timeout)
+        # commit_changes makes the branch at the new commit: a changeset the forge refuses leaves no branch. Once
+        # made, the commit is not made again: `kept["commit"]` says it is there when opening the pull request fails.
+        if not kept.get("commit"):
+            made = await _call(pool, "github", "commit_changes", {"repo": repo, "branch": branch,
+                                                                  "message": kept["title"],
+                                                                  "changes": kept["changeset"]}, timeout)
+            kept["commit"] = made.get("sha")
         return await _call(pool, "github", "open_pull_request", {"repo": repo, "head": branch, "title": kept["title"],
                                                                  "body": kept["body"], "draft": draft}, timeout)
 

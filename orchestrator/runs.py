@@ -53,6 +53,7 @@ class RunManager:
         self.live: dict[str, LiveRun] = {}
         self._unstored: list[Event] = []
         self._flush_handle: asyncio.TimerHandle | None = None
+        self._publishing: set[str] = set()  # runs whose kept work is being published
 
     def start(self, request: RunRequest, client: str = "") -> str:
         """Start a run in the background; its events can be followed at once."""
@@ -166,27 +167,39 @@ class RunManager:
             record["usage"] = live.control.budget.report()
         return record
 
-    def steer(self, run_id: str, text: str) -> bool:
-        """Hand `text` to the run's active agent at its next turn; False when the run is not running."""
+    def steer(self, run_id: str, text: str) -> str | None:
+        """Hand `text` to the run's active agent at its next turn; why not, when it cannot be."""
         live = self.live.get(run_id)
         if live is None or live.done:
-            return False
-        live.control.messages.append(text)
-        return True
+            return "the run is not running"
+        return live.control.say(text)
 
     async def publish(self, run_id: str) -> dict[str, Any]:
         """Open a draft pull request from the work a stopped run kept; `NotPublishable` says why not."""
-        kept = self._kept(run_id)
-        if kept["published_url"]:
-            raise NotPublishable(f"run {run_id}'s changes are already published: {kept['published_url']}")
-        timeout = min(self.services.settings.limits.tool_seconds, PUBLISH_CALL_SECONDS)
+        if run_id in self._publishing:
+            raise NotPublishable(f"run {run_id}'s changes are being published now; GET /runs/{run_id} shows the "
+                                 "pull request when it is open")
+        self._publishing.add(run_id)
         try:
-            pr = await open_pull_request(self.services.pool, kept, True, timeout)
-        except (RunFailed, ServerUnavailable) as exc:
-            raise NotPublishable(f"the changes could not be published: {exc}. They are still kept; try again when "
-                                 "the forge answers", 502) from None
-        self.store.published(run_id, pr["url"])
-        return pr
+            kept = self._kept(run_id)
+            if kept["published_url"]:
+                raise NotPublishable(f"run {run_id}'s changes are already published: {kept['published_url']}")
+            timeout = min(self.services.settings.limits.tool_seconds, PUBLISH_CALL_SECONDS)
+            try:
+                pr = await open_pull_request(self.services.pool, kept, True, timeout)
+            except RunFailed as exc:
+                raise NotPublishable(f"the forge refused the changes: {exc}. They are still kept: retry the run "
+                                     f"(POST /runs/{run_id}/retry) to change them", 409) from None
+            except ServerUnavailable as exc:
+                raise NotPublishable(f"the changes could not be published: {exc}. They are still kept; try again "
+                                     "when the forge answers", 502) from None
+            finally:  # a commit made before opening the pull request failed is not made again
+                if kept.get("commit"):
+                    self.store.keep_work(run_id, {k: v for k, v in kept.items() if k != "published_url"})
+            self.store.published(run_id, pr["url"])
+            return pr
+        finally:
+            self._publishing.discard(run_id)
 
     def retry(self, run_id: str, client: str = "") -> str:
         """Start a new run of the same request from the work a stopped run kept."""

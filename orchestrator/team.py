@@ -36,6 +36,7 @@ class Work:
     rounds: int = 0
     attempts: list[Attempt] = field(default_factory=list)  # with several attempts: all of them
     chosen: Attempt | None = None  # the one the reviewer chose, whose sandbox is published
+    out_of_date: str | None = None  # why the pull request an agent opened lacks the sandbox's final changes
 
 
 @dataclass

@@ -197,7 +197,7 @@ async def test_the_cli_publishes_and_retries_kept_changes_and_says_what_is_wrong
         run_id = json.loads(out.splitlines()[0])["run_id"]
         assert code == 1 and '"type": "kept"' in out
         code, out, err = await cli("--service", s.url, "--publish", run_id)
-        assert code == 2 and "could not be published" in err and "still kept" in err
+        assert code == 2 and "the forge refused" in err and "still kept" in err
         away.rename(repo)
         code, out, err = await cli("--service", s.url, "--publish", run_id)
         assert code == 0 and "file://" in out, err

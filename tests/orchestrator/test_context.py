@@ -307,3 +307,13 @@ async def test_a_planner_over_its_own_limit_stops_the_team(pool, make_repo):
     assert "TB_PLANNER_MAX_COST_USD" in of_type(events, "error")[0]["message"]
     assert events[-1]["status"] == "limit" and events[-1]["limit"] == "cost"
     assert [e["state"] for e in of_type(events, "agent")] == ["start", "stopped"]
+
+
+async def test_a_run_through_the_service_in_api_mode_asks_the_api_to_clear(pool, make_repo):
+    limits = replace(LONG, context_editing="api")
+    script = [turn(tool_use("sandbox_read_file", {"path": "calc.py"})), turn(text("Nothing to change."))]
+    async with windowed(pool, script, 200_000, limits) as s:
+        _, events, _ = await post_code(s.url, {"repoUrl": str(make_repo(BUGGY)), "prompt": "Look", "mode": "single"})
+    assert events[-1]["status"] == "no_changes"
+    edits = [body.get("context_management") for body in s.api.requests]
+    assert edits == [{"edits": [ContextPolicy.of(limits).api_edit()]}] * 2

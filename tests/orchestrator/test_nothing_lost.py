@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from orchestrator import resume
+from orchestrator.tools import ToolFailed
 from tests.conftest import git, unique_marker
 from tests.fakes.messages_api import http_error, text, tool_use, turn
 
@@ -140,7 +143,7 @@ async def test_a_forge_that_fails_keeps_the_changes_for_publish_and_retry(pool, 
         assert events[-1]["status"] == "error" and events[-1]["kept"] is True and not of_type(events, "pull_request")
         assert kept["files"] == ["calc.py"] and kept["publish_url"] == f"/runs/{run_id}/publish"
         status, answer = await request(s.url, "POST", f"/runs/{run_id}/publish")
-        assert status == 502 and "still kept" in answer["error"]
+        assert status == 409 and "the forge refused" in answer["error"] and "still kept" in answer["error"]
 
         shutil.move(away, repo)  # the forge is back
         status, answer = await request(s.url, "POST", f"/runs/{run_id}/publish")
@@ -239,6 +242,10 @@ async def test_a_message_from_the_user_reaches_the_agent_at_its_next_turn(pool, 
         status, answer = await request(s.url, "POST", f"/runs/{run_id}/messages",
                                        {"text": "Do not change anything; just stop."})
         assert status == 202 and answer["accepted"] is True
+        for k in range(9):
+            assert (await request(s.url, "POST", f"/runs/{run_id}/messages", {"text": f"also {k}"}))[0] == 202
+        status, answer = await request(s.url, "POST", f"/runs/{run_id}/messages", {"text": "one too many"})
+        assert status == 409 and "10 messages already wait" in answer["error"]
         await wait_for_process(marker)
         for pid in _processes(marker):
             os.kill(int(pid), signal.SIGKILL)
@@ -246,9 +253,64 @@ async def test_a_message_from_the_user_reaches_the_agent_at_its_next_turn(pool, 
         status, _ = await request(s.url, "POST", f"/runs/{run_id}/messages", {"text": "too late"})
         assert status == 409
     said = of_type(events, "user_message")
-    assert [(e["agent"], e["text"]) for e in said] == [("agent", "Do not change anything; just stop.")]
+    assert [(e["agent"], e["text"]) for e in said] == [("agent", "Do not change anything; just stop."),
+                                                       *(("agent", f"also {k}") for k in range(9))]
     sent = json.dumps(s.api.requests[1]["messages"][-1])
     assert "Do not change anything; just stop." in sent
     # Handed over between the tool's result and the next model call.
     kinds = [e["type"] for e in events]
     assert kinds.index("tool_result") < kinds.index("user_message") < kinds.index("text")
+
+
+async def test_a_publish_that_stopped_after_its_commit_is_finished_later_without_a_second_commit(pool, make_repo):
+    repo = make_repo(BUGGY)
+
+    def base_goes_away(_: dict) -> Any:
+        git(repo, "symbolic-ref", "HEAD", "refs/heads/gone")  # the commit is made; the pull request has no base
+        return turn(text("Fixed add()."))
+
+    async with stack(pool, [WRITE_FIX, base_goes_away]) as s:
+        follow = Following(s.url, {"repoUrl": str(repo), "prompt": "Fix add()", "mode": "single"})
+        events = await follow.end()
+        assert of_type(events, "kept") and events[-1]["status"] == "error"
+        branch = git(repo, "for-each-ref", "--format=%(refname:short)", "refs/heads/tb/")
+        commit = git(repo, "rev-parse", branch)
+        git(repo, "symbolic-ref", "HEAD", "refs/heads/main")
+        # Three at once: one publishes, the others are told it is under way.
+        answers = await asyncio.gather(*(request(s.url, "POST", f"/runs/{follow.run_id}/publish")
+                                         for _ in range(3)))
+    assert sorted(status for status, _ in answers) == [200, 409, 409]
+    assert all("being published" in a["error"] for status, a in answers if status == 409)
+    published = next(a for status, a in answers if status == 200)
+    assert pull_request_record(published["pull_request_url"])["head"] == branch
+    assert git(repo, "rev-parse", branch) == commit  # the commit made during the run, not a second one
+
+
+async def test_a_cancel_while_the_sandbox_is_set_up_ends_the_run_at_once(pool, make_repo, sandbox_root):
+    marker = unique_marker()
+    async with stack(pool, []) as s:
+        follow = Following(s.url, {"repoUrl": str(make_repo(BUGGY)), "prompt": "Fix add()", "mode": "single",
+                                   "setup": f"sleep {marker}"})
+        await follow.until(lambda e: e["type"] == "status" and e["stage"] == "sandbox")
+        await wait_for_process(marker)
+        status, answer = await request(s.url, "POST", f"/runs/{follow.run_id}/cancel")
+        events = await follow.end()
+    assert status == 200 and answer["status"] == "cancelled"
+    assert of_type(events, "error")[0]["message"] == "the run was cancelled before its agents started"
+    assert events[-1]["status"] == "cancelled" and not of_type(events, "sandbox")
+    async with asyncio.timeout(60):  # the setup's sandbox goes with the call that made it
+        while sandboxes(sandbox_root) or _processes(marker):
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("changeset, said", [
+    ({"files": [], "deleted": ["../outside"]}, "no path inside the repository"),
+    ({"files": [{"path": "/etc/passwd", "mode": "100644", "content_base64": ""}], "deleted": []}, "no path inside"),
+    ({"files": [{"path": ".git/hooks/pre-commit", "mode": "100755", "content_base64": ""}], "deleted": []},
+     "no path inside"),
+    ({"files": [{"path": "a/./b", "mode": "100644", "content_base64": ""}], "deleted": []}, "no path inside"),
+    ({"files": [{"path": "x", "mode": "100644", "content_base64": "$(reboot)"}], "deleted": []}, "not base64"),
+])
+async def test_kept_changes_no_export_makes_are_refused_before_a_retry_runs_anything(changeset, said):
+    with pytest.raises(ToolFailed, match=re.escape(said)):
+        resume._scripts(changeset)

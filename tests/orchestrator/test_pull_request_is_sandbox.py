@@ -3,6 +3,9 @@ final state, and the run's end brings an agent's own pull request up to date wit
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from tests.conftest import git
@@ -90,7 +93,8 @@ async def test_an_edit_after_the_agent_opened_its_pull_request_reaches_it_as_a_n
     assert shown.strip() == git(repo, "diff", "--no-renames", "--no-color", "--text", head, BRANCH)
 
 
-async def test_a_pull_request_branch_moved_by_someone_else_is_reported_and_left_alone(pool, make_repo):
+async def test_a_pull_request_branch_moved_by_someone_else_is_left_alone_and_the_changes_get_a_draft(pool,
+                                                                                                     make_repo):
     repo = make_repo(FILES)
     moved: list[str] = []
 
@@ -111,7 +115,11 @@ async def test_a_pull_request_branch_moved_by_someone_else_is_reported_and_left_
     async with stack(pool, script) as s:
         _, events, _ = await post_code(s.url, run(repo))
     assert events[-1]["status"] == "error"
-    assert events[-1]["pull_request_url"] == of_type(events, "pull_request")[0]["url"]
     error = of_type(events, "error")[0]
     assert "does not hold the sandbox's final changes" in error["message"] and "moved" in error["message"]
     assert git(repo, "rev-parse", BRANCH) == moved[0] and "helper.py" in tree(repo, BRANCH)
+    # Nothing is lost: the sandbox's final state goes to a draft of its own, which says why.
+    drafted = of_type(events, "pull_request")[-1]
+    assert drafted["draft"] is True and drafted["head"] != BRANCH
+    assert events[-1]["pull_request_url"] == drafted["url"] and "helper.py" not in tree(repo, drafted["head"])
+    assert "lacks these final changes" in json.loads(Path(drafted["url"].removeprefix("file://")).read_text())["body"]

@@ -1,14 +1,15 @@
-"""`python -m bench [sandbox|egress|orchestrator|load|environment|context ...]`: run every benchmark, or the named
-ones; the exit status is 1 when a target was missed."""
+"""`python -m bench [sandbox|egress|orchestrator|load|environment|context|attempts ...]`: run every benchmark, or
+the named ones; the exit status is 1 when a target was missed."""
 
 import asyncio
 import sys
 
-from . import context, egress, environment, load, orchestrator, sandbox
+from . import attempts, context, egress, environment, load, orchestrator, sandbox
 from .sandbox import Result
 
 BENCHMARKS = {"sandbox": sandbox.main, "egress": egress.main, "orchestrator": orchestrator.main,
-              "load": load.main, "environment": environment.main, "context": context.main}
+              "load": load.main, "environment": environment.main, "context": context.main,
+              "attempts": attempts.main}
 
 
 async def run_all(names: list[str]) -> list[Result]:

@@ -21,10 +21,14 @@ A turn's usage is computed with prompt caching, per server, unless the script gi
 `POST /v1/messages/count_tokens` answers with the same count. `context_management` edits
 (`clear_tool_uses_20250919`, beta `context-management-2025-06-27`) are applied before anything is counted and
 reported in the response (a stream reports them in its `message_delta` event).
+
+`latency_s` makes each `POST /v1/messages` wait that long before it is answered, as a real model's time to answer
+(a request refused as invalid or too long is refused at once); calls in flight together wait together.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import string
@@ -147,10 +151,12 @@ def _block_events(index: int, block: dict[str, Any]) -> Iterator[dict[str, Any]]
 class MessagesAPI:
     """Answers each call with the next scripted step and records every body it receives."""
 
-    def __init__(self, steps: Iterable[Step], keyless: bool = False, context_window: int | None = 200_000) -> None:
+    def __init__(self, steps: Iterable[Step], keyless: bool = False, context_window: int | None = 200_000,
+                 latency_s: float = 0.0) -> None:
         self.url = ""
         self.keyless = keyless
         self.context_window = context_window
+        self.latency_s = latency_s
         self.requests: list[Any] = []
         self.counted: list[Any] = []  # bodies sent to count_tokens
         self.too_long: list[int] = []  # token counts of the prompts refused as over the context window
@@ -218,6 +224,8 @@ class MessagesAPI:
         if too_long := self._over_window(tokens, body["max_tokens"]):
             self.too_long.append(tokens)
             return self._error(400, "invalid_request_error", too_long)
+        if self.latency_s > 0:
+            await asyncio.sleep(self.latency_s)  # the model's time to answer
         if not self._steps:
             message = f"unexpected {call}: the script has no step left"
             return self._error(400, "invalid_request_error", message, problem=message)
@@ -299,12 +307,13 @@ class MessagesAPI:
 
 
 @asynccontextmanager
-async def messages_api(steps: Sequence[Step], *, keyless: bool = False,
-                       context_window: int | None = 200_000) -> AsyncIterator[MessagesAPI]:
+async def messages_api(steps: Sequence[Step], *, keyless: bool = False, context_window: int | None = 200_000,
+                       latency_s: float = 0.0) -> AsyncIterator[MessagesAPI]:
     """Serve `steps` on a random loopback port; on a clean exit, raise every problem the server saw. With
     `keyless`, requests without a credential are accepted, as a local compatible server accepts them; a prompt over
-    `context_window` tokens (None: no limit) is refused as the real API refuses it."""
-    api = MessagesAPI(steps, keyless, context_window)
+    `context_window` tokens (None: no limit) is refused as the real API refuses it; each call to be answered waits
+    `latency_s` seconds first."""
+    api = MessagesAPI(steps, keyless, context_window, latency_s)
     app = web.Application(client_max_size=32 * 2**20)  # the real API takes requests up to 32 MB
     app.router.add_post("/v1/messages", api._messages)
     app.router.add_post("/v1/messages/count_tokens", api._count_tokens)

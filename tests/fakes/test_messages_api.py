@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import aiohttp
@@ -87,6 +88,20 @@ async def test_a_call_without_stream_gets_one_whole_message() -> None:
     assert message.content[0].text == "Cut off" and message.stop_reason == "max_tokens"
     assert message.usage.input_tokens > 0 and message.usage.output_tokens > 0
     assert "stream" not in api.requests[0]
+
+
+async def test_with_a_latency_each_answer_takes_at_least_that_long() -> None:
+    latency = 0.2
+    async with asyncio.timeout(5), messages_api([turn(text("Slow.")), turn(text("Slower."))],
+                                                latency_s=latency) as api:
+        async with client_for(api) as client:
+            took = []
+            for _ in range(2):
+                started = time.monotonic()
+                async with client.messages.stream(model=MODEL, max_tokens=10, messages=ASK) as stream:
+                    message = await stream.get_final_message()
+                took.append(time.monotonic() - started)
+    assert message.content[0].text == "Slower." and all(t >= latency for t in took)
 
 
 async def test_the_sdk_finds_the_fake_through_its_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,6 +16,7 @@ from tests.conftest import unique_marker
 from tests.fakes.messages_api import text, tool_use, turn
 
 from .conftest import ROOT, parse_sse, stack
+from .test_attempts import FIXED, WRONG, Router, choose, coder_writes
 from .test_first_minutes import get_json, service
 from .test_environment import FAILING_SETUP, needs_sandbox_setup
 from .test_run import BUGGY, TESTS, fix_script
@@ -68,11 +69,13 @@ async def browser_page(url: str, console: list[str] | None = None) -> AsyncItera
             await browser.close()
 
 
-async def start(page: Page, repo: Path, prompt: str, mode: str = "single") -> str:
+async def start(page: Page, repo: Path, prompt: str, mode: str = "single", attempts: int = 1) -> str:
     """Fill in the form, start the run and return its id, once the page follows it."""
     await page.fill("#repo", str(repo))
     await page.fill("#prompt", prompt)
     await page.select_option("#mode", mode)
+    if attempts > 1:
+        await page.fill("#attempts", str(attempts))
     old = await page.evaluate("location.hash")
     await page.click("#go")
     await page.wait_for_function("old => location.hash.length > 1 && location.hash !== old", arg=old)
@@ -151,6 +154,50 @@ async def test_the_page_works_with_the_bearer_token_over_a_fetch_stream(pool, ma
         (ROOT / "docs").mkdir(exist_ok=True)  # the README's picture of the page
         if os.environ.get("TB_UPDATE_SCREENSHOT") == "1":  # the README's picture, refreshed on request
             await page.screenshot(path=ROOT / "docs" / "page.png", full_page=True)
+
+
+async def test_the_page_shows_attempts_side_by_side_and_marks_the_chosen_one(pool, make_repo, tmp_path):
+    router = Router({"planner": planner(), "coder1": coder_writes(WRONG, "Multiplied."),
+                     "coder2": coder_writes(FIXED, "Added."), "chooser": choose(2)})
+    async with stack(pool, router.steps()) as s, browser_page(s.url) as page:
+        await page.select_option("#mode", "single")
+        await expect(page.locator("#attempts")).to_be_disabled()  # attempts are for team runs
+        run_id = await start(page, make_repo(BUGGY, name="calc"), "Fix add(); its test fails.", "team", attempts=2)
+        await expect(page.locator("#run-status")).to_have_text("success")
+        events = await stored_events(s.url, run_id)
+        assert events[0]["attempts"] == 2  # the form asked for them
+        await expect(page.locator("#view")).to_have_attribute("data-seq", str(events[-1]["seq"]))
+        # The planner and the reviewer that chose are the run's own; each attempt has a column between them.
+        await expect(page.locator("#agents > .agent > summary")).to_have_text(["planner", "reviewer"])
+        columns = page.locator("#attempt-columns > .attempt")
+        await expect(columns.locator(":scope > h2")).to_have_text(["Attempt 1", "Attempt 2"])
+        for n, line in ((1, "+    return a * b\n"), (2, "+    return a + b\n")):
+            column = page.locator(f'.attempt[data-attempt="{n}"]')
+            calls = [e for e in events if e["type"] == "tool_call" and e["state"] == "complete"
+                     and e.get("attempt") == n and e["agent"] == "coder"]
+            assert calls and all(c["name"] == "sandbox_write_file" for c in calls)
+            await expect(column.locator('.agent[data-agent="coder"] .tool.done')).to_have_count(len(calls))
+            await expect(column.locator('.agent[data-agent="coder"] .say')).to_have_text(
+                "Multiplied." if n == 1 else "Added.")
+            await expect(column.locator('.agent[data-agent="tests"] .tool.done')).to_have_count(1)
+            await expect(column.locator(".diff .add")).to_have_text(line)
+        # Each attempt's own test run: the plan's verification fails on attempt 1 and passes on attempt 2.
+        tests = page.locator('.agent[data-agent="tests"] .tool .result')
+        await expect(tests).to_have_count(2)
+        await expect(tests.first).to_contain_text("FAILED")
+        await expect(tests.last).to_contain_text('"exit_code": 0')
+        # The chosen attempt is marked, with the reviewer's reason; the other is not.
+        await expect(page.locator(".attempt.chosen")).to_have_count(1)
+        await expect(page.locator('.attempt[data-attempt="2"]')).to_have_class(re.compile(r"\bchosen\b"))
+        await expect(page.locator(".attempt.chosen .chosen-note")).to_have_text(
+            "Chosen (approve): attempt 2's tests pass")
+        # The run's own diff (the chosen sandbox, published) is in the main card, and its pull request below.
+        await expect(page.locator("#diff .add")).to_have_text("+    return a + b\n")
+        pr_url = next(e["url"] for e in events if e["type"] == "pull_request")
+        await expect(page.locator("#pr a")).to_have_attribute("href", pr_url)
+        await page.screenshot(path=tmp_path / "attempts.png", full_page=True)
+        if os.environ.get("TB_UPDATE_SCREENSHOT") == "1":  # the README's picture of attempts, refreshed on request
+            await page.screenshot(path=ROOT / "docs" / "attempts.png", full_page=True)
 
 
 async def test_the_page_loads_without_a_console_error_and_shows_when_each_run_started_and_took(pool, make_repo):
@@ -244,7 +291,7 @@ async def test_the_page_publishes_and_retries_what_a_stopped_run_kept(pool, make
         await expect(page.locator("#kept")).to_be_visible()
         await expect(page.locator("#kept-text")).to_contain_text("/publish opens a draft pull request")
         await page.click("#publish")
-        await expect(page.locator("#timeline .error").last).to_contain_text("could not be published")
+        await expect(page.locator("#timeline .error").last).to_contain_text("still kept")
         away.rename(repo)
         await page.click("#publish")
         await expect(page.locator("#pr a")).to_contain_text("Draft pull request #")

@@ -498,21 +498,11 @@ async def list_recent(args: argparse.Namespace) -> int:
 
 def main(argv: list[str]) -> int:
     """Run one job; the exit code says whether a pull request opened."""
-    if any(arg in ACTIONS for arg in argv):
-        args = action_args(argv)
+    recent = any(arg == "--recent" or arg.startswith("--recent=") for arg in argv)
+    if any(arg in ACTIONS for arg in argv) or recent:
+        args = recent_args(argv) if recent else action_args(argv)
         try:
-            return asyncio.run(act(args))
-        except Refused as exc:
-            print(f"error: {clean(str(exc))}", file=sys.stderr)
-            return 2
-        except aiohttp.ClientConnectionError as exc:
-            print(f"error: no service answers at {args.service} ({clean(str(exc))}): start one with `./tb serve`",
-                  file=sys.stderr)
-            return 2
-    if any(arg == "--recent" or arg.startswith("--recent=") for arg in argv):
-        args = recent_args(argv)
-        try:
-            return asyncio.run(list_recent(args))
+            return asyncio.run(list_recent(args) if recent else act(args))
         except Refused as exc:
             print(f"error: {clean(str(exc))}", file=sys.stderr)
             return 2

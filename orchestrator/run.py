@@ -1,11 +1,16 @@
 """One run, top to bottom: sandbox → agent → publish → pull request, as a stream of events.
 
+Whatever stops the agents once the sandbox exists, their work is not lost: it is published as a draft pull request
+saying why, and kept with the run (`RunControl.keep_work`) for `POST /runs/{id}/publish` and `/retry`.
+
 Errors:
-    LimitReached        a bound of the run was hit: the work so far is published as a draft
-    ServerUnavailable   an MCP server went away: the run ends with an `error` event
-    anthropic.APIError  the model API failed past its retries: the run ends with an `error` event
-    SecretRefused       the changes hold a secret of the service: nothing is published, the run ends with an `error`
-                        event naming the files (a `ToolFailed`, so a model that tries to publish them reads it)
+    LimitReached        a bound of the run was hit (turns, time, tokens, money, context)
+    Cancelled           the user stopped the run: its changes are kept as a draft, or discarded, as asked
+    ServerUnavailable   an MCP server went away: the sandbox's last checkpoint stands in for a sandbox lost with it
+    anthropic.APIError  the model API failed past its retries
+    SecretRefused       the changes hold a secret of the service: nothing is published or kept, the run ends with
+                        an `error` event naming the files (a `ToolFailed`, so a model that tries to publish them
+                        reads it)
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from tests.fakes.messages_api import messages_api, text, tool_use, turn
 
 from .conftest import API_KEY, ROOT, free_port, stack
 from .test_environment import HELLO, needs_sandbox_setup
+from .test_nothing_lost import forge_goes_away
 from .test_run import BUGGY, fix_script
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -185,12 +186,8 @@ async def test_a_bad_variable_is_one_line_naming_it(make_repo, tmp_path):
 async def test_the_cli_publishes_and_retries_kept_changes_and_says_what_is_wrong(pool, make_repo, tmp_path):
     repo = make_repo(BUGGY)
     away = tmp_path / "away"
-
-    def forge_goes_away(_: dict):
-        repo.rename(away)
-        return turn(text("Done."))
-
-    script = [turn(tool_use("sandbox_write_file", {"path": "calc.py", "content": "fixed\n"})), forge_goes_away,
+    script = [turn(tool_use("sandbox_write_file", {"path": "calc.py", "content": "fixed\n"})),
+              forge_goes_away(repo, away, "Done."),
               turn(text("It is there already."))]
     async with stack(pool, script) as s:
         code, out, err = await cli("--service", s.url, "--json", *fix(repo))

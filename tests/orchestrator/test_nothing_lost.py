@@ -126,15 +126,20 @@ async def test_a_sandbox_server_killed_mid_run_publishes_its_last_checkpoint(poo
     assert pr["draft"] is True and git(repo, "show", f"{pr['head']}:calc.py") == FIXED.rstrip("\n")
 
 
+def forge_goes_away(repo: Path, away: Path, then: str = "Fixed add().") -> Any:
+    """A scripted step that moves the repository away, so that the forge cannot serve it from then on."""
+
+    def step(_: dict) -> Any:
+        shutil.move(repo, away)
+        return turn(text(then))
+
+    return step
+
+
 async def test_a_forge_that_fails_keeps_the_changes_for_publish_and_retry(pool, make_repo, tmp_path):
     repo = make_repo(BUGGY)
     away = tmp_path / "away"
-
-    def forge_goes_away(_: dict) -> Any:
-        shutil.move(repo, away)  # the forge cannot serve the repository from here on
-        return turn(text("Fixed add()."))
-
-    script = [WRITE_FIX, forge_goes_away]
+    script = [WRITE_FIX, forge_goes_away(repo, away)]
     async with stack(pool, script) as s:
         follow = Following(s.url, {"repoUrl": str(repo), "prompt": "Fix add()", "mode": "single"})
         events = await follow.end()

@@ -19,6 +19,7 @@ from .conftest import ROOT, parse_sse, stack
 from .test_attempts import FIXED, WRONG, Router, choose, coder_writes
 from .test_first_minutes import get_json, service
 from .test_environment import FAILING_SETUP, needs_sandbox_setup
+from .test_nothing_lost import forge_goes_away
 from .test_run import BUGGY, TESTS, fix_script
 from .test_runs import read_until
 from .test_team import coder, planner, reviewer
@@ -278,12 +279,8 @@ async def test_the_page_steers_a_run_and_cancels_it_discarding_its_changes(pool,
 async def test_the_page_publishes_and_retries_what_a_stopped_run_kept(pool, make_repo, tmp_path):
     repo = make_repo(BUGGY)
     away = tmp_path / "away"
-
-    def forge_goes_away(_: dict):
-        repo.rename(away)
-        return turn(text("Done."))
-
-    script = [turn(tool_use("sandbox_write_file", {"path": "calc.py", "content": "fixed\n"})), forge_goes_away,
+    script = [turn(tool_use("sandbox_write_file", {"path": "calc.py", "content": "fixed\n"})),
+              forge_goes_away(repo, away, "Done."),
               turn(text("The change is there already."))]
     async with stack(pool, script) as s, browser_page(s.url) as page:
         first = await start(page, repo, "Fix calc.py")

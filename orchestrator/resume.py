@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import secrets
 import shlex
+from collections.abc import Callable
 from typing import Any
 
 from .events import Event
@@ -27,8 +28,9 @@ BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 class Checkpoint:
     """The sandbox's changes as of the end of the last agent turn that could have changed them."""
 
-    def __init__(self, tools: RunTools):
+    def __init__(self, tools: RunTools, on_saved: Callable[[dict[str, Any]], None] | None = None):
         self.tools = tools
+        self.on_saved = on_saved  # given each new checkpoint, to keep it beyond this process
         self.last: dict[str, Any] | None = None  # what export_changes gave: changeset and diff
         self.when = ""
         self._changed_by: str | None = None
@@ -48,7 +50,9 @@ class Checkpoint:
             self.last = await self.tools.export()
             self.when = f"the {agent}'s last turn that changed them"
         except (ToolFailed, ServerUnavailable):
-            pass  # the previous checkpoint stands; the end of the run says what it could publish
+            return  # the previous checkpoint stands; the end of the run says what it could publish
+        if self.on_saved is not None:
+            self.on_saved(self.last)
 
 
 def note(run_id: str, reason: str, changeset: dict[str, Any]) -> str:

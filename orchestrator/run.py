@@ -72,6 +72,7 @@ class RunControl:
     messages: list[str] = field(default_factory=list)
     store: Callable[[dict[str, Any]], None] | None = None
     mark_published: Callable[[str], None] | None = None
+    save_checkpoint: Callable[[dict[str, Any]], None] | None = None  # the latest changes, beyond this process
     unpublished: bool = False  # work is kept that no pull request holds
     budget: Budget | None = None  # what the run has spent so far, once it started
     accepting: bool = False  # whether an agent is at work to read the user's messages
@@ -300,7 +301,14 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, ou
 
         flow = (single(*args, prefix) if request.mode == "single"
                 else team(*args, settings.review_rounds, request.attempts, fork))
-        checkpoint = resume.Checkpoint(tools)
+        def saved(exported: dict[str, Any]) -> None:
+            """A checkpoint free of secrets goes to the run store, for a restart to find (`recover`)."""
+            if control.save_checkpoint and not redact.files_with_secrets(exported["changeset"]):
+                control.save_checkpoint({"repo": request.repo_url, "prompt": redact(request.prompt),
+                                         "mode": request.mode, "setup": request.setup, "prefix": prefix,
+                                         "changeset": exported["changeset"]})
+
+        checkpoint = resume.Checkpoint(tools, saved)
         try:
             async with control.working():
                 with control.listening():
@@ -381,7 +389,7 @@ async def _publish(request: RunRequest, tools: RunTools, work: Work, events: Eve
     if agents_pr is not None:
         # An agent opened it: what the agents changed after its last commit goes on its branch too.
         try:
-            work.out_of_date = await tools.sync_pull_request(_title(redact(request.prompt)))
+            work.out_of_date = await tools.sync_pull_request(title(redact(request.prompt)))
         except ServerUnavailable as exc:
             work.out_of_date = str(exc)
         if work.out_of_date:
@@ -404,9 +412,9 @@ async def _publish(request: RunRequest, tools: RunTools, work: Work, events: Eve
                         f"{work.out_of_date}" if work.out_of_date else
                         f"the reviewer did not approve after {work.rounds} round(s)" if work.approved is False else
                         f"the reviewer approved, but {overruled}" if overruled else None)
-        branch = f"{prefix}{_slug(request.prompt)}-{events.run_id[-6:]}"
+        branch = prefix + branch_name(request.prompt, events.run_id)
         kept = {"repo": request.repo_url, "prompt": request.prompt, "mode": request.mode, "setup": request.setup,
-                "reason": stopped, "branch": branch, "title": _title(request.prompt), "changeset": changeset,
+                "reason": stopped, "branch": branch, "title": title(request.prompt), "changeset": changeset,
                 "body": _body(request, work, changeset, draft_reason, events.run_id, tools, environment)}
         if stopped:  # kept first: whatever happens to the forge, a retry can start from it
             control.keep_work(kept)
@@ -493,12 +501,14 @@ def _api_message(exc: anthropic.APIError) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _slug(prompt: str) -> str:
+def branch_name(prompt: str, run_id: str) -> str:
+    """The branch a run's own pull request comes from, less the server's prefix."""
     words = re.findall(r"[a-z0-9]+", prompt.lower())[:6]
-    return "-".join(words)[:40].strip("-") or "change"
+    return f"{'-'.join(words)[:40].strip('-') or 'change'}-{run_id[-6:]}"
 
 
-def _title(prompt: str) -> str:
+def title(prompt: str) -> str:
+    """A pull request's title, from the prompt's first line."""
     line = prompt.strip().splitlines()[0] if prompt.strip() else "Change"
     return line if len(line) <= 72 else line[:69].rstrip() + "..."
 

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import replay
+from . import replay, run
 from .events import Event, EventLog
 from .mcp_pool import ServerUnavailable
 from .run import PUBLISH_CALL_SECONDS, RunControl, RunFailed, RunRequest, Services, execute, new_run_id, \
@@ -62,6 +62,7 @@ class RunManager:
         live = self.live[run_id] = LiveRun(client=client)
         live.control.store = lambda work: self.store.keep_work(run_id, work)
         live.control.mark_published = lambda url: self.store.published(run_id, url)
+        live.control.save_checkpoint = lambda work: self.store.checkpoint(run_id, work)
         live.task = asyncio.create_task(self._drive(run_id, request, live), name=run_id)
         return run_id
 
@@ -80,6 +81,7 @@ class RunManager:
         finally:
             try:
                 self.flush()
+                self.store.checkpoint(run_id, None)  # the run kept or published its work itself
             finally:
                 live.done = True
                 live.changed.set()
@@ -224,11 +226,35 @@ class RunManager:
             run_id = record["id"]
             events = EventLog(run_id)
             events.seq = self.store.last_seq(run_id)
-            self.store.append(events("error", reason="interrupted",
-                                     message="the service restarted while this run was in flight"))
-            self.store.append(events("completion", status="interrupted"))
+            reason = "the service restarted while this run was in flight"
+            self.store.append(events("error", reason="interrupted", message=reason))
+            kept = self._recovered(events, reason)
+            self.store.append(events("completion", status="interrupted", **({"kept": True} if kept else {})))
             interrupted.append(run_id)
         return interrupted
+
+    def _recovered(self, events: EventLog, reason: str) -> bool:
+        """Keep the last checkpoint of a run the service lost, for publish and retry; whether there was one."""
+        run_id = events.run_id
+        saved = self.store.checkpoint_of(run_id)
+        if saved is None:
+            return False
+        changeset, prompt = saved["changeset"], saved["prompt"]
+        body = (f"> **Draft:** {reason}; these are its changes as of the last turn that changed files.\n\n"
+                "## Request\n" + "\n".join(f"> {line}" for line in prompt.strip().splitlines()) +
+                f"\n\n_Opened by Tiny Backspace, run `{run_id}`._")
+        self.store.keep_work(run_id, {"repo": saved["repo"], "prompt": prompt, "mode": saved["mode"],
+                                      "setup": saved["setup"], "reason": reason, "changeset": changeset,
+                                      "branch": f"{saved['prefix']}{run.branch_name(prompt, run_id)}",
+                                      "title": run.title(prompt), "body": body})
+        self.store.checkpoint(run_id, None)
+        self.store.append(events("kept", reason=reason, files=[f["path"] for f in changeset["files"]],
+                                 deleted=changeset["deleted"], publish_url=f"/runs/{run_id}/publish",
+                                 retry_url=f"/runs/{run_id}/retry",
+                                 message=f"{reason}; its changes as of its last turn that changed files are kept: "
+                                         f"POST /runs/{run_id}/publish opens a draft pull request from them, "
+                                         f"POST /runs/{run_id}/retry starts a new run from them"))
+        return True
 
     async def shutdown(self, grace_s: float) -> None:
         """Let live runs finish for up to `grace_s` seconds, then stop the rest, their work kept."""

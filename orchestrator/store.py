@@ -35,6 +35,9 @@ CREATE TABLE IF NOT EXISTS turns (
 CREATE TABLE IF NOT EXISTS kept (
     run_id TEXT PRIMARY KEY, data TEXT NOT NULL, published_url TEXT
 );
+CREATE TABLE IF NOT EXISTS checkpoints (
+    run_id TEXT PRIMARY KEY, data TEXT NOT NULL
+);
 """
 
 
@@ -55,6 +58,8 @@ class RunStore(Protocol):
     def keep_work(self, run_id: str, work: dict[str, Any]) -> None: ...
     def kept_work(self, run_id: str) -> dict[str, Any] | None: ...
     def published(self, run_id: str, url: str) -> None: ...
+    def checkpoint(self, run_id: str, work: dict[str, Any] | None) -> None: ...
+    def checkpoint_of(self, run_id: str) -> dict[str, Any] | None: ...
 
 
 class SQLiteRunStore:
@@ -167,6 +172,20 @@ class SQLiteRunStore:
             self.db.execute("BEGIN")
             self.db.execute("UPDATE kept SET published_url = ? WHERE run_id = ?", (url, run_id))
             self.db.execute("UPDATE runs SET pull_request_url = ? WHERE id = ?", (url, run_id))
+
+    def checkpoint(self, run_id: str, work: dict[str, Any] | None) -> None:
+        """Keep the latest changes of a run in flight (a changeset the run found free of secrets, as `keep_work`
+        keeps it), for when the service stops before the run ends; None drops them."""
+        if work is None:
+            self.db.execute("DELETE FROM checkpoints WHERE run_id = ?", (run_id,))
+            return
+        work = {**self.redact.data({k: v for k, v in work.items() if k != "changeset"}), "changeset": work["changeset"]}
+        self.db.execute("INSERT OR REPLACE INTO checkpoints (run_id, data) VALUES (?, ?)",
+                        (run_id, json.dumps(work, ensure_ascii=False)))
+
+    def checkpoint_of(self, run_id: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT data FROM checkpoints WHERE run_id = ?", (run_id,)).fetchone()
+        return json.loads(row["data"]) if row else None
 
     def close(self) -> None:
         self.db.close()

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,13 @@ import aiohttp
 import pytest
 
 from orchestrator import resume
+from orchestrator.runs import RunManager
+from orchestrator.store import SQLiteRunStore
 from orchestrator.tools import ToolFailed
 from tests.conftest import git, unique_marker
 from tests.fakes.messages_api import http_error, text, tool_use, turn
 
-from .conftest import of_type, parse_sse, stack
+from .conftest import of_type, parse_sse, serve, stack
 from .test_failures import _processes, sandboxes
 from .test_run import BUGGY
 
@@ -319,3 +322,37 @@ async def test_a_cancel_while_the_sandbox_is_set_up_ends_the_run_at_once(pool, m
 async def test_kept_changes_no_export_makes_are_refused_before_a_retry_runs_anything(changeset, said):
     with pytest.raises(ToolFailed, match=re.escape(said)):
         resume._scripts(changeset)
+
+
+async def test_a_service_that_dies_mid_run_leaves_its_last_checkpoint_for_publish(pool, make_repo, tmp_path):
+    marker = unique_marker()
+    repo = make_repo(BUGGY)
+    script = [WRITE_FIX, turn(tool_use("sandbox_exec", {"command": f"sleep {marker}"}))]
+    store = SQLiteRunStore(tmp_path / "live" / "runs.sqlite3")
+    async with stack(pool, script) as s:
+        async with serve(s.services, store) as url:
+            follow = Following(url, {"repoUrl": str(repo), "prompt": "Fix add()", "mode": "single"})
+            await follow.until(running(marker))
+            async with asyncio.timeout(30):
+                while store.checkpoint_of(follow.run_id) is None:
+                    await asyncio.sleep(0.05)
+            # What a service killed now leaves on disk: the store as it is, the run in flight.
+            crashed = tmp_path / "crashed" / "runs.sqlite3"
+            crashed.parent.mkdir(mode=0o700)
+            with sqlite3.connect(crashed) as copy:
+                store.db.backup(copy)
+            await request(url, "POST", f"/runs/{follow.run_id}/cancel", {"changes": "discard"})
+            await follow.end()
+        s.api.problems.clear()  # the unused steps are not this test's subject
+        restarted = SQLiteRunStore(crashed)
+        manager = RunManager(s.services, restarted)
+        assert await manager.recover() == [follow.run_id]
+        assert restarted.checkpoint_of(follow.run_id) is None  # now kept work, for publish and retry
+        async with serve(s.services, restarted) as url:
+            _, record = await request(url, "GET", f"/runs/{follow.run_id}")
+            status, answer = await request(url, "POST", f"/runs/{follow.run_id}/publish")
+    assert record["status"] == "interrupted" and record["kept"]["files"] == ["calc.py"]
+    assert record["kept"]["reason"] == "the service restarted while this run was in flight"
+    assert status == 200 and answer["draft"] is True
+    head = pull_request_record(answer["pull_request_url"])["head"]
+    assert git(repo, "show", f"{head}:calc.py") == FIXED.rstrip("\n")

@@ -47,12 +47,13 @@ class Checkpoint:
             return
         agent, self._changed_by = self._changed_by, None
         try:
-            self.last = await self.tools.export()
-            self.when = f"the {agent}'s last turn that changed them"
+            exported = await self.tools.export()
         except (ToolFailed, ServerUnavailable):
             return  # the previous checkpoint stands; the end of the run says what it could publish
-        if self.on_saved is not None:
-            self.on_saved(self.last)
+        changed = self.last is None or exported["changeset"] != self.last["changeset"]
+        self.last, self.when = exported, f"the {agent}'s last turn that changed them"
+        if changed and self.on_saved is not None:  # a turn that ran tests only is not kept again
+            self.on_saved(exported)
 
 
 def note(run_id: str, reason: str, changeset: dict[str, Any]) -> str:

@@ -389,7 +389,7 @@ async def _publish(request: RunRequest, tools: RunTools, work: Work, events: Eve
     if agents_pr is not None:
         # An agent opened it: what the agents changed after its last commit goes on its branch too.
         try:
-            work.out_of_date = await tools.sync_pull_request(title(redact(request.prompt)))
+            work.out_of_date = await tools.sync_pull_request(title(redact(request.prompt)), changeset)
         except ServerUnavailable as exc:
             work.out_of_date = str(exc)
         if work.out_of_date:

@@ -155,11 +155,8 @@ class SQLiteRunStore:
         return [{"agent": r["agent"], "agent_seq": r["agent_seq"], **json.loads(r["data"])} for r in rows]
 
     def keep_work(self, run_id: str, work: dict[str, Any]) -> None:
-        """Keep the work of a run that stopped before it finished: its changeset and what publishing it needs. The
-        changeset is kept as it is (the run refuses one that holds a secret), the rest redacted."""
-        work = {**self.redact.data({k: v for k, v in work.items() if k != "changeset"}), "changeset": work["changeset"]}
-        self.db.execute("INSERT OR REPLACE INTO kept (run_id, data) VALUES (?, ?)",
-                        (run_id, json.dumps(work, ensure_ascii=False)))
+        """Keep the work of a run that stopped before it finished: its changeset and what publishing it needs."""
+        self.db.execute("INSERT OR REPLACE INTO kept (run_id, data) VALUES (?, ?)", (run_id, self._work(work)))
 
     def kept_work(self, run_id: str) -> dict[str, Any] | None:
         """The work kept for a run, with `published_url` once published; None when none was kept."""
@@ -174,18 +171,22 @@ class SQLiteRunStore:
             self.db.execute("UPDATE runs SET pull_request_url = ? WHERE id = ?", (url, run_id))
 
     def checkpoint(self, run_id: str, work: dict[str, Any] | None) -> None:
-        """Keep the latest changes of a run in flight (a changeset the run found free of secrets, as `keep_work`
-        keeps it), for when the service stops before the run ends; None drops them."""
+        """Keep the latest changes of a run in flight, for when the service stops before the run ends; None drops
+        them."""
         if work is None:
             self.db.execute("DELETE FROM checkpoints WHERE run_id = ?", (run_id,))
             return
-        work = {**self.redact.data({k: v for k, v in work.items() if k != "changeset"}), "changeset": work["changeset"]}
-        self.db.execute("INSERT OR REPLACE INTO checkpoints (run_id, data) VALUES (?, ?)",
-                        (run_id, json.dumps(work, ensure_ascii=False)))
+        self.db.execute("INSERT OR REPLACE INTO checkpoints (run_id, data) VALUES (?, ?)", (run_id, self._work(work)))
 
     def checkpoint_of(self, run_id: str) -> dict[str, Any] | None:
         row = self.db.execute("SELECT data FROM checkpoints WHERE run_id = ?", (run_id,)).fetchone()
         return json.loads(row["data"]) if row else None
+
+    def _work(self, work: dict[str, Any]) -> str:
+        """A run's work as stored: its changeset as it is (the run refuses one that holds a secret), the rest
+        redacted."""
+        rest = self.redact.data({k: v for k, v in work.items() if k != "changeset"})
+        return json.dumps({**rest, "changeset": work["changeset"]}, ensure_ascii=False)
 
     def close(self) -> None:
         self.db.close()

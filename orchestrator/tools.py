@@ -56,7 +56,6 @@ class PullRequestSeen:
     head: str
     draft: bool = False
     branch: str = ""  # the branch it was opened from, as named to open_pull_request (`head` may be owner:branch)
-    out_of_date: str | None = None  # why it lacks the sandbox's final state, when it does
 
 
 @dataclass(frozen=True)
@@ -153,32 +152,25 @@ class RunTools:
             raise ToolFailed(f"could not export the sandbox's changes: {result_text(exported)}")
         return exported.structured_content
 
-    async def changes_for(self, branch: str) -> dict[str, Any]:
-        """The sandbox's changes against the base commit, to commit on top of this run's last commit to `branch`
-        when there is one (its `parent`)."""
-        changeset = (await self.export())["changeset"]
+    async def changes_for(self, branch: str, changeset: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The sandbox's changes against the base commit (`changeset` when the caller just exported them), to commit
+        on top of this run's last commit to `branch` when there is one (its `parent`)."""
+        changeset = dict(changeset) if changeset is not None else (await self.export())["changeset"]
         # Against the base, not the last commit: a file added, committed, then deleted leaves the next commit too.
         changeset["parent"] = self._commits.get(branch)
         return changeset
 
-    async def sync_pull_request(self, message: str) -> str | None:
-        """Bring the pull request an agent opened up to the sandbox's state: when they differ, commit that state on
-        its branch as a new commit. None when they match afterwards (or there is no pull request), else why they do
-        not, for the user (also kept as the pull request's `out_of_date`). What the run reports itself (a secret
-        refused, the github server gone) is raised."""
-        pr = self.pull_request
-        if pr is None:
+    async def sync_pull_request(self, message: str, changeset: dict[str, Any]) -> str | None:
+        """Bring the pull request an agent opened up to the sandbox's state, `changeset` (just exported): when they
+        differ, commit that state on its branch as a new commit. None when they match afterwards (or there is no
+        pull request), else why they do not, for the user. What the run reports itself (a secret refused, the
+        github server gone) is raised."""
+        if self.pull_request is None:
             return None
-        pr.out_of_date = await self._sync(pr.branch or pr.head, message)
-        return pr.out_of_date
-
-    async def _sync(self, branch: str, message: str) -> str | None:
+        branch = self.pull_request.branch or self.pull_request.head
         if branch not in self._commits:
             return f"its branch {branch!r} holds no commit of this run, so the run cannot bring it up to date"
-        try:
-            changes = await self.changes_for(branch)
-        except (ToolFailed, ServerUnavailable) as exc:
-            return f"the sandbox's last changes could not be read: {exc}"
+        changes = await self.changes_for(branch, changeset)
         if Changeset.model_validate(changes).digest() == self._digests.get(branch):
             return None
         args = {"repo": self.repo, "branch": branch, "message": message, "changes": changes}

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 import os
+import signal
 import sqlite3
 import sys
 import tempfile
@@ -25,10 +26,12 @@ from orchestrator.config import Settings
 from orchestrator.model import AnthropicModel
 from orchestrator.run import Services
 from orchestrator.store import SQLiteRunStore
-from tests.conftest import git
+from tests.conftest import git, unique_marker
 from tests.fakes.messages_api import messages_api, text, tool_use, turn
 
 from .conftest import API_KEY, FAST, GITHUB_TOKEN, ROOT, of_type, post_code, serve
+from .test_failures import _processes
+from .test_nothing_lost import Following, running, wait_for_process
 from .test_run import BUGGY
 from .test_team import planner, record, reviewer
 
@@ -80,7 +83,8 @@ def stored(data_dir: Path) -> str:
     """Everything the run store holds, read from its file as anyone who can open it would."""
     db = sqlite3.connect(f"file:{data_dir / 'runs.sqlite3'}?mode=ro", uri=True)
     try:
-        rows = [*db.execute("SELECT * FROM runs"), *db.execute("SELECT * FROM events")]
+        tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        rows = [row for table in tables for row in db.execute(f"SELECT * FROM {table}")]
     finally:
         db.close()
     return json.dumps(rows)
@@ -155,6 +159,29 @@ async def test_a_changeset_holding_a_secret_is_refused_and_nothing_is_published(
     assert of_type(events, "pull_request") == [] and events[-1]["status"] == "error"
     assert branches(repo) == ["main"] and pulls(repo) == []
     assert leak[:24] not in raw and leak[:24] not in kept and leaked(raw) == []
+
+
+@pytest.mark.parametrize("leak", [API_KEY, base64.b64encode(GITHUB_TOKEN.encode()).decode()])
+async def test_changes_holding_a_secret_are_never_checkpointed_kept_or_published(pool, make_repo, tmp_path, held,
+                                                                                  leak):
+    marker = unique_marker()
+    repo, data = make_repo(BUGGY), tmp_path / "data"
+    script = [turn(FIX, tool_use("sandbox_write_file", {"path": "settings.py", "content": f"BLOB = '{leak}'\n"})),
+              turn(tool_use("sandbox_exec", {"command": f"sleep {marker}"})), turn(text("Done."))]
+    async with service(pool, script, data) as url:
+        follow = Following(url, {"repoUrl": str(repo), "prompt": "Fix add()", "mode": "single"})
+        await follow.until(running(marker))
+        await wait_for_process(marker)
+        # Mid-run, as a service that died now would leave it: no checkpoint for a restart to keep.
+        mid_run = stored(data)
+        for pid in _processes(marker):
+            os.kill(int(pid), signal.SIGKILL)
+        events = await follow.end()
+        at_end = stored(data)
+    assert "\"changeset\"" not in mid_run and leaked(mid_run) == []
+    assert of_type(events, "error")[-1]["reason"] == "secret" and not of_type(events, "kept")
+    assert of_type(events, "pull_request") == [] and branches(repo) == ["main"] and pulls(repo) == []
+    assert leaked(at_end) == [] and '"changeset"' not in at_end
 
 
 async def test_a_model_publishing_a_secret_itself_is_refused_before_any_branch_exists(

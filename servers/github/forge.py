@@ -22,6 +22,11 @@ MAX_MESSAGE_CHARS = 65_536
 _SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 
 
+# Ends every comment this server writes on GitHub: how it knows its own (a thread whose last comment has it is
+# addressed; only such comments may be edited). GitHub does not render it; common.untrusted.clean removes it.
+OURS = "<!-- tiny-backspace -->"
+
+
 class ForgeError(Exception):
     """A failure the caller can act on; its message says what to do instead."""
 
@@ -76,6 +81,31 @@ class PullRequest(BaseModel):
                                               "of opening a duplicate.")
 
 
+class Comment(BaseModel):
+    """A comment in an issue's or pull request's conversation, or one reply in a review thread."""
+
+    id: int
+    author: str | None
+    body: str = Field(description="Cleaned: HTML comments and invisible or bidirectional characters removed.")
+    created_at: str
+    url: str
+    ours: bool = Field(False, description="Written by this server (a reply or an answer of Tiny Backspace).")
+
+
+class ReviewThread(BaseModel):
+    """A review comment on a line of a pull request's diff, with the replies under it."""
+
+    id: int = Field(description="The id of the thread's first comment: what reply_to_review_comment takes.")
+    path: str
+    line: int | None = Field(description="The line in the pull request's head version; None when it is outdated.")
+    author: str | None
+    body: str
+    created_at: str
+    url: str
+    replies: list[Comment] = Field(default_factory=list)
+    addressed: bool = Field(description="True when the thread's last comment is a reply of this server.")
+
+
 class Issue(BaseModel):
     number: int
     title: str
@@ -84,6 +114,25 @@ class Issue(BaseModel):
     url: str
     labels: list[str]
     author: str | None
+    comments: list[Comment] = Field(default_factory=list)
+
+
+class PullRequestDetail(PullRequest):
+    """One pull request with what a follow-up needs: where its head is, its conversation and review threads."""
+
+    head_sha: str
+    head_repo: str = Field(description="Where the head branch lives: this repository, or the fork it comes from.")
+    base_sha: str
+    author: str | None
+    comments: list[Comment] = Field(default_factory=list)
+    review_threads: list[ReviewThread] = Field(default_factory=list)
+    diff: str | None = Field(None, description="The changes against the base, when asked for (cut when huge).")
+
+
+class Permission(BaseModel):
+    user: str
+    permission: Literal["admin", "maintain", "write", "triage", "read", "none"]
+    can_write: bool = Field(description="admin, maintain or write: may push to the repository.")
 
 
 class Forge(Protocol):
@@ -98,8 +147,32 @@ class Forge(Protocol):
         ...
     async def open_pull_request(self, head: str, base: str | None, title: str, body: str,
                                 draft: bool) -> PullRequest: ...
-    async def get_issue(self, number: int) -> Issue: ...
+    async def get_issue(self, number: int) -> Issue:
+        """An issue with its conversation, every text cleaned (common.untrusted)."""
+        ...
     async def list_pull_requests(self, head: str | None) -> list[PullRequest]: ...
+    async def get_pull_request(self, number: int, diff: bool) -> PullRequestDetail:
+        """A pull request with its conversation and review threads (cleaned), and its diff when `diff`."""
+        ...
+    async def reply_to_review_comment(self, number: int, comment_id: int, body: str) -> Comment:
+        """Reply in the review thread that comment `comment_id` starts, as this server (`ours`)."""
+        ...
+    async def comment_on_issue(self, number: int, body: str) -> Comment:
+        """Add a comment, as this server, to an issue's or a pull request's conversation."""
+        ...
+    async def edit_issue_comment(self, comment_id: int, body: str) -> Comment:
+        """Change a comment this server wrote; any other is refused."""
+        ...
+    async def add_review_comment(self, number: int, body: str, path: str | None, line: int | None) -> Comment:
+        """A person's comment on a local pull request (on a line of a file when `path` and `line` are given).
+        GitHub refuses: there people comment on GitHub."""
+        ...
+    async def get_permission(self, user: str) -> Permission:
+        """What `user` may do in the repository (GitHub only)."""
+        ...
+    async def delete_branch(self, branch: str) -> bool:
+        """Delete a branch inside the prefix (never the default or a checked-out one); False when it was absent."""
+        ...
 
 
 def check_branch_name(name: str) -> None:

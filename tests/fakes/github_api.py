@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from .git_objects import Commit, ObjectStore
+from .github_conversation import Conversations
 from .github_json import FakeRepo, commit_json, error, ref_json, repo_json
 
 LOGIN = web.RequestKey("login", str)
@@ -40,6 +41,7 @@ class FakeGitHub:
         self.rate_limit_exhausted = False
         self.lose_responses: list[tuple[str, str]] = []
         self.base_url = ""
+        self.conversations = Conversations(self)
         self._runner: web.AppRunner | None = None
 
     def add_repo(self, full_name: str, files: dict[str, str], *, pushers: set[str] = frozenset()) -> FakeRepo:
@@ -72,6 +74,7 @@ class FakeGitHub:
             web.get(r + "/pulls", self.list_pulls), web.post(r + "/pulls", self.create_pull),
             web.get(r + "/issues/{number}", self.get_issue),
         ])
+        app.add_routes(self.conversations.routes())
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)

@@ -34,6 +34,26 @@ def error(status: int, message: str, doc: str = "", **extra: Any) -> web.Respons
                              | extra, status=status)
 
 
+def paginated(request: web.Request, items: list[Any]) -> web.Response:
+    """A list endpoint's answer as GitHub pages it: `per_page` (default 30, at most 100) and `page` (from 1) in the
+    query, and a `Link` header with the `next`, `last`, `first` and `prev` pages that exist."""
+    try:
+        per_page = min(100, max(1, int(request.query.get("per_page", "30"))))
+        number = max(1, int(request.query.get("page", "1")))
+    except ValueError:
+        return error(422, "Validation Failed")
+    last = max(1, -(-len(items) // per_page))
+    links = {"first": 1, "prev": number - 1} if number > 1 else {}
+    if number < last:
+        links |= {"next": number + 1, "last": last}
+    header = ", ".join(f'<{request.url.update_query(page=str(n), per_page=str(per_page))}>; rel="{rel}"'
+                       for rel, n in links.items())
+    response = web.json_response(items[(number - 1) * per_page:number * per_page])
+    if header:
+        response.headers["Link"] = header
+    return response
+
+
 def repo_json(base_url: str, repo: FakeRepo, login: str) -> dict[str, Any]:
     """GET /repos/{owner}/{repo}, with `permissions` as `login` holds them."""
     url = f"{base_url}/repos/{repo.full_name}"

@@ -1,13 +1,24 @@
-"""Reaching GitHub: which repository a `repo` string names, and an authenticated PyGithub client for it."""
+"""Reaching GitHub: which repository a `repo` string names, and an authenticated PyGithub client for it, whose
+requests go one at a time and wait out the rate limits GitHub asks them to."""
 
 from __future__ import annotations
 
+import json
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
+import jwt
 from github import Auth, Github, GithubIntegration, GithubRetry
-from github.GithubException import UnknownObjectException
+from github.GithubException import RateLimitExceededExceedsMaxWait, UnknownObjectException
+from github.Requester import Requester
+from urllib3 import BaseHTTPResponse
+from urllib3.exceptions import MaxRetryError
+from urllib3.util.retry import Retry
 
 from common import repos
 
@@ -32,17 +43,83 @@ def github_name(repo: str, api_url: str) -> str | None:
     return ref.full_name if ref.kind == "github" else None
 
 
+class RateLimitRetry(GithubRetry):
+    """PyGithub's retry (5xx, rate limits, POST included), with GitHub's rules for rate limits (docs.github.com/rest/
+    using-the-rest-api/best-practices-for-using-the-rest-api#handle-rate-limit-errors-appropriately) where GithubRetry
+    lacks them: a 429 is a rate limit as a 403 is; `retry-after`, when given, is the wait, and every wait is bounded by
+    `max_rate_limit_wait` (GithubRetry bounds only its own) — beyond it the request fails at once, saying how long;
+    a rate-limited request of any method, PATCH included, is sent again, because GitHub did not process it; and once
+    the retries are spent, the error is GitHub's answer. The waiting itself is urllib3's (`retry-after`, else the
+    backoff set here), so no wait is added twice."""
+
+    def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
+        return status_code in (403, 429) or super().is_retry(method, status_code, has_retry_after)
+
+    def increment(self, method: str | None = None, url: str | None = None,  # type: ignore[override]
+                  response: BaseHTTPResponse | None = None, error: Exception | None = None,
+                  _pool: Any = None, _stacktrace: Any = None) -> Retry:
+        if response is None or response.status not in (403, 429):
+            return super().increment(method, url, response, error, _pool, _stacktrace)
+        headers = dict(response.headers)
+        try:
+            content = json.loads(self.get_content(response, url or ""))
+        except ValueError:
+            content = {"message": response.reason}
+        message = str(content.get("message", "")) if isinstance(content, dict) else ""
+        if response.status == 403 and "Retry-After" not in response.headers \
+                and not Requester.isRateLimitError(message):
+            raise Requester.createException(403, headers, content)  # a refusal, not a limit
+        wait = self._wait(response, message)
+        if self.max_rate_limit_wait is not None and wait > self.max_rate_limit_wait:
+            raise RateLimitExceededExceedsMaxWait(response.status, content, headers, wait=wait)
+        try:
+            retry = Retry.increment(self, method, url, response, error, _pool, _stacktrace)
+        except MaxRetryError:
+            raise Requester.createException(response.status, headers, content) from None
+        retry.get_backoff_time = lambda: wait  # type: ignore[method-assign]
+        return retry
+
+    def _wait(self, response: BaseHTTPResponse, message: str) -> float:
+        """How long GitHub asks to wait: `retry-after`; else until the reset when the primary limit is spent; else
+        at least a minute."""
+        if "Retry-After" in response.headers:
+            return self.parse_retry_after(response.headers["Retry-After"])
+        reset = response.headers.get("X-RateLimit-Reset", "")
+        spent = response.headers.get("X-RateLimit-Remaining") == "0" or Requester.isPrimaryRateLimitError(message)
+        if spent and reset.isdigit():
+            return max(0.0, int(reset) - datetime.now(timezone.utc).timestamp()) + 1
+        return self.secondary_rate_wait
+
+
 class Clients:
-    """One PyGithub client per credential, built on first use: a token, or one GitHub App installation per repo."""
+    """One PyGithub client per credential, built on first use: a token, or one GitHub App installation per repo.
+    Operations through them go one at a time (`serial`), as GitHub asks of one client ("avoid concurrent requests")."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._lock = threading.Lock()
+        self._serial = threading.Lock()
         self._by_repo: dict[str, Github] = {}
         self.forks: dict[str, str] = {}
 
+    @contextmanager
+    def serial(self) -> Iterator[None]:
+        """Hold the one turn to talk to GitHub for the duration of an operation."""
+        with self._serial:
+            yield
+
+    def pause(self, seconds: float) -> None:
+        """Wait within an operation (for a fork being copied) and let other operations talk to GitHub meanwhile."""
+        self._serial.release()
+        try:
+            time.sleep(seconds)
+        finally:
+            self._serial.acquire()
+
     def _options(self) -> dict[str, Any]:
-        retry = GithubRetry(total=3, backoff_factor=0.5, max_rate_limit_wait=self.settings.max_rate_limit_wait_s)
+        # Once retries of a 5xx are spent, GitHub's last answer rather than urllib3's MaxRetryError.
+        retry = RateLimitRetry(total=3, backoff_factor=0.5, max_rate_limit_wait=self.settings.max_rate_limit_wait_s,
+                               raise_on_status=False)
         return {"base_url": self.settings.api_url, "retry": retry, "timeout": 30, "seconds_between_requests": None,
                 "seconds_between_writes": self.settings.write_interval_s or None}
 
@@ -58,11 +135,18 @@ class Clients:
         s = self.settings
         if s.app_id and s.app_private_key:
             app = Auth.AppAuth(s.app_id, s.app_private_key.reveal())
+            try:
+                app.create_jwt()
+            except (ValueError, TypeError, jwt.PyJWTError) as exc:
+                raise ForgeUnavailable(f"GITHUB_APP_PRIVATE_KEY cannot sign the GitHub App's token "
+                                       f"({type(exc).__name__}): give the App's private key (PEM) or its file's path") \
+                    from None
             integration = GithubIntegration(auth=app, **self._options())
             try:
                 installation = integration.get_repo_installation(*full_name.split("/"))
             except UnknownObjectException:
-                raise ForgeError(f"the GitHub App {s.app_id} is not installed on {full_name}") from None
+                raise ForgeError(f"the GitHub App {s.app_id} is not installed on {full_name}: install it on the "
+                                 "repository (its settings, GitHub Apps) or use another repository") from None
             return app.get_installation_auth(installation.id)
         if s.token is None:
             raise ForgeUnavailable(NO_TOKEN)

@@ -34,13 +34,23 @@ class Secret:
 
 
 def _private_key(value: str) -> Secret:
-    """A GitHub App key given as PEM text, or as the path of a PEM file."""
+    """A GitHub App's private key (RSA, what GitHub gives to download) as PEM text, or as the path of a PEM file."""
     if not value.lstrip().startswith("-----BEGIN"):
         try:
             with open(value, encoding="ascii") as fh:
                 value = fh.read()
         except (OSError, UnicodeDecodeError):
             raise ValueError("expected PEM text (-----BEGIN …) or the path of a readable PEM file") from None
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(value.encode(), password=None)
+    except (ValueError, TypeError):
+        raise ValueError("expected an unencrypted private key in PEM, as the GitHub App's settings page gives it") \
+            from None
+    if not isinstance(key, RSAPrivateKey):
+        raise ValueError("expected the GitHub App's RSA private key; GitHub signs App tokens with RS256")
     return Secret(value)
 
 
@@ -62,7 +72,8 @@ class Settings:
     app_id: str | None = setting("GITHUB_APP_ID", None)
     app_private_key: Secret | None = setting("GITHUB_APP_PRIVATE_KEY", None, parse=_private_key, repr=False)
     write_interval_s: float = setting("GITHUB_WRITE_INTERVAL_S", 1.0, check=at_least(0))
-    max_rate_limit_wait_s: float = setting("GITHUB_MAX_RATE_LIMIT_WAIT_S", 0.0, check=at_least(0))
+    # GitHub asks for a minute's wait after a secondary rate limit without retry-after.
+    max_rate_limit_wait_s: float = setting("GITHUB_MAX_RATE_LIMIT_WAIT_S", 60.0, check=at_least(0))
     # Anything but an explicit yes keeps workflows out of reach.
     allow_workflow_changes: bool = setting("GITHUB_ALLOW_WORKFLOW_CHANGES", False)
 

@@ -19,12 +19,8 @@ from pydantic import BaseModel, Field
 from common.changeset import MAX_CHANGESET_BYTES, MAX_ENTRIES, MAX_FILE_BYTES, Changeset
 
 MAX_MESSAGE_CHARS = 65_536
+MAX_DIFF_BYTES = 1_000_000  # of a pull request's diff as get_pull_request returns it
 _SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
-
-
-# Ends every comment this server writes on GitHub: how it knows its own (a thread whose last comment has it is
-# addressed; only such comments may be edited). GitHub does not render it; common.untrusted.clean removes it.
-OURS = "<!-- tiny-backspace -->"
 
 
 class ForgeError(Exception):
@@ -150,7 +146,8 @@ class Forge(Protocol):
     async def get_issue(self, number: int) -> Issue:
         """An issue with its conversation, every text cleaned (common.untrusted)."""
         ...
-    async def list_pull_requests(self, head: str | None) -> list[PullRequest]: ...
+    async def list_pull_requests(self, head: str | None, state: Literal["open", "closed", "all"] = "open"
+                                 ) -> list[PullRequest]: ...
     async def get_pull_request(self, number: int, diff: bool) -> PullRequestDetail:
         """A pull request with its conversation and review threads (cleaned), and its diff when `diff`."""
         ...

@@ -2,29 +2,38 @@
 
 Commits are built in a temporary index and land with `update-ref` against the expected old value, so a checked-out
 working tree, its index and its current branch are never touched. Pull requests are JSON records under the
-repository's git directory (`tiny-backspace/pulls/<n>.json`).
+repository's git directory (`tiny-backspace/pulls/<n>.json`), with their comments: the conversation's
+(`comments`) and those on lines of files (`review_comments`, a reply naming its thread's first comment in
+`in_reply_to`). A comment this server wrote is `ours`; comment ids are unique in the repository.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 from common import repos
 from common.git import UnsafeRepository, check_self_contained, git_dirs, host_git_env, named_settings
+from common.untrusted import clean
 
-from .forge import (BranchRef, Changeset, CommitResult, ForgeError, Issue, PullRequest, RepositoryInfo,
-                    check_branch_name, check_message, check_sha, check_writable_branch, commit_parent,
-                    decode_changeset, nothing_to_commit, refuse_workflow_changes)
+from .forge import (MAX_DIFF_BYTES, MAX_MESSAGE_CHARS, BranchRef, Changeset, Comment, CommitResult, ForgeError, Issue,
+                    Permission, PullRequest, PullRequestDetail, RepositoryInfo, ReviewThread, check_branch_name,
+                    check_message, check_path, check_sha, check_writable_branch, commit_parent, decode_changeset,
+                    nothing_to_commit, refuse_workflow_changes)
 
 GIT_TIMEOUT_S = 120
 AUTHOR = {"GIT_AUTHOR_NAME": "Tiny Backspace", "GIT_AUTHOR_EMAIL": "tiny-backspace@localhost",
           "GIT_COMMITTER_NAME": "Tiny Backspace", "GIT_COMMITTER_EMAIL": "tiny-backspace@localhost"}
+OURS_AUTHOR = "tiny-backspace"  # the author of the comments this server writes
+PERSON = "local"  # the author of a person's comment (add_review_comment)
 
 
 def local_path(repo: str) -> Path | None:
@@ -191,7 +200,7 @@ class LocalForge:
             raise ForgeError(f"there are no commits on {head!r} that {base!r} lacks; commit changes first")
         await self._dirs()
         record = {"number": 0, "head": head, "base": base, "title": title, "body": body, "draft": draft,
-                  "state": "open", "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+                  "state": "open", "created_at": now(), "head_sha": head_sha, "comments": [], "review_comments": []}
         return await asyncio.to_thread(self._record_pull, record)
 
     @property
@@ -199,39 +208,234 @@ class LocalForge:
         assert self._common_dir is not None
         return self._common_dir / "tiny-backspace" / "pulls"
 
-    def _record_pull(self, record: dict) -> PullRequest:
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the records' lock: two servers writing records at once must not lose each other's writes."""
         self._pulls_dir.mkdir(parents=True, exist_ok=True)
         with open(self._pulls_dir / ".lock", "w") as lock:
-            # Two servers opening the same head at once must still yield one record.
             fcntl.flock(lock, fcntl.LOCK_EX)
-            pulls = self._read_pulls()
-            for pr in pulls:
-                if pr.head == record["head"] and pr.state == "open":
-                    return pr.model_copy(update={"existing": True})
-            record["number"] = max((pr.number for pr in pulls), default=0) + 1
-            path = self._pulls_dir / f"{record['number']}.json"
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record, indent=2) + "\n")
-            os.replace(tmp, path)
+            yield
+
+    def _record_pull(self, record: dict) -> PullRequest:
+        with self._locked():
+            # Two servers opening the same head at once must still yield one record.
+            records = self._records()
+            for old in records:
+                if old["head"] == record["head"] and old["state"] == "open":
+                    return self._as_pull(old).model_copy(update={"existing": True})
+            record["number"] = max((old["number"] for old in records), default=0) + 1
+            self._write(record)
         return self._as_pull(record)
 
+    def _records(self) -> list[dict]:
+        """Every pull request record, by number; records written before comments existed load as without any."""
+        paths = self._pulls_dir.glob("*.json") if self._pulls_dir.is_dir() else []
+        return sorted((json.loads(path.read_text()) for path in paths), key=lambda record: record["number"])
+
+    def _record(self, number: int) -> dict:
+        try:
+            return json.loads((self._pulls_dir / f"{int(number)}.json").read_text())
+        except FileNotFoundError:
+            raise ForgeError(f"pull request #{number} does not exist in {self.path}; list_pull_requests shows "
+                             "the ones it has (a local repository has no issues)") from None
+
+    def _write(self, record: dict) -> None:
+        """Replace the record at once: a reader sees the old one or the new one, never half of either."""
+        path = self._pulls_dir / f"{record['number']}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, path)
+
+    def _url(self, record: dict) -> str:
+        return (self._pulls_dir / f"{record['number']}.json").as_uri()
+
     def _as_pull(self, record: dict) -> PullRequest:
-        url = (self._pulls_dir / f"{record['number']}.json").as_uri()
-        return PullRequest(url=url, **{k: record[k] for k in ("number", "head", "base", "title", "body", "draft",
-                                                              "state", "created_at")})
+        return PullRequest(url=self._url(record), title=clean(record["title"]), body=clean(record["body"]),
+                           **{k: record[k] for k in ("number", "head", "base", "draft", "state", "created_at")})
 
-    def _read_pulls(self) -> list[PullRequest]:
-        found = []
-        for path in self._pulls_dir.glob("*.json") if self._pulls_dir.is_dir() else []:
-            found.append(self._as_pull(json.loads(path.read_text())))
-        return sorted(found, key=lambda pr: pr.number)
+    def _as_comment(self, record: dict, comment: dict) -> Comment:
+        return Comment(id=comment["id"], author=comment.get("author"), body=clean(comment["body"]),
+                       created_at=comment["created_at"], url=f"{self._url(record)}#comment-{comment['id']}",
+                       ours=bool(comment.get("ours")))
 
-    async def list_pull_requests(self, head: str | None) -> list[PullRequest]:
-        """The recorded pull requests, those from `head` only when it is given."""
+    def _threads(self, record: dict) -> list[ReviewThread]:
+        """The review comments as threads: each first comment with the replies under it, in the order written."""
+        comments = record.get("review_comments", [])
+        threads = []
+        for root in (c for c in comments if c.get("in_reply_to") is None):
+            first = self._as_comment(record, root)
+            replies = [self._as_comment(record, c) for c in comments if c.get("in_reply_to") == root["id"]]
+            threads.append(ReviewThread(id=first.id, path=root["path"], line=root.get("line"), author=first.author,
+                                        body=first.body, created_at=first.created_at, url=first.url,
+                                        replies=replies, addressed=(replies or [first])[-1].ours))
+        return threads
+
+    async def list_pull_requests(self, head: str | None, state: Literal["open", "closed", "all"] = "open"
+                                 ) -> list[PullRequest]:
+        """The recorded pull requests in `state`, those from `head` only when it is given."""
+        if state not in ("open", "closed", "all"):
+            raise ForgeError(f"state must be 'open', 'closed' or 'all', not {state!r}")
         await self._dirs()
-        pulls = await asyncio.to_thread(self._read_pulls)
-        return [pr for pr in pulls if head is None or pr.head == head]
+        records = await asyncio.to_thread(self._records)
+        return [self._as_pull(record) for record in records
+                if (head is None or record["head"] == head) and state in ("all", record["state"])]
+
+    async def get_pull_request(self, number: int, diff: bool = False) -> PullRequestDetail:
+        """A recorded pull request with its comments and review threads, and its diff against the base when
+        `diff`."""
+        await self._dirs()
+        record = await asyncio.to_thread(self._record, number)
+        head, base = record["head"], record["base"]
+        # A deleted head branch leaves the record the tip it had.
+        head_sha = await self._branch_sha(head) or record.get("head_sha")
+        if head_sha is None:
+            raise ForgeError(f"the head branch {head!r} of pull request #{number} no longer exists in {self.path}")
+        base_tip = await self._branch_sha(base)
+        if base_tip is None:
+            raise ForgeError(f"the base branch {base!r} of pull request #{number} no longer exists in {self.path}; "
+                             "the pull request cannot be compared with it")
+        base_sha = await self._git("merge-base", base_tip, head_sha, check=False)
+        if not base_sha:
+            raise ForgeError(f"{head!r} and {base!r} have no commit in common; pull request #{number} cannot be "
+                             "compared with its base")
+        pull = self._as_pull(record)
+        return PullRequestDetail(
+            **pull.model_dump(), head_sha=head_sha, head_repo=str(self.path), base_sha=base_sha,
+            author=record.get("author"), comments=[self._as_comment(record, c) for c in record.get("comments", [])],
+            review_threads=self._threads(record), diff=await self._diff(base_tip, head_sha) if diff else None)
+
+    async def _diff(self, base: str, head: str) -> str:
+        """The changes `head` made since it left `base`; no program the repository names runs to show them."""
+        text = await self._git("diff", "--no-ext-diff", "--no-textconv", "--no-color", f"{base}...{head}", "--")
+        size = len(text.encode())
+        if size <= MAX_DIFF_BYTES:
+            return text
+        cut = text.encode()[:MAX_DIFF_BYTES].decode("utf-8", "ignore")
+        return (cut[:cut.rfind("\n") + 1] + f"[the diff is cut at {MAX_DIFF_BYTES} of its {size} bytes; see all of it "
+                f"with: git diff {base}...{head}]")
+
+    async def reply_to_review_comment(self, number: int, comment_id: int, body: str) -> Comment:
+        """Reply, as this server, in the review thread comment `comment_id` starts."""
+        check_body(body)
+        await self._dirs()
+        return await asyncio.to_thread(self._add, number, "review_comments", comment(body, ours=True), comment_id)
+
+    async def comment_on_issue(self, number: int, body: str) -> Comment:
+        """Add a comment, as this server, to a pull request's conversation (a local repository has no issues)."""
+        check_body(body)
+        await self._dirs()
+        return await asyncio.to_thread(self._add, number, "comments", comment(body, ours=True))
+
+    async def add_review_comment(self, number: int, body: str, path: str | None = None,
+                                 line: int | None = None) -> Comment:
+        """A person's comment on a pull request: on a line of a file when `path` and `line` are given, on a file
+        with `path` alone, else in its conversation."""
+        check_body(body)
+        if line is not None and line < 1:
+            raise ForgeError(f"line {line} is not a line number; lines are counted from 1 in the pull request's "
+                             "version of the file")
+        await self._dirs()
+        if path is None:
+            if line is not None:
+                raise ForgeError("a line needs the path of its file: give path too, or neither to comment on the "
+                                 "whole pull request")
+            return await asyncio.to_thread(self._add, number, "comments", comment(body, ours=False))
+        check_path(path)
+        record = await asyncio.to_thread(self._record, number)
+        head_sha = await self._branch_sha(record["head"]) or record.get("head_sha")
+        tips = [tip for tip in (head_sha, await self._branch_sha(record["base"])) if tip]
+        if not [tip for tip in tips if await self._ok("cat-file", "-e", f"{tip}:{path}")]:
+            raise ForgeError(f"{path!r} is in neither {record['head']!r} nor {record['base']!r}; comment on a file "
+                             f"that pull request #{number} has")
+        return await asyncio.to_thread(self._add, number, "review_comments",
+                                       comment(body, ours=False) | {"path": path, "line": line, "in_reply_to": None})
+
+    def _add(self, number: int, kind: str, new: dict, reply_to: int | None = None) -> Comment:
+        """Add `new` to the `kind` list of pull request `number`, with the repository's next comment id."""
+        with self._locked():
+            record = self._record(number)
+            if reply_to is not None:
+                root = next((c for c in record.get("review_comments", []) if c["id"] == reply_to), None)
+                if root is None:
+                    raise ForgeError(f"pull request #{number} has no review comment {reply_to}; get_pull_request "
+                                     "lists its review threads and their ids")
+                if root.get("in_reply_to") is not None:
+                    raise ForgeError(f"comment {reply_to} is a reply in the thread of comment {root['in_reply_to']}; "
+                                     "reply to the thread's first comment")
+                new |= {"path": root["path"], "line": root.get("line"), "in_reply_to": reply_to}
+            # One counter for both lists and every pull request: an id names one comment in the repository.
+            new["id"] = 1 + max((c["id"] for old in self._records()
+                                 for c in old.get("comments", []) + old.get("review_comments", [])), default=0)
+            record.setdefault(kind, []).append(new)
+            self._write(record)
+        return self._as_comment(record, new)
+
+    async def edit_issue_comment(self, comment_id: int, body: str) -> Comment:
+        """Change the text of a conversation comment this server wrote; any other is refused."""
+        check_body(body)
+        await self._dirs()
+        return await asyncio.to_thread(self._edit, comment_id, body)
+
+    def _edit(self, comment_id: int, body: str) -> Comment:
+        with self._locked():
+            for record in self._records():
+                for old in record.get("comments", []):
+                    if old["id"] == comment_id:
+                        if not old.get("ours"):
+                            raise ForgeError(f"comment {comment_id} on pull request #{record['number']} was written "
+                                             f"by {old.get('author') or 'someone else'}, not by Tiny Backspace; "
+                                             "only its own comments can be edited")
+                        old["body"] = body
+                        self._write(record)
+                        return self._as_comment(record, old)
+                if any(c["id"] == comment_id for c in record.get("review_comments", [])):
+                    raise ForgeError(f"comment {comment_id} is a review comment on pull request #{record['number']};"
+                                     " only conversation comments can be edited")
+        raise ForgeError(f"there is no comment {comment_id} in {self.path}")
 
     async def get_issue(self, number: int) -> Issue:
         """Local repositories have no issue tracker."""
         raise ForgeError(f"{self.path} is a local repository and has no issues; put the task in the prompt instead")
+
+    async def get_permission(self, user: str) -> Permission:
+        """Local repositories have no collaborators."""
+        raise ForgeError(f"{self.path} is a local repository and has no collaborators, so {user!r} has no "
+                         "permission to read: whoever can write its directory can change it. Permissions exist for "
+                         "GitHub repositories only")
+
+    async def delete_branch(self, branch: str) -> bool:
+        """Delete a branch inside the prefix, never the default or a checked-out one, and close the open pull
+        request recorded for it; False when the branch was already gone."""
+        check_writable_branch(branch, self.prefix, *await self._protected())
+        ref = f"refs/heads/{branch}"
+        sha = await self._git("rev-parse", "--verify", "-q", ref, check=False) or None
+        # --no-deref: a branch that is a symbolic ref to another goes alone, never the branch it points to.
+        if sha is not None and not await self._ok("update-ref", "--no-deref", "-m", "tiny-backspace: delete_branch",
+                                                  "-d", ref, sha):
+            raise ForgeError(f"branch {branch!r} moved while it was being deleted; look at it again and retry")
+        await asyncio.to_thread(self._close, branch, sha)
+        return sha is not None
+
+    def _close(self, head: str, sha: str | None) -> None:
+        """Close the open pull requests from `head`, keeping the tip it had when it was deleted."""
+        with self._locked():
+            for record in self._records():
+                if record["head"] == head and record["state"] == "open":
+                    self._write(record | {"state": "closed", "head_sha": sha or record.get("head_sha")})
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def comment(body: str, ours: bool) -> dict:
+    """A new comment's record: this server's, or a person's."""
+    return {"id": 0, "author": OURS_AUTHOR if ours else PERSON, "body": body, "created_at": now(), "ours": ours}
+
+
+def check_body(body: str) -> None:
+    """A comment that says something, within GitHub's size."""
+    if not body.strip():
+        raise ForgeError("the comment is empty; write what it should say")
+    if len(body) > MAX_MESSAGE_CHARS or "\x00" in body:
+        raise ForgeError(f"a comment must be at most {MAX_MESSAGE_CHARS} characters long, with no NUL byte")

@@ -9,25 +9,42 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
+import re
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal, TypeVar
 
 import requests
+from github.File import File
 from github.GithubException import (BadCredentialsException, GithubException, RateLimitExceededException,
                                     UnknownObjectException)
 from github.GithubObject import NotSet
 from github.InputGitTreeElement import InputGitTreeElement
+from github.Issue import Issue as GhIssue
+from github.IssueComment import IssueComment
 from github.PullRequest import PullRequest as GhPull
+from github.PullRequestComment import PullRequestComment
 from github.Repository import Repository
 
+from common.untrusted import OURS, clean
+
 from .clients import NO_TOKEN, Clients
-from .forge import (BranchRef, Changeset, CommitResult, DecodedChanges, ForgeError, ForgeUnavailable, Issue,
-                    PullRequest, RepositoryInfo, check_branch_name, check_message, check_sha, check_writable_branch,
-                    commit_parent, decode_changeset, nothing_to_commit, refuse_workflow_changes)
+from .config import Settings
+from .forge import (MAX_DIFF_BYTES, MAX_MESSAGE_CHARS, BranchRef, Changeset, Comment, CommitResult, DecodedChanges,
+                    ForgeError, ForgeUnavailable, Issue, Permission, PullRequest, PullRequestDetail, RepositoryInfo,
+                    ReviewThread, check_branch_name, check_message, check_sha, check_writable_branch, commit_parent,
+                    decode_changeset, nothing_to_commit, refuse_workflow_changes)
 
 T = TypeVar("T")
 FORK_READY_TIMEOUT_S = 60
+DRAFTS_REFUSED = "Draft pull requests are not supported"
+DRAFT_NOTE = ("> [!NOTE]\n> This pull request would have been a draft, but this repository does not support draft "
+              "pull requests; it is open for review instead.\n\n")
+SIGNATURE = "\n\n" + OURS  # ends every comment this server writes
+ROLES = ("admin", "maintain", "write", "triage", "read", "none")
+LOGIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,38}(?:\[bot\])?$")
+
+
 class GitHubForge:
     """One repository on GitHub (or GitHub Enterprise through GITHUB_API_URL)."""
 
@@ -42,12 +59,16 @@ class GitHubForge:
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         try:
-            return await asyncio.to_thread(fn, *args)
+            return await asyncio.to_thread(self._serially, fn, *args)
         except GithubException as exc:
-            raise explain(exc) from None
+            raise explain(exc, self.clients.settings) from None
         except requests.RequestException as exc:
             raise ForgeError(f"cannot reach the GitHub API at {self.clients.settings.api_url}: "
                              f"{type(exc).__name__}") from None
+
+    def _serially(self, fn: Callable[..., T], *args: Any) -> T:
+        with self.clients.serial():
+            return fn(*args)
 
     def _upstream(self) -> Repository:
         try:
@@ -57,14 +78,35 @@ class GitHubForge:
                 from None
 
     def _target(self, upstream: Repository) -> Repository:
-        """Where branches go: the repository itself when the token can push, else the token owner's fork."""
-        # An installation token's access is the App's, and GitHub then leaves `permissions` out.
-        if upstream.permissions is None or upstream.permissions.push:
+        """Where branches go: the repository itself when the token can push, else the token owner's fork, once
+        GitHub has copied it."""
+        if can_push(upstream):
             return upstream
         known = self.clients.forks.get(self.full_name)
-        fork = self.clients.for_repo(self.full_name).get_repo(known) if known else upstream.create_fork()
+        if known:
+            return self.clients.for_repo(self.full_name).get_repo(known)
+        fork = upstream.create_fork()
+        self._await_fork(fork, upstream)
         self.clients.forks[self.full_name] = fork.full_name
         return fork
+
+    def _await_fork(self, fork: Repository, upstream: Repository) -> None:
+        """Wait, within FORK_READY_TIMEOUT_S, until a fork answers: GitHub creates it at once but copies it later,
+        and until then its git data answers 409 "Git Repository is empty."."""
+        deadline = time.monotonic() + FORK_READY_TIMEOUT_S
+        for delay in backoff():
+            try:
+                fork.get_git_ref(f"heads/{fork.default_branch}")
+                return
+            except UnknownObjectException:
+                return  # it answers; a branch it lacks is for the caller to find
+            except GithubException as exc:
+                if exc.status != 409:
+                    raise
+            if time.monotonic() >= deadline:
+                raise ForgeError(f"the fork {fork.full_name} of {upstream.full_name} is still being created; try "
+                                 "again in a minute")
+            self.clients.pause(min(delay, max(0.0, deadline - time.monotonic())))
 
     @staticmethod
     def _ref_sha(repo: Repository, branch: str) -> str | None:
@@ -73,11 +115,10 @@ class GitHubForge:
         except UnknownObjectException:
             return None
 
-    @staticmethod
-    def _await_commit(repo: Repository, sha: str, patient: bool) -> None:
+    def _await_commit(self, repo: Repository, sha: str, patient: bool) -> None:
         """Wait, within a bound, for `sha` to appear in a fork GitHub is still copying."""
         deadline = time.monotonic() + (FORK_READY_TIMEOUT_S if patient else 0)
-        while True:
+        for delay in backoff():
             try:
                 repo.get_git_commit(sha)
                 return
@@ -87,14 +128,13 @@ class GitHubForge:
                         raise ForgeError(f"commit {sha} is not in {repo.full_name}; branch from a commit the "
                                          "repository has") from None
                     raise
-            time.sleep(2)
+            self.clients.pause(min(delay, max(0.0, deadline - time.monotonic())))
 
     async def get_repository(self) -> RepositoryInfo:
         """Describe the repository and whether the token can push to it."""
         repo = await self._call(self._upstream)
-        can_push = bool(repo.permissions and repo.permissions.push)
         return RepositoryInfo(repo=repo.full_name, forge="github", default_branch=repo.default_branch,
-                              can_push=can_push, clone_url=repo.clone_url, branch_prefix=self.prefix)
+                              can_push=can_push(repo), clone_url=repo.clone_url, branch_prefix=self.prefix)
 
     async def create_branch(self, branch: str, from_sha: str) -> BranchRef:
         """Create `branch` at `from_sha` (in the fork when the token cannot push); idempotent at the same sha."""
@@ -193,9 +233,16 @@ class GitHubForge:
         if self._ref_sha(target, head) is None:
             raise ForgeError(f"head branch {head!r} does not exist in {target.full_name}; "
                              "call create_branch and commit_changes first")
+        fields = {"base": base, "head": label if forked else head, "title": title,
+                  "maintainer_can_modify": True if forked else NotSet}
         try:
-            pull = upstream.create_pull(base=base, head=label if forked else head, title=title, body=body,
-                                        draft=draft, maintainer_can_modify=True if forked else NotSet)
+            try:
+                pull = upstream.create_pull(body=body, draft=draft, **fields)
+            except GithubException as exc:
+                if not (draft and exc.status == 422 and DRAFTS_REFUSED in str(exc.data)):
+                    raise
+                # Plans without draft pull requests refuse them: ready for review, saying so first.
+                pull = upstream.create_pull(body=DRAFT_NOTE + body, draft=False, **fields)
         except GithubException as exc:
             # PyGithub retries POSTs: the first attempt may have opened it.
             if exc.status == 422 and "already exists" in str(exc.data):
@@ -205,7 +252,7 @@ class GitHubForge:
         return as_pull(pull)
 
     async def get_issue(self, number: int) -> Issue:
-        """Read one issue: its title, body, state and labels."""
+        """Read one issue: its title, body, state, labels and conversation, every text cleaned."""
         return await self._call(self._get_issue, number)
 
     def _get_issue(self, number: int) -> Issue:
@@ -214,19 +261,157 @@ class GitHubForge:
             title = issue.title
         except UnknownObjectException:
             raise ForgeError(f"issue #{number} was not found in {self.full_name}") from None
-        return Issue(number=issue.number, title=title, body=issue.body or "", state=issue.state,
-                     url=issue.html_url, labels=[label.name for label in issue.labels],
-                     author=issue.user.login if issue.user else None)
+        return Issue(number=issue.number, title=clean(title), body=clean(issue.body or ""), state=issue.state,
+                     url=issue.html_url, labels=[clean(label.name) for label in issue.labels],
+                     author=issue.user.login if issue.user else None,
+                     comments=[as_comment(c) for c in issue.get_comments()])
 
-    async def list_pull_requests(self, head: str | None) -> list[PullRequest]:
-        """The open pull requests, only those from `head` (a branch or owner:branch) when given."""
-        return await self._call(self._list_pulls, head)
+    async def list_pull_requests(self, head: str | None, state: Literal["open", "closed", "all"] = "open"
+                                 ) -> list[PullRequest]:
+        """The pull requests in `state`, only those from `head` (a branch or owner:branch) when given."""
+        if state not in ("open", "closed", "all"):
+            raise ForgeError(f"state must be 'open', 'closed' or 'all', not {state!r}")
+        return await self._call(self._list_pulls, head, state)
 
-    def _list_pulls(self, head: str | None) -> list[PullRequest]:
+    def _list_pulls(self, head: str | None, state: str = "open") -> list[PullRequest]:
         upstream = self._upstream()
         if head and ":" in head:
-            return [as_pull(p) for p in upstream.get_pulls(state="open", head=head)]
-        return [as_pull(p) for p in upstream.get_pulls(state="open") if head is None or p.head.ref == head]
+            return [as_pull(p) for p in upstream.get_pulls(state=state, head=head)]
+        return [as_pull(p) for p in upstream.get_pulls(state=state) if head is None or p.head.ref == head]
+
+    # The conversation: pull requests read whole, review threads answered, comments written as this server.
+
+    def _pull(self, upstream: Repository, number: int) -> GhPull:
+        try:
+            return upstream.get_pull(number)
+        except UnknownObjectException:
+            raise ForgeError(f"pull request #{number} was not found in {self.full_name}; list_pull_requests shows "
+                             "the ones it has") from None
+
+    async def get_pull_request(self, number: int, diff: bool = False) -> PullRequestDetail:
+        """A pull request with where its head is, its conversation, its review threads (every page of each, every
+        text cleaned) and, when `diff`, its changes from the files' patches."""
+        return await self._call(self._get_pull_request, number, diff)
+
+    def _get_pull_request(self, number: int, diff: bool) -> PullRequestDetail:
+        pull = self._pull(self._upstream(), number)
+        # A pull request from a fork that was deleted has no head repository any more.
+        head_repo = pull.head.repo.full_name if pull.head.repo is not None else ""
+        return PullRequestDetail(
+            **as_pull(pull).model_dump(), head_sha=pull.head.sha, head_repo=head_repo, base_sha=pull.base.sha,
+            author=pull.user.login if pull.user else None,
+            comments=[as_comment(c) for c in pull.get_issue_comments()],
+            review_threads=review_threads(pull.get_review_comments()),
+            diff=files_diff(pull.get_files(), pull.html_url) if diff else None)
+
+    async def reply_to_review_comment(self, number: int, comment_id: int, body: str) -> Comment:
+        """Reply, as this server, in the review thread that comment `comment_id` starts on pull request
+        `number`."""
+        return await self._call(self._reply, number, comment_id, signed(body))
+
+    def _reply(self, number: int, comment_id: int, body: str) -> Comment:
+        pull = self._pull(self._upstream(), number)
+        try:
+            root = pull.get_review_comment(comment_id)
+            on = root.pull_request_url
+        except UnknownObjectException:
+            on = None
+        if on is None or not on.endswith(f"/pulls/{number}"):
+            raise ForgeError(f"pull request #{number} has no review comment {comment_id}; get_pull_request lists "
+                             "its review threads and their ids")
+        if root.in_reply_to_id is not None:
+            raise ForgeError(f"comment {comment_id} is a reply in the thread of comment {root.in_reply_to_id}; "
+                             "reply to the thread's first comment")
+        return as_comment(pull.create_review_comment_reply(comment_id, body))
+
+    async def comment_on_issue(self, number: int, body: str) -> Comment:
+        """Add a comment, as this server, to the conversation of an issue or a pull request."""
+        return await self._call(self._comment_on_issue, number, signed(body))
+
+    def _comment_on_issue(self, number: int, body: str) -> Comment:
+        upstream = self._upstream()
+        # Not read first: a pull request's number names an issue too, and the POST alone says whether it exists.
+        issue = GhIssue(upstream.requester, url=f"{upstream.url}/issues/{number}", completed=False)
+        try:
+            return as_comment(issue.create_comment(body))
+        except UnknownObjectException:
+            raise ForgeError(f"there is no issue or pull request #{number} in {self.full_name}") from None
+
+    async def edit_issue_comment(self, comment_id: int, body: str) -> Comment:
+        """Change the text of a conversation comment this server wrote; any other is refused."""
+        return await self._call(self._edit_comment, comment_id, signed(body))
+
+    def _edit_comment(self, comment_id: int, body: str) -> Comment:
+        upstream = self._upstream()
+        try:
+            old = IssueComment(upstream.requester, url=f"{upstream.url}/issues/comments/{comment_id}")
+            text = old.body or ""
+        except UnknownObjectException:
+            raise ForgeError(f"there is no issue or pull request comment {comment_id} in {self.full_name}") from None
+        if OURS not in text:
+            author = old.user.login if old.user else "someone else"
+            raise ForgeError(f"comment {comment_id} was written by {author}, not by Tiny Backspace; only its own "
+                             "comments can be edited")
+        old.edit(body)
+        return as_comment(old)
+
+    async def add_review_comment(self, number: int, body: str, path: str | None = None,
+                                 line: int | None = None) -> Comment:
+        """Refused: on GitHub, people comment on the pull request's page and this server only answers them."""
+        raise ForgeError(f"{self.full_name} is on GitHub: people add review comments on pull request #{number}'s "
+                         "page there, where they are theirs; this server only replies to them "
+                         "(reply_to_review_comment) and comments as itself (comment_on_issue)")
+
+    async def get_permission(self, user: str) -> Permission:
+        """What `user` may do in the repository: their role, and whether it lets them push."""
+        if not LOGIN.match(user):
+            raise ForgeError(f"{user[:100]!r} is not a GitHub login (letters, digits and single hyphens, at most 39 "
+                             "characters, '[bot]' after an App's name)")
+        return await self._call(self._permission, user)
+
+    def _permission(self, user: str) -> Permission:
+        upstream = self._upstream()
+        try:
+            role = upstream.get_collaborator_role_name(user)
+            if role not in ROLES:  # a custom role: what it builds on says what it may do
+                role = upstream.get_collaborator_permission(user)
+        except UnknownObjectException:
+            role = "none"  # GitHub knows no such user
+        permission = role if role in ROLES else "none"
+        return Permission(user=user, permission=permission, can_write=permission in ("admin", "maintain", "write"))
+
+    async def delete_branch(self, branch: str) -> bool:
+        """Delete a branch inside the prefix where this server writes (never a default branch); False when it was
+        not there."""
+        check_writable_branch(branch, self.prefix)
+        return await self._call(self._delete_branch, branch)
+
+    def _delete_branch(self, branch: str) -> bool:
+        upstream = self._upstream()
+        target = self._target(upstream)
+        check_writable_branch(branch, self.prefix, upstream.default_branch, target.default_branch)
+        try:
+            target.get_git_ref(f"heads/{branch}").delete()
+        except GithubException as exc:
+            # 404: not there when read; 422: gone by the time the DELETE arrived.
+            if exc.status not in (404, 422):
+                raise
+            return False
+        return True
+
+
+def can_push(repo: Repository) -> bool:
+    """Whether branches go to `repo` itself: the token can push, or it is an App installation's (GitHub then leaves
+    `permissions` out: the access is the App's, on the repositories it is installed on)."""
+    return repo.permissions is None or bool(repo.permissions.push)
+
+
+def backoff(first: float = 0.2, most: float = 2.0) -> Iterator[float]:
+    """Waits that start short and double, up to `most`."""
+    delay = first
+    while True:
+        yield delay
+        delay = min(delay * 2, most)
 
 
 def as_pull(pull: GhPull, existing: bool = False) -> PullRequest:
@@ -234,26 +419,110 @@ def as_pull(pull: GhPull, existing: bool = False) -> PullRequest:
     same_repo = pull.head.repo is not None and pull.head.repo.full_name == pull.base.repo.full_name
     created = pull.created_at or datetime.datetime.now(datetime.UTC)
     return PullRequest(number=pull.number, url=pull.html_url, head=pull.head.ref if same_repo else pull.head.label,
-                       base=pull.base.ref, title=pull.title, body=pull.body or "", draft=bool(pull.draft),
-                       state=pull.state, created_at=created.isoformat(), existing=existing)
+                       base=pull.base.ref, title=clean(pull.title), body=clean(pull.body or ""),
+                       draft=bool(pull.draft), state=pull.state, created_at=created.isoformat(), existing=existing)
 
 
-def explain(exc: GithubException) -> ForgeError:
+def as_comment(comment: IssueComment | PullRequestComment) -> Comment:
+    """Our view of a comment: its text cleaned, `ours` when its raw text holds this server's mark."""
+    raw = comment.body or ""
+    created = comment.created_at or datetime.datetime.now(datetime.UTC)
+    return Comment(id=comment.id, author=comment.user.login if comment.user else None,
+                   body=clean(raw.removesuffix(SIGNATURE)),
+                   created_at=created.isoformat(), url=comment.html_url, ours=OURS in raw)
+
+
+def review_threads(comments: Iterable[PullRequestComment]) -> list[ReviewThread]:
+    """Review comments as threads: each first comment (one that replies to none) with its replies in order, and
+    `addressed` when the thread's last comment is this server's."""
+    threads: dict[int, list[PullRequestComment]] = {}
+    replies: list[PullRequestComment] = []
+    for comment in comments:
+        if comment.in_reply_to_id is None:
+            threads[comment.id] = [comment]
+        else:
+            replies.append(comment)
+    for reply in replies:
+        # The replies to a first comment that was deleted stay together, under the earliest of them.
+        threads.setdefault(reply.in_reply_to_id, []).append(reply)
+    result = []
+    for first, *rest in threads.values():
+        head, answers = as_comment(first), [as_comment(c) for c in rest]
+        result.append(ReviewThread(id=head.id, path=first.path, line=first.line, author=head.author, body=head.body,
+                                   created_at=head.created_at, url=head.url, replies=answers,
+                                   addressed=(answers or [head])[-1].ours))
+    return result
+
+
+def files_diff(files: Iterable[File], url: str) -> str:
+    """A unified diff from the patches of a pull request's files, cut at MAX_DIFF_BYTES (no page past it is read)."""
+    parts, size = [], 0
+    for f in files:
+        old = f.previous_filename or f.filename
+        text = f"diff --git a/{old} b/{f.filename}\n"
+        if f.patch:
+            text += (f"--- {'/dev/null' if f.status == 'added' else 'a/' + old}\n"
+                     f"+++ {'/dev/null' if f.status == 'removed' else 'b/' + f.filename}\n{f.patch}\n")
+        else:
+            text += f"({f.status}; GitHub shows no patch: a binary file, a rename alone, or too large a change)\n"
+        encoded = text.encode()
+        if size + len(encoded) > MAX_DIFF_BYTES:
+            cut = encoded[:MAX_DIFF_BYTES - size].decode("utf-8", "ignore")
+            parts.append(cut[:cut.rfind("\n") + 1])
+            parts.append(f"[the diff is cut at {MAX_DIFF_BYTES} bytes; see all of it at {url}/files]\n")
+            break
+        parts.append(text)
+        size += len(encoded)
+    return "".join(parts)
+
+
+def signed(body: str) -> str:
+    """`body` as this server writes it: not empty, within GitHub's size, ending with the mark of its comments."""
+    if not body.strip():
+        raise ForgeError("the comment is empty; write what it should say")
+    limit = MAX_MESSAGE_CHARS - len(SIGNATURE)
+    if len(body) > limit or "\x00" in body:
+        raise ForgeError(f"a comment must be at most {limit} characters long, with no NUL byte")
+    return body + SIGNATURE
+
+
+def explain(exc: GithubException, settings: Settings | None = None) -> ForgeError:
     """A message the caller can act on, from what GitHub answered."""
     data = exc.data if isinstance(exc.data, dict) else {}
     message = str(data.get("message") or exc.message or "no message")
     details = "; ".join(str(e.get("message") or e.get("code")) for e in data.get("errors", []) if isinstance(e, dict))
+    if exc.status == 401 and settings is not None and settings.app_id:
+        return ForgeUnavailable(f"GitHub refused the GitHub App's credentials (401 {message}): check that "
+                                "GITHUB_APP_ID is the App's id and GITHUB_APP_PRIVATE_KEY its private key, and that "
+                                "this machine's clock is right")
     if isinstance(exc, BadCredentialsException):
         return ForgeUnavailable("GitHub rejected the token (401 Bad credentials): set a valid GITHUB_TOKEN")
-    if isinstance(exc, RateLimitExceededException):
-        headers = {k.lower(): v for k, v in (exc.headers or {}).items()}
-        reset = headers.get("x-ratelimit-reset", "")
+    if isinstance(exc, RateLimitExceededException) or exc.status == 429:
+        return rate_limited(exc, message, settings)
+    if exc.status == 404:
+        return ForgeError(f"GitHub answered 404 Not Found: the repository, branch or commit does not exist or the "
+                          f"token cannot see it ({message})")
+    return ForgeError(f"GitHub answered {exc.status}: {message}" + (f" ({details})" if details else ""))
+
+
+def rate_limited(exc: GithubException, message: str, settings: Settings | None) -> ForgeError:
+    """What a rate limit GitHub answered means for the caller: when to try again."""
+    headers = {k.lower(): v for k, v in (exc.headers or {}).items()}
+    reset = headers.get("x-ratelimit-reset", "")
+    if headers.get("x-ratelimit-remaining") == "0" or message.lower().startswith("api rate limit exceeded"):
         when = ""
         if reset.isdigit():
             at = datetime.datetime.fromtimestamp(int(reset), datetime.UTC)
             when = f"; it resets at {at:%H:%M:%S} UTC, in {max(0, int(at.timestamp() - time.time()))} s"
         return ForgeError(f"GitHub API rate limit exhausted ({exc.status}){when}; try again after that")
-    if exc.status == 404:
-        return ForgeError(f"GitHub answered 404 Not Found: the repository, branch or commit does not exist or the "
-                          f"token cannot see it ({message})")
-    return ForgeError(f"GitHub answered {exc.status}: {message}" + (f" ({details})" if details else ""))
+    wait = getattr(exc, "wait", None)
+    if wait is None and headers.get("retry-after", "").isdigit():
+        wait = int(headers["retry-after"])
+    limit = settings.max_rate_limit_wait_s if settings is not None else None
+    text = f"GitHub's secondary rate limit refused the request ({exc.status}: {message})"
+    if wait is None:
+        return ForgeError(f"{text}; try again in a few minutes")
+    at = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=wait)
+    longer = f", longer than GITHUB_MAX_RATE_LIMIT_WAIT_S ({limit:g} s) lets this server wait" \
+        if limit is not None and wait > limit else ""
+    return ForgeError(f"{text}; it asks to wait {wait:.0f} s{longer}: try again after {at:%H:%M:%S} UTC")

@@ -1,25 +1,37 @@
 """A fake GitHub REST API on loopback, for the real PyGithub to talk to.
 
 It implements the endpoints the github server uses, with the status codes, headers and bodies GitHub documents
-(docs.github.com/rest: repos, forks, git blobs/trees/commits/refs, pulls, issues, rate limits), and records every
-request so tests can check what a client sent.
+(docs.github.com/rest: repos, forks, git blobs/trees/commits/refs, pulls, issues, rate limits, Apps), and records
+every request so tests can check what a client sent. What real GitHub does to clients, it can do too: forks that are
+copied asynchronously (their git data answers 409 until `fork_delay_s` has passed), secondary rate limits
+(`secondary`), lists in pages, repositories without draft pull requests, installation tokens that expire. It also
+serves clones: each repository's objects and refs are written into a real bare repository, its `clone_url`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import re
+import shutil
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from .git_objects import Commit, ObjectStore
+from .github_app import APP, Apps
 from .github_conversation import Conversations
-from .github_json import FakeRepo, commit_json, error, ref_json, repo_json
+from .github_json import FakeRepo, commit_json, error, paginated, ref_json, repo_json
 
 LOGIN = web.RequestKey("login", str)
+WRITES = {"POST", "PATCH", "PUT", "DELETE"}
+_GIT_DATA = re.compile(r"^/repos/([^/]+)/([^/]+)/git/")
+SECONDARY_LIMIT = ("You have exceeded a secondary rate limit. Please wait a few minutes before you try again. If you "
+                   "reach out to GitHub Support for help, please include the request ID 0000:0000:0000000:0000000:0.")
 
 
 @dataclass
@@ -28,6 +40,30 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: Any
+    at: float = field(default_factory=time.time)
+
+
+@dataclass
+class SecondaryRateLimit:
+    """Which requests answer with a secondary rate limit: every `every`-th counted request, and the `next` counted
+    ones; counted are writes (GitHub's "content-creating requests") or, with `writes_only` False, all. GitHub answers
+    them 403 or 429 (`status`), with `retry-after` when it says how long to wait (`retry_after`, None: no header)."""
+
+    every: int = 0
+    next: int = 0
+    writes_only: bool = True
+    status: int = 403
+    retry_after: int | None = 1
+    counted: int = 0
+
+    def applies(self, method: str) -> bool:
+        if self.writes_only and method not in WRITES:
+            return False
+        self.counted += 1
+        if self.next > 0:
+            self.next -= 1
+            return True
+        return bool(self.every) and self.counted % self.every == 0
 
 
 class FakeGitHub:
@@ -39,15 +75,22 @@ class FakeGitHub:
         self.pulls: dict[str, list[dict[str, Any]]] = {}
         self.requests: list[Recorded] = []
         self.rate_limit_exhausted = False
+        self.secondary = SecondaryRateLimit()
+        self.rate_limited: list[Recorded] = []  # the requests answered with a secondary rate limit
+        self.fork_delay_s = 0.0
+        self.token_lifetime_s = 3600.0
         self.lose_responses: list[tuple[str, str]] = []
         self.base_url = ""
+        self.clones: Path | None = None  # where the bare repositories behind each `clone_url` are, once started
         self.conversations = Conversations(self)
+        self.apps = Apps(self)
         self._runner: web.AppRunner | None = None
 
-    def add_repo(self, full_name: str, files: dict[str, str], *, pushers: set[str] = frozenset()) -> FakeRepo:
+    def add_repo(self, full_name: str, files: dict[str, str], *, pushers: set[str] = frozenset(),
+                 drafts_supported: bool = True) -> FakeRepo:
         """A repository with one commit holding `files` on `main`."""
         owner, name = full_name.split("/")
-        repo = FakeRepo(owner, name, ObjectStore(), pushers=set(pushers))
+        repo = FakeRepo(owner, name, ObjectStore(), pushers=set(pushers), drafts_supported=drafts_supported)
         repo.refs["main"] = repo.store.commit_files({p: t.encode() for p, t in files.items()}, [], "initial")
         self.repos[full_name] = repo
         self.pulls[full_name] = []
@@ -75,6 +118,8 @@ class FakeGitHub:
             web.get(r + "/issues/{number}", self.get_issue),
         ])
         app.add_routes(self.conversations.routes())
+        app.add_routes(self.apps.routes())
+        self.clones = Path(tempfile.mkdtemp(prefix="fake-github-clones-"))
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -86,6 +131,37 @@ class FakeGitHub:
     async def stop(self) -> None:
         if self._runner:
             await self._runner.cleanup()
+        if self.clones is not None:
+            shutil.rmtree(self.clones, ignore_errors=True)
+            self.clones = None
+
+    def clone_url(self, repo: FakeRepo) -> str:
+        """The file:// URL of the bare repository that mirrors `repo` (GitHub's own clone URL before start())."""
+        if self.clones is None:
+            return ""
+        return (self.clones / f"{repo.full_name}.git").as_uri()
+
+    def repo_json(self, repo: FakeRepo, login: str) -> dict[str, Any]:
+        """GET /repos/{owner}/{repo} as `login` sees it, its clone_url the mirror's."""
+        return repo_json(self.base_url, repo, login, self.clone_url(repo))
+
+    def mirror(self, full_name: str) -> Path:
+        """Write the repository's objects, branches and pull request heads (refs/pull/<n>/head) into its bare
+        repository, HEAD naming its default branch; a fork still being copied has no refs yet. Its git dir."""
+        assert self.clones is not None, "start() the fake first"
+        repo = self.repos[full_name]
+        refs = {} if self._copying(repo) else {f"refs/heads/{b}": sha for b, sha in repo.refs.items()}
+        for pull in self.pulls.get(full_name, []):
+            head = self.repos.get(pull["head"]["repo"]["full_name"])
+            sha = head.refs.get(pull["head"]["ref"], pull["head"]["sha"]) if head else pull["head"]["sha"]
+            refs[f"refs/pull/{pull['number']}/head"] = sha
+        git_dir = self.clones / f"{full_name}.git"
+        repo.store.mirror(git_dir, refs, repo.default_branch)
+        return git_dir
+
+    @staticmethod
+    def _copying(repo: FakeRepo) -> bool:
+        return time.monotonic() < repo.ready_at
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -98,11 +174,23 @@ class FakeGitHub:
                              "help, please include the request ID.", "/using-the-rest-api/rate-limits-for-the-rest-api")
             response.headers.update(limits | {"X-RateLimit-Remaining": "0", "X-RateLimit-Used": "5000"})
             return response
-        auth = request.headers.get("Authorization", "")
-        kind, _, token = auth.partition(" ")
-        if kind.lower() not in ("token", "bearer") or token not in self.tokens:
-            return error(401, "Bad credentials" if auth else "Requires authentication")
-        request[LOGIN] = self.tokens[token]
+        refused = self._authenticate(request)
+        if refused is not None:
+            return refused
+        if self.secondary.applies(request.method):
+            self.rate_limited.append(self.requests[-1])
+            status = self.secondary.status
+            response = error(status, SECONDARY_LIMIT,
+                             "/using-the-rest-api/rate-limits-for-the-rest-api#about-secondary-rate-limits")
+            response.headers.update(limits | {"X-RateLimit-Remaining": "4990", "X-RateLimit-Used": "10"})
+            if self.secondary.retry_after is not None:
+                response.headers["Retry-After"] = str(self.secondary.retry_after)
+            return response
+        git_data = _GIT_DATA.match(request.path)
+        repo = self.repos.get(f"{git_data[1]}/{git_data[2]}") if git_data else None
+        if repo is not None and self._copying(repo):
+            # GitHub copies a fork after answering POST /forks; until then its git data is not there.
+            return error(409, "Git Repository is empty.", "/git/refs#get-a-reference")
         response = await handler(request)
         response.headers.update(limits | {"X-RateLimit-Remaining": "4999", "X-RateLimit-Used": "1"})
         for rule in self.lose_responses:
@@ -111,6 +199,22 @@ class FakeGitHub:
                 self.lose_responses.remove(rule)
                 return error(502, "Server Error")
         return response
+
+    def _authenticate(self, request: web.Request) -> web.Response | None:
+        """None when the request's credentials are good: the App's JWT on App endpoints, else a token the fake
+        knows that has not expired."""
+        auth = request.headers.get("Authorization", "")
+        if self.apps.wants_jwt(request):
+            app = self.apps.verify(auth)
+            if isinstance(app, web.Response):
+                return app
+            request[APP] = app
+            return None
+        kind, _, token = auth.partition(" ")
+        if kind.lower() not in ("token", "bearer") or token not in self.tokens or self.apps.expired(token):
+            return error(401, "Bad credentials" if auth else "Requires authentication")
+        request[LOGIN] = self.tokens[token]
+        return None
 
     def _repo(self, request: web.Request) -> FakeRepo | None:
         return self.repos.get(f"{request.match_info['owner']}/{request.match_info['name']}")
@@ -127,7 +231,8 @@ class FakeGitHub:
         repo = self._repo(request)
         if repo is None:
             return error(404, "Not Found", "/repos/repos#get-a-repository")
-        return web.json_response(repo_json(self.base_url, repo, request[LOGIN]))
+        self.mirror(repo.full_name)
+        return web.json_response(self.repo_json(repo, request[LOGIN]))
 
     async def create_fork(self, request: web.Request) -> web.Response:
         upstream, login = self._repo(request), request[LOGIN]
@@ -135,11 +240,12 @@ class FakeGitHub:
             return error(404, "Not Found", "/repos/forks#create-a-fork")
         fork = self.repos.get(f"{login}/{upstream.name}")
         if fork is None:
+            # Answered at once; the copy takes `fork_delay_s`.
             fork = FakeRepo(login, upstream.name, upstream.store, upstream.default_branch, {login},
-                            dict(upstream.refs), upstream)
+                            dict(upstream.refs), upstream, ready_at=time.monotonic() + self.fork_delay_s)
             self.repos[fork.full_name] = fork
             self.pulls[fork.full_name] = []
-        return web.json_response(repo_json(self.base_url, fork, login), status=202)
+        return web.json_response(self.repo_json(fork, login), status=202)
 
     async def get_ref(self, request: web.Request) -> web.Response:
         repo = self._repo(request)
@@ -241,13 +347,15 @@ class FakeGitHub:
         state, head = request.query.get("state", "open"), request.query.get("head")
         found = [p for p in self.pulls[repo.full_name]
                  if (state == "all" or p["state"] == state) and (head is None or p["head"]["label"] == head)]
-        return web.json_response(found)
+        return paginated(request, found)
 
     async def create_pull(self, request: web.Request) -> web.Response:
         repo = self._repo(request)
         if repo is None:
             return error(404, "Not Found", "/pulls/pulls#create-a-pull-request")
         body, doc = await request.json(), "/pulls/pulls#create-a-pull-request"
+        if body.get("draft") and not repo.drafts_supported:
+            return error(422, "Draft pull requests are not supported in this repository.", doc)
         owner, _, branch = body["head"].rpartition(":")
         head_repo = self.repos.get(f"{owner}/{repo.name}") if owner else repo
         label = f"{head_repo.owner if head_repo else owner}:{branch}"
@@ -264,7 +372,7 @@ class FakeGitHub:
         number = len(self.pulls[repo.full_name]) + sum(1 for _ in repo.issues) + 1
         url = f"{self.base_url}/repos/{repo.full_name}/pulls/{number}"
         side = lambda r, b: {"label": f"{r.owner}:{b}", "ref": b, "sha": r.refs[b],  # noqa: E731
-                             "user": {"login": r.owner}, "repo": repo_json(self.base_url, r, request[LOGIN])}
+                             "user": {"login": r.owner}, "repo": self.repo_json(r, request[LOGIN])}
         pull = {"url": url, "id": number, "node_id": "PR_1", "number": number, "state": "open",
                 "html_url": f"https://github.com/{repo.full_name}/pull/{number}", "title": body.get("title", ""),
                 "body": body.get("body"), "draft": bool(body.get("draft", False)), "user": {"login": request[LOGIN]},

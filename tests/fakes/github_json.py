@@ -22,6 +22,8 @@ class FakeRepo:
     refs: dict[str, str] = field(default_factory=dict)
     parent: FakeRepo | None = None
     issues: dict[int, dict[str, Any]] = field(default_factory=dict)
+    drafts_supported: bool = True  # False: the plan has no draft pull requests (GitHub Free, private repositories)
+    ready_at: float = 0.0  # time.monotonic() when a fork's copy is done; before, its git data answers 409
 
     @property
     def full_name(self) -> str:
@@ -54,16 +56,18 @@ def paginated(request: web.Request, items: list[Any]) -> web.Response:
     return response
 
 
-def repo_json(base_url: str, repo: FakeRepo, login: str) -> dict[str, Any]:
-    """GET /repos/{owner}/{repo}, with `permissions` as `login` holds them."""
+def repo_json(base_url: str, repo: FakeRepo, login: str, clone_url: str = "") -> dict[str, Any]:
+    """GET /repos/{owner}/{repo}, with `permissions` as `login` holds them (an App installation, `…[bot]`, gets none:
+    its access is the App's)."""
     url = f"{base_url}/repos/{repo.full_name}"
     push = login in repo.pushers
     data = {"id": hash(repo.full_name) % 10**8, "node_id": "R_1", "name": repo.name, "full_name": repo.full_name,
             "owner": {"login": repo.owner, "id": 1, "type": "User"}, "private": False,
             "html_url": f"https://github.com/{repo.full_name}", "url": url,
-            "clone_url": f"https://github.com/{repo.full_name}.git", "default_branch": repo.default_branch,
-            "fork": repo.parent is not None,
-            "permissions": {"admin": push, "maintain": push, "push": push, "triage": push, "pull": True}}
+            "clone_url": clone_url or f"https://github.com/{repo.full_name}.git",
+            "default_branch": repo.default_branch, "fork": repo.parent is not None}
+    if not login.endswith("[bot]"):
+        data["permissions"] = {"admin": push, "maintain": push, "push": push, "triage": push, "pull": True}
     if repo.parent:
         data["parent"] = repo_json(base_url, repo.parent, login)
     return data

@@ -52,9 +52,10 @@ async def test_the_server_lists_the_contract_tools_with_read_only_hints() -> Non
     async with Client(build_server(Settings())) as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
     assert set(tools) == {"get_repository", "create_branch", "commit_changes", "open_pull_request", "get_issue",
-                          "list_pull_requests"}
-    assert {n for n, t in tools.items() if t.annotations.read_only_hint} == {"get_repository", "get_issue",
-                                                                             "list_pull_requests"}
+                          "list_pull_requests", "get_pull_request", "reply_to_review_comment", "comment_on_issue",
+                          "edit_issue_comment", "add_review_comment", "get_permission", "delete_branch"}
+    assert {n for n, t in tools.items() if t.annotations.read_only_hint} == {
+        "get_repository", "get_issue", "list_pull_requests", "get_pull_request", "get_permission"}
 
 
 async def test_a_github_repository_without_a_token_is_an_error_result_naming_the_variable(

@@ -1,5 +1,6 @@
 """`python -m orchestrator --host 127.0.0.1 --port 8002 --mcp-config mcp.json` serves;
-`python -m orchestrator run --repo URL_OR_PATH "instruction"` is the command line client (`cli.py`).
+`python -m orchestrator run --repo URL_OR_PATH "instruction"` is the command line client (`cli.py`), and
+`python -m orchestrator pulls|pull|comment|follow-up|close REPO ...` works on a local repository's pull requests.
 
 Without --mcp-config both use ~/.config/tiny-backspace/mcp.json when it exists, else the project's own mcp.json (beside
 this package in a source checkout), whatever the current folder. A failure the operator can fix at start-up (a bad
@@ -128,6 +129,10 @@ def main(argv: list[str] | None = None) -> None:
         from .cli import main as run_main  # the client needs none of the service's start-up
 
         sys.exit(run_main(argv[1:]))
+    if argv[:1] and argv[0] in ("pulls", "pull", "comment", "follow-up", "close"):
+        from .cli import pulls_main  # a local repository's pull requests, through the service
+
+        sys.exit(pulls_main(argv))
     args = parse_args(argv)
     setup_logging()
     telemetry.setup()

@@ -6,139 +6,28 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import json
-import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from common import repos
 from common.net import is_loopback
 from common.redact import Redactor
 
 from .events import PING, sse
 from .connections import CONNECTIONS, Connections, connection_limit
 from .guard import Admission, TokenBucket, auth_middleware, browser_checks, client_key
+from . import pulls
+from .intake import (ADMISSION, LOOPBACK, MAX_BODY, REDACT, RUNS, bad_request, control_character, read_json,
+                     redacted_json, validate)
 from .replay import trajectory
-from .run import RunRequest, Services
 from .runs import NotPublishable, RunManager
+from .webhook import Webhook
 
 LAST_EVENT_DIGITS = 18  # any event number fits; a longer one would overflow the store's 64-bit integers
-RUNS = web.AppKey("runs", RunManager)
-REDACT = web.AppKey("redact", Redactor)
-LOOPBACK = web.AppKey("loopback", bool)
-ADMISSION = web.AppKey("admission", Admission)
-MAX_BODY = 256 * 1024
 WILDCARDS = {"", "0.0.0.0", "::"}  # listening on every address names none a client would send as Host
 PAGE = Path(__file__).parent / "web" / "index.html"
-# What POST /code accepts; anything else is refused.
-FIELDS = ("repoUrl", "prompt", "mode", "on_disconnect", "setup", "attempts")
-SETUP_CHARS = 20_000  # the sandbox server's own limit on a setup script
-# C0 and C1 controls and DEL: text that git, terminals and pull requests refuse or act on. Newline, tab and carriage
-# return are text.
-CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-C0_NAMES = ("NUL SOH STX ETX EOT ENQ ACK BEL BS HT LF VT FF CR SO SI DLE DC1 DC2 DC3 DC4 NAK SYN ETB CAN EM SUB ESC FS "
-            "GS RS US").split()
-
-
-def bad_request(message: str, status: int = 400) -> web.Response:
-    return web.json_response({"error": message}, status=status)
-
-
-def redacted_json(request: web.Request, data: Any) -> web.Response:
-    """A JSON answer that passes the same redaction as the event stream (a prompt may hold a secret)."""
-    redact = request.app[REDACT]
-    return web.json_response(data, dumps=lambda obj: redact(json.dumps(obj, ensure_ascii=False)))
-
-
-def validate(body: Any, services: Services, loopback: bool) -> RunRequest | web.Response:
-    """The run a request asks for, or the 4xx response that says what is wrong with it."""
-    if not isinstance(body, dict):
-        return bad_request('the body must be a JSON object: {"repoUrl": "...", "prompt": "..."}')
-    if unknown := sorted(str(name)[:60] for name in body if name not in FIELDS):
-        return bad_request(f"unknown field{'s' if len(unknown) > 1 else ''}: {', '.join(unknown[:10])}"
-                           f"{', …' if len(unknown) > 10 else ''}; the accepted fields are {', '.join(FIELDS)}")
-    repo, prompt = body.get("repoUrl"), body.get("prompt")
-    if not isinstance(repo, str) or not repo.strip():
-        return bad_request("repoUrl must be a non-empty string: a GitHub repository URL or a local repository path")
-    if not isinstance(prompt, str) or not prompt.strip():
-        return bad_request("prompt must be a non-empty string saying what to change")
-    limit = services.settings.max_prompt_chars
-    if len(prompt) > limit:
-        return bad_request(f"prompt is {len(prompt)} characters, over the limit of {limit} (TB_MAX_PROMPT_CHARS)",
-                           413)
-    setup = body.get("setup")
-    if setup is not None and not isinstance(setup, str):
-        return bad_request('setup must be a string: a bash script that installs the repository\'s dependencies, or "" '
-                           "for no setup")
-    if setup is not None and len(setup) > SETUP_CHARS:
-        return bad_request(f"setup is {len(setup)} characters, over the limit of {SETUP_CHARS}", 413)
-    for name, value in (("repoUrl", repo), ("prompt", prompt), ("setup", setup or "")):
-        if refused := _control_character(name, value):
-            return refused
-    mode = body.get("mode", "team")
-    if mode not in ("team", "single"):
-        return bad_request('mode must be "team" (planner, coder, reviewer) or "single" (one agent)')
-    if body.get("on_disconnect", "continue") not in ("continue", "cancel"):
-        return bad_request('on_disconnect must be "continue" (the run goes on) or "cancel"')
-    attempts, most = body.get("attempts", 1), services.settings.max_attempts
-    if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= most:
-        return bad_request(f"attempts must be a whole number from 1 to {most} (TB_MAX_ATTEMPTS): how many coders work "
-                           "on the plan at once, each in a sandbox of its own, for the reviewer to choose from")
-    if attempts > 1 and mode != "team":
-        return bad_request('attempts above 1 need mode "team": the reviewer chooses between the attempts')
-    hosts = services.settings.github_hosts
-    forms = (f"repoUrl must be owner/name, https://HOST/owner/name with HOST one of {', '.join(hosts)} "
-             "(TB_GITHUB_HOSTS), or an absolute path or file:// URL of a local git repository")
-    try:
-        ref = repos.parse(repo, hosts)
-    except repos.RepoError as exc:
-        return bad_request(f"{forms}: {exc}")
-    if ref.kind == "https":
-        return bad_request(f"{forms}: {ref.host} is not one of the GitHub hosts")
-    if ref.kind == "github":
-        return RunRequest(repo_url=str(ref), prompt=prompt, mode=mode, setup=setup, attempts=attempts)
-    local = ref.path.resolve()
-    roots = services.settings.local_roots
-    if not loopback and not any(local == r or r in local.parents for r in roots):
-        return bad_request("local repositories are accepted only while the service listens on loopback, or under "
-                           "a root listed in TB_LOCAL_ROOTS", 403)
-    if not (local / ".git").exists() and not (local / "HEAD").is_file():
-        return bad_request(f"{local} is not a git repository")
-    return RunRequest(repo_url=str(local), prompt=prompt, mode=mode, setup=setup, attempts=attempts)
-
-
-def _control_character(name: str, value: str) -> web.Response | None:
-    """The 400 for the first control character in a field, naming it and where it is; None when there is none."""
-    found = CONTROL.search(value)
-    if found is None:
-        return None
-    code = ord(found[0])
-    label = C0_NAMES[code] if code < len(C0_NAMES) else "DEL" if code == 0x7F else None
-    shown = f"U+{code:04X}" + (f" ({label})" if label else "")
-    return bad_request(f"{name} holds the control character {shown} at offset {found.start()} (counting from 0): "
-                       "remove it; of the control characters only newline, tab and carriage return are accepted")
-
-
-async def read_json(request: web.Request, example: str, optional: bool = False) -> Any:
-    """The request's JSON body, or the 4xx response that says what is wrong with it; `optional`: no body is {}."""
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        return bad_request(f"the body is over {MAX_BODY} bytes", 413)
-    timeout = request.app[RUNS].services.settings.client_timeout_s
-    try:
-        async with asyncio.timeout(timeout):
-            raw = await request.read()
-        return {} if optional and not raw.strip() else json.loads(raw)
-    except TimeoutError:
-        return bad_request(f"the body did not arrive within {timeout:g} s (TB_CLIENT_TIMEOUT_S); send it whole", 408)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return bad_request(f"the body is not JSON; send {example}")
-    except RecursionError:
-        return bad_request(f"the body nests too deeply; send {example}")
-    except web.HTTPRequestEntityTooLarge:
-        return bad_request(f"the body is over {MAX_BODY} bytes", 413)
 
 
 async def post_code(request: web.Request) -> web.StreamResponse:
@@ -250,7 +139,7 @@ async def steer_run(request: web.Request) -> web.Response:
         return bad_request('send {"text": "..."}: what the agent should know or do, as plain text')
     if len(text) > limit:
         return bad_request(f"text is {len(text)} characters, over the limit of {limit} (TB_MAX_PROMPT_CHARS)", 413)
-    if refused := _control_character("text", text):
+    if refused := control_character("text", text):
         return refused
     if refused := runs.steer(run_id, text):
         return bad_request(f"not delivered: {refused} (run {run_id} is {record['status']}); start a new run, or "
@@ -383,8 +272,13 @@ def build_app(runs: RunManager, host: str = "127.0.0.1",
     app.router.add_post("/runs/{run_id}/messages", steer_run)
     app.router.add_post("/runs/{run_id}/publish", publish_run)
     app.router.add_post("/runs/{run_id}/retry", retry_run)
+    app.router.add_get("/pulls", pulls.list_pulls)
+    app.router.add_get("/pulls/{number}", pulls.get_pull)
+    app.router.add_post("/pulls/{number}/comments", pulls.add_comment)
+    app.router.add_post("/pulls/{number}/close", pulls.close_pull)
     app.router.add_get("/health", health)
     app.router.add_get("/", page_handler())
+    Webhook(runs, app[ADMISSION], MAX_BODY).install(app)  # POST /github/webhook
 
     async def finish_runs(_: web.Application) -> None:
         # Before aiohttp waits for open handlers: theirs are the streams of these runs.

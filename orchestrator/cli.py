@@ -232,7 +232,7 @@ class Terminal:
         self.flush_text()
         if kind == "run":
             self.line(f"{self.paint('bold', e['run_id'])} {e.get('repo', '')} ({e.get('mode')}, "
-                      f"{e.get('model')})")
+                      f"{e.get('model')})" + (f", following up #{e['pull_request']}" if e.get("pull_request") else ""))
         elif kind == "status":
             self.state = e.get("stage", "")
             self.line(f"- {e.get('message') or e.get('stage', '')}")
@@ -279,6 +279,16 @@ class Terminal:
         elif kind == "budget":
             self.line(self.paint("err", f"- budget: ${e.get('spent_usd', 0):.2f} of ${e.get('limit_usd', 0):.2f} "
                                         f"({e.get('scope')}) spent"))
+        elif kind == "review_reply":
+            where = e.get("path", "") + (f":{e['line']}" if e.get("line") is not None else "")
+            self.line(self.paint("ok", f"- replied in thread {e.get('thread')} ({where})") + f": {e.get('reply', '')}")
+        elif kind == "follow_up":
+            commit = f"commit {str(e['commit'])[:10]}" if e.get("commit") else "no commit"
+            self.line(f"- follow-up of #{e.get('pull_request')}: {commit}, {len(e.get('replied') or [])} "
+                      "thread(s) answered")
+            for left in e.get("not_addressed") or []:
+                self.line(self.paint("err", f"    not addressed: thread {left.get('thread')} ({left.get('path')}): "
+                                            f"{left.get('reason')}"))
         elif kind == "completion":
             self.state = e["status"]
             self.line(self.paint("ok" if e.get("pull_request_url") else "err",
@@ -531,3 +541,140 @@ def main(argv: list[str]) -> int:
         print(f"error: no service answers at {args.service} ({clean(str(exc))}): start one with `./tb serve`, "
               "or pass --in-process", file=sys.stderr)
         return 2
+
+
+PULL_COMMANDS = ("pulls", "pull", "comment", "follow-up", "close")
+
+
+def pull_number(value: str) -> int:
+    if not (value.isascii() and value.isdigit() and 1 <= int(value) <= 2**31 - 1):
+        raise argparse.ArgumentTypeError(f"{value!r} is no pull request number (./tb pulls REPO lists them)")
+    return int(value)
+
+
+def pull_args(argv: list[str]) -> argparse.Namespace:
+    service = argparse.ArgumentParser(add_help=False)
+    service.add_argument("--service", default=os.environ.get("TB_SERVICE_URL", "http://127.0.0.1:8002"),
+                         help="the service (TB_SERVICE_URL; default %(default)s)")
+    service.add_argument("--token", default=os.environ.get("TB_API_TOKEN"), help="bearer token (TB_API_TOKEN)")
+    service.add_argument("--json", action="store_true", help="print the service's answer (a follow-up's events) as "
+                                                             "JSON")
+    parser = argparse.ArgumentParser(prog="./tb", description="A local repository's pull requests, through the "
+                                                              "service: list, read, comment on, follow up, close.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    listing = commands.add_parser("pulls", parents=[service], help="list the pull requests of a local repository")
+    listing.add_argument("--state", choices=("open", "closed", "all"), default="open", help="default: open")
+    shown = commands.add_parser("pull", parents=[service], help="show a pull request: description, diff, comments")
+    comment = commands.add_parser("comment", parents=[service], help="comment on a pull request (with --path and "
+                                                                     "--line: on a line of a file)")
+    follow_up = commands.add_parser("follow-up", parents=[service], help="start a run that works on a pull "
+                                    "request's review comments and commits to its branch; follow it like a run")
+    close = commands.add_parser("close", parents=[service], help="close a pull request: delete its tb/ branch")
+    for command in (listing, shown, comment, follow_up, close):
+        command.add_argument("repo", metavar="REPO", help="the path of a local git repository")
+    for command in (shown, comment, follow_up, close):
+        command.add_argument("number", metavar="N", type=pull_number, help="the pull request's number")
+    comment.add_argument("text", metavar="TEXT", help="what the comment says")
+    comment.add_argument("--path", help="the file the comment is on, relative to the repository root")
+    comment.add_argument("--line", type=pull_number, help="with --path: the line of the file")
+    follow_up.add_argument("prompt", metavar="PROMPT", nargs="?", help="what else to change (optional)")
+    follow_up.add_argument("--mode", choices=("team", "single"), help="default: team")
+    args = parser.parse_args(argv)
+    if getattr(args, "line", None) is not None and args.path is None:
+        parser.error("--line needs --path: the file the line is in")
+    return args
+
+
+async def pull_request_call(args: argparse.Namespace, repo: str) -> dict[str, Any]:
+    """The service's answer to the pull request command `args` names."""
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    base, params = args.service.rstrip("/"), {"repo": repo}
+    if args.command == "pulls":
+        method, path, body = "GET", "/pulls", None
+        params["state"] = args.state
+    elif args.command == "pull":
+        method, path, body = "GET", f"/pulls/{args.number}", None
+    elif args.command == "comment":
+        method, path = "POST", f"/pulls/{args.number}/comments"
+        body = {"body": args.text} | ({"path": args.path} if args.path else {}) | (
+            {"line": args.line} if args.line else {})
+    else:
+        method, path, body = "POST", f"/pulls/{args.number}/close", None
+    async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=300)) as http:
+        async with http.request(method, base + path, params=params, json=body) as resp:
+            if resp.status >= 400:
+                raise Refused(await error_message(resp))
+            return await resp.json()
+
+
+def pull_lines(answer: dict[str, Any], paint: Any) -> list[str]:
+    """A pull request as a reader wants it: what it is, its description, its diff, then what people said."""
+    lines = [paint("bold", f"#{answer['number']} {answer['title']}") + f" ({answer['state']}"
+             + (", draft" if answer.get("draft") else "") + ")",
+             f"{answer['head']} -> {answer['base']} at {str(answer.get('head_sha', ''))[:10]}, opened "
+             f"{answer['created_at']}", ""]
+    lines += (answer.get("body") or "(no description)").splitlines() + [""]
+    for diff_line in (answer.get("diff") or "(no changes)").splitlines():
+        key = diff_line[:1] if diff_line[:1] in "+-@" and not diff_line.startswith(("+++", "---")) else ""
+        lines.append(paint(key, diff_line) if key else diff_line)
+    lines += ["", paint("bold", f"Comments ({len(answer.get('comments') or [])})")]
+    for comment in answer.get("comments") or []:
+        lines += comment_lines(comment, "  ")
+    threads = answer.get("review_threads") or []
+    lines += ["", paint("bold", f"Review threads ({len(threads)})")]
+    for thread in threads:
+        where = thread["path"] + (f":{thread['line']}" if thread.get("line") is not None else "")
+        lines.append(f"  {where}" + (paint("ok", " (addressed)") if thread.get("addressed") else ""))
+        for comment in [thread, *(thread.get("replies") or [])]:
+            lines += comment_lines(comment, "    ")
+    return lines
+
+
+def comment_lines(comment: dict[str, Any], indent: str) -> list[str]:
+    who = (comment.get("author") or "someone") + (" (Tiny Backspace)" if comment.get("ours") else "")
+    return [f"{indent}[{comment['id']}] {who}, {comment['created_at']}:",
+            *(f"{indent}  {line}".rstrip() for line in str(comment.get("body", "")).splitlines())]
+
+
+def answer_lines(args: argparse.Namespace, repo: str, answer: dict[str, Any], paint: Any) -> list[str]:
+    """What the service answered, as lines for the terminal."""
+    if args.command == "pulls":
+        pulls = answer.get("pull_requests") or []
+        if not pulls:
+            return [f"no {'' if args.state == 'all' else args.state + ' '}pull requests in {repo}"]
+        return [f"#{p['number']:<4} {p['state']:<7} {p['head']} -> {p['base']}  {p['title']}" for p in pulls]
+    if args.command == "pull":
+        return pull_lines(answer, paint)
+    if args.command == "comment":
+        where = f" on {args.path}" + (f":{args.line}" if args.line else "") if args.path else ""
+        return [f"commented on #{args.number}{where} (comment {answer.get('id')})"]
+    gone = "deleted its branch" if answer.get("deleted") else "its branch was already gone:"
+    return [f"#{answer['number']} is {answer.get('state')}: {gone} {answer.get('head')}"]
+
+
+def pulls_main(argv: list[str]) -> int:
+    """`./tb pulls|pull|comment|follow-up|close ...`: a local repository's pull requests, through the service."""
+    args = pull_args(argv)
+    repo = repo_argument(args.repo)
+    try:
+        if args.command == "follow-up":
+            body = {"repoUrl": repo, "pull_request": args.number} | ({"prompt": args.prompt} if args.prompt else {})
+            return asyncio.run(watch(args.service, args.token, body | ({"mode": args.mode} if args.mode else {}),
+                                     args.json))
+        answer = asyncio.run(pull_request_call(args, repo))
+    except Refused as exc:
+        print("error: " + " ".join(clean(str(exc)).split()), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except aiohttp.ClientConnectionError as exc:
+        print(f"error: no service answers at {args.service} ({clean(str(exc))}): start one with `./tb serve`",
+              file=sys.stderr)
+        return 2
+    if args.json:
+        print(json_line(answer))
+        return 0
+    view = Terminal(sys.stdout, sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
+    # Cleaned before it is painted: what people wrote drives no terminal, the colours still do.
+    print("\n".join(answer_lines(args, clean(repo), scrubbed(answer), view.paint)))
+    return 0

@@ -46,6 +46,19 @@ def _origins(value: str) -> tuple[str, ...]:
     return tuple(o.rstrip("/") for o in _names(value))
 
 
+def _handle(value: str) -> str:
+    handle = value.strip().removeprefix("@")
+    if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})", handle):
+        raise ValueError("expected a GitHub login: letters, digits and hyphens, at most 39, e.g. tiny-backspace")
+    return handle
+
+
+def _public_url(value: str) -> str:
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
+        raise ValueError("expected the page's base URL, e.g. https://tb.example.com")
+    return value.rstrip("/")
+
+
 @dataclass(frozen=True)
 class RunLimits:
     """The bounds of one run: each stop names the limit that caused it."""
@@ -120,6 +133,14 @@ class Settings:
     allowed_origins: tuple[str, ...] = setting("TB_ALLOWED_ORIGINS", (), parse=_origins)
     # For a request's head, and again for its body.
     client_timeout_s: float = setting("TB_CLIENT_TIMEOUT_S", 20.0, check=at_least(0.1))
+    # POST /github/webhook: GitHub signs each delivery with this secret (HMAC-SHA256); unset, the webhook is off.
+    github_webhook_secret: str | None = setting("GITHUB_WEBHOOK_SECRET", None, repr=False)
+    # The @mention in an issue or pull request comment that starts a run.
+    github_handle: str = setting("TB_GITHUB_HANDLE", "tiny-backspace", parse=_handle)
+    # Where people reach the service's page, for the links in answer comments; unset: the address a delivery came to.
+    public_url: str | None = setting("TB_PUBLIC_URL", None, parse=_public_url)
+    # A delivery whose comment is older than this is refused: a replay, or one that waited too long.
+    webhook_max_age_s: float = setting("TB_WEBHOOK_MAX_AGE_S", 600.0, check=between(1, 86400))
 
     @property
     def role_models(self) -> dict[str, str]:

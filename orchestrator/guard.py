@@ -18,8 +18,9 @@ from aiohttp import web
 from common.net import is_loopback
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# The page holds no data and asks for the token itself (a browser cannot send one to load it).
-OPEN_PATHS = {"/health", "/"}
+# The page holds no data and asks for the token itself (a browser cannot send one to load it). GitHub's deliveries
+# carry no token: the webhook checks their signature (GITHUB_WEBHOOK_SECRET) instead.
+OPEN_PATHS = {"/health", "/", "/github/webhook"}
 CLIENT = web.RequestKey("client", str)  # on a request whose bearer token was checked: the token, hashed
 HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::\d{1,5})?")
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -116,7 +117,8 @@ def browser_checks(hosts: Iterable[str], origins: Iterable[str]) -> Callable:
 
 
 def auth_middleware(token: str | None) -> Callable:
-    """Every endpoint but /health needs `Authorization: Bearer <TB_API_TOKEN>` when a token is set."""
+    """Every endpoint but /health, the page and the (signed) GitHub webhook needs `Authorization: Bearer
+    <TB_API_TOKEN>` when a token is set."""
     expected = f"Bearer {token}".encode() if token else None
     identity = "token sha256:" + hashlib.sha256(token.encode()).hexdigest()[:12] if token else ""
 

@@ -3,12 +3,14 @@ role's model comes from TB_<ROLE>_MODEL, see config.py).
 
 `RoleTools` wraps a run's tools for one role: it filters them (a tool outside the role is refused by the filter,
 whatever the prompt says), makes `exec` read-only for roles that must not change the repository, and adds the
-role's own `submit_*` tool, which the orchestrator answers itself.
+role's own `submit_*` tool and the run's own tools the role names (`OwnTool`, such as a follow-up's
+`reply_to_thread`), which the orchestrator answers itself.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +21,11 @@ from .tools import RunTools, ToolOutput
 
 READ_TOOLS = frozenset({"sandbox_read_file", "sandbox_list_files", "sandbox_search", "sandbox_exec"})
 WRITE_TOOLS = READ_TOOLS | {"sandbox_write_file", "sandbox_edit_file", "sandbox_export_changes"}
-PUBLISH_TOOLS = frozenset({"github_create_branch", "github_commit_changes", "github_open_pull_request",
-                           "github_get_repository", "github_get_issue", "github_list_pull_requests"})
+# What the forge says of the repository's issues and pull requests; `repo` is bound, as for every github tool.
+FORGE_READ_TOOLS = frozenset({"github_get_issue", "github_get_pull_request", "github_list_pull_requests"})
+PUBLISH_TOOLS = FORGE_READ_TOOLS | {"github_create_branch", "github_commit_changes", "github_open_pull_request",
+                                    "github_get_repository"}
+REPLY_TOOL = "reply_to_thread"  # a follow-up's: how the agent that changes the code answers a review thread
 
 SUBMIT_PLAN = {
     "name": "submit_plan",
@@ -86,10 +91,11 @@ class Role:
 
 def team_roles(max_turns: int) -> dict[str, Role]:
     return {
-        "planner": Role("planner", prompts.PLANNER, READ_TOOLS, max(1, max_turns // 2), SUBMIT_PLAN, read_only=True),
-        "coder": Role("coder", prompts.CODER, WRITE_TOOLS, max_turns),
-        "reviewer": Role("reviewer", prompts.REVIEWER, READ_TOOLS, max(1, max_turns // 2), SUBMIT_REVIEW,
-                         read_only=True),
+        "planner": Role("planner", prompts.PLANNER, READ_TOOLS | FORGE_READ_TOOLS, max(1, max_turns // 2),
+                        SUBMIT_PLAN, read_only=True),
+        "coder": Role("coder", prompts.CODER, WRITE_TOOLS | {REPLY_TOOL}, max_turns),
+        "reviewer": Role("reviewer", prompts.REVIEWER, READ_TOOLS | FORGE_READ_TOOLS, max(1, max_turns // 2),
+                         SUBMIT_REVIEW, read_only=True),
     }
 
 
@@ -100,8 +106,22 @@ def judge_role(max_turns: int, numbers: list[int]) -> Role:
                 read_only=True)
 
 
-def single_role(max_turns: int, branch_prefix: str) -> Role:
+def single_role(max_turns: int, branch_prefix: str, publishes: bool = True) -> Role:
+    """The one agent of a run: it publishes itself, unless the run publishes (a follow-up on a pull request, whose
+    branch the run commits to and whose threads it answers)."""
+    if not publishes:
+        return Role("agent", prompts.FOLLOW_UP, WRITE_TOOLS | FORGE_READ_TOOLS | {REPLY_TOOL}, max_turns)
     return Role("agent", prompts.system_prompt(branch_prefix), WRITE_TOOLS | PUBLISH_TOOLS, max_turns)
+
+
+@dataclass(frozen=True)
+class OwnTool:
+    """A tool the run answers itself rather than an MCP server, offered to the roles whose tools name it.
+    `answer(arguments, attempt)` gets input valid against the spec's schema and returns what the model reads; the
+    attempt is the number of the sandbox the calling agent works in (None with one attempt)."""
+
+    spec: dict[str, Any]
+    answer: Callable[[dict[str, Any], int | None], str]
 
 
 @dataclass
@@ -110,6 +130,7 @@ class RoleTools:
 
     base: RunTools
     role: Role
+    own: tuple[OwnTool, ...] = ()
     submitted: dict[str, Any] | None = None
     _specs: list[dict[str, Any]] | None = field(default=None, repr=False)
 
@@ -123,6 +144,7 @@ class RoleTools:
                     spec = copy.deepcopy(spec)
                     spec["input_schema"]["properties"].pop("read_only", None)
                 self._specs.append(spec)
+            self._specs += [tool.spec for tool in self.own if tool.spec["name"] in self.role.tools]
             if self.role.submit:
                 self._specs.append(self.role.submit)
         return self._specs
@@ -130,14 +152,13 @@ class RoleTools:
     async def call(self, name: str, arguments: dict[str, Any], call_id: str = "") -> ToolOutput:
         submit = self.role.submit
         if submit and name == submit["name"]:
-            problem = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(
-                submit["input_schema"]).iter_errors(arguments))
-            if problem is not None:
-                where = "/".join(str(p) for p in problem.absolute_path) or "the input"
-                return ToolOutput(f"{name} was not recorded: {where}: {problem.message}; call it again, fixed",
-                                  is_error=True)
+            if problem := _invalid(submit, arguments):
+                return problem
             self.submitted = arguments
             return ToolOutput(f"{name} recorded.", final=True)
+        own = next((t for t in self.own if t.spec["name"] == name and name in self.role.tools), None)
+        if own is not None:
+            return _invalid(own.spec, arguments) or ToolOutput(own.answer(arguments, self.base.attempt))
         if name not in self.role.tools:
             known = ", ".join(s["name"] for s in self.specs())
             exists = any(s["name"] == name for s in self.base.specs())
@@ -146,3 +167,14 @@ class RoleTools:
         if name == "sandbox_exec":
             arguments = {**arguments, "read_only": self.role.read_only}
         return await self.base.call(name, arguments, call_id, agent=self.role.name)
+
+
+def _invalid(spec: dict[str, Any], arguments: dict[str, Any]) -> ToolOutput | None:
+    """The error result for input that does not fit the spec's schema; None when it fits."""
+    problem = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(spec["input_schema"]).iter_errors(
+        arguments))
+    if problem is None:
+        return None
+    where = "/".join(str(p) for p in problem.absolute_path) or "the input"
+    return ToolOutput(f"{spec['name']} was not recorded: {where}: {problem.message}; call it again, fixed",
+                      is_error=True)

@@ -1,5 +1,8 @@
 """One run, top to bottom: sandbox → agent → publish → pull request, as a stream of events.
 
+A run works on its prompt, or on an issue or a pull request it reads from the forge first (followup.py): an issue's
+pull request says it fixes it; a follow-up commits on the pull request's own branch and answers its review threads.
+
 Whatever stops the agents once the sandbox exists, their work is not lost: it is published as a draft pull request
 saying why, and kept with the run (`RunControl.keep_work`) for `POST /runs/{id}/publish` and `/retry`.
 
@@ -30,11 +33,12 @@ from mcp_types import CallToolResult, Tool
 
 from common.redact import Redactor
 
-from . import evidence, resume, telemetry
+from . import evidence, followup, resume, telemetry
 from .budget import Budget, LimitReached
 from .config import Settings
 from .context import ContextPolicy
 from .events import Event, EventLog, Tagged
+from .followup import Task
 from .mcp_pool import ServerUnavailable, ToolPool
 from .model import Model
 from .output import LiveOutput, fit
@@ -60,6 +64,13 @@ class RunRequest:
     setup: str | None = None  # the bash that sets up the sandbox's environment; None: the server's choice; "": none
     resume: dict[str, Any] | None = None  # the work a stopped run kept, to start from: run_id, reason, changeset
     attempts: int = 1  # coders at once from the plan, each in a sandbox of its own; the reviewer chooses one
+    issue: int | None = None  # the issue the run resolves (its pull request says `Fixes #N`)
+    pull_request: int | None = None  # the pull request the run follows up: its branch gets the run's commit
+
+    def described(self) -> str:
+        """What the run was asked, for its record: the prompt, or the issue or pull request it works on."""
+        return self.prompt or (f"issue #{self.issue}" if self.issue else
+                               f"follow-up on pull request #{self.pull_request}" if self.pull_request else "")
 
 
 @dataclass
@@ -175,15 +186,18 @@ class PublishGuard:
     """The run's tool pool, with every call to the github server checked first: the text it would publish is
     redacted, and a sandbox whose changes hold a known secret gets no branch and no commit.
 
-    It sits under the run's tools, so it sees the very changeset a commit carries, whoever asked for the commit."""
+    It sits under the run's tools, so it sees the very changeset a commit carries, whoever asked for the commit.
+    In a run that resolves an issue, every pull request opened says so (`Fixes #N`), whoever wrote its body."""
 
     PUBLISHED_TEXT = ("message", "title", "body", "branch", "head")
 
-    def __init__(self, pool: ToolPool, redact: Redactor, sandbox_id: str, branch_prefix: str):
+    def __init__(self, pool: ToolPool, redact: Redactor, sandbox_id: str, branch_prefix: str,
+                 fixes: int | None = None):
         self.pool = pool
         self.redact = redact
         self.sandbox_id = sandbox_id
         self.branch_prefix = branch_prefix
+        self.fixes = fixes
 
     def tools(self) -> dict[str, list[Tool]]:
         """The pool's tools, unchanged."""
@@ -196,6 +210,10 @@ class PublishGuard:
             args = {k: self.redact(v) if k in self.PUBLISHED_TEXT and isinstance(v, str) else v
                     for k, v in args.items()}
             changes = args.get("changes")
+            if tool == "open_pull_request" and self.fixes:
+                body = args.get("body") if isinstance(args.get("body"), str) else ""
+                if f"Fixes #{self.fixes}" not in body:
+                    args["body"] = f"{body.rstrip()}\n\nFixes #{self.fixes}".lstrip()
             if tool == "create_branch":
                 exported = await self.pool.call("sandbox", "export_changes", {"sandbox_id": self.sandbox_id},
                                                 timeout)
@@ -242,15 +260,21 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, ou
     forks: list[str] = []  # the sandboxes of attempts after the first
     yield events("run", repo=request.repo_url, prompt=request.prompt, model=services.model.name, mode=request.mode,
                  setup=request.setup is not None, attempts=request.attempts, events_url=f"/runs/{events.run_id}/events",
-                 trace_id=trace_id, **({"resumes": request.resume["run_id"]} if request.resume else {}))
+                 trace_id=trace_id, **({"resumes": request.resume["run_id"]} if request.resume else {}),
+                 **{k: v for k, v in (("issue", request.issue), ("pull_request", request.pull_request)) if v})
     try:
         async with control.working():  # a stop while the sandbox is made ends the run at once
             # The github server decides which branches it writes; asked first, so a repository it cannot serve is
             # refused before any work is done.
             forge = await _call(pool, "github", "get_repository", {"repo": request.repo_url}, limits.tool_seconds)
             prefix = forge["branch_prefix"]
+            task = await _task(request, forge, pool, limits.tool_seconds)
             yield events("status", stage="sandbox", message="cloning the repository into a sandbox")
-            create = {"repo_url": request.repo_url} | ({} if request.setup is None else {"setup": request.setup})
+            # A GitHub repository is cloned from where its forge says (a local one from its path, as given).
+            clone = forge["clone_url"] if forge.get("forge") == "github" else request.repo_url
+            create = {"repo_url": clone} | ({} if request.setup is None else {"setup": request.setup})
+            if task.ref:  # a follow-up: the pull request's head
+                create["ref"] = task.ref
             if request.resume:  # the commit the kept changes were made on
                 create["ref"] = request.resume["changeset"]["base_commit"]
             with telemetry.sandbox_span("create"), output.stream("create_sandbox") as on_progress:
@@ -266,10 +290,10 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, ou
                 yield events("environment", **environment)
             else:
                 environment = None
-            guard = PublishGuard(pool, redact, sandbox_id, prefix)
+            guard = PublishGuard(pool, redact, sandbox_id, prefix, task.fixes)
             tools = RunTools(guard, sandbox_id, request.repo_url, info["base_commit"], limits.tool_seconds,
                              settings.tool_result_chars, output=output)
-            prompt = request.prompt
+            prompt = task.prompt
             if request.resume:
                 changeset = request.resume["changeset"]
                 yield events("status", stage="resume",
@@ -277,7 +301,8 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, ou
                 await resume.apply(tools, changeset)
                 prompt += resume.note(request.resume["run_id"], request.resume["reason"], changeset)
         crew = Crew(services.model, tools, budget, events, redact, settings.role_models, environment,
-                    inbox=control.inbox, context=ContextPolicy.of(limits))
+                    inbox=control.inbox, context=ContextPolicy.of(limits),
+                    own_tools=task.follow_up.tools() if task.follow_up else ())
         work = Work()
         stopped: str | None = None  # why the run ended before its agents finished
         args = (crew, work, prompt, request.repo_url, info["default_branch"], limits.max_turns)
@@ -293,19 +318,21 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, ou
             crews = []
             for number, sandbox in enumerate([sandbox_id, *(m["sandbox_id"] for m in made)], 1):
                 fork_tools = tools if sandbox == sandbox_id else RunTools(
-                    PublishGuard(pool, redact, sandbox, prefix), sandbox, request.repo_url, info["base_commit"],
-                    limits.tool_seconds, settings.tool_result_chars, output=output)
+                    PublishGuard(pool, redact, sandbox, prefix, task.fixes), sandbox, request.repo_url,
+                    info["base_commit"], limits.tool_seconds, settings.tool_result_chars, output=output)
                 fork_tools.attempt = number
                 crews.append(replace(crew, tools=fork_tools, events=Tagged(events, attempt=number)))
             return crews
 
-        flow = (single(*args, prefix) if request.mode == "single"
+        flow = (single(*args, prefix, publishes=task.follow_up is None) if request.mode == "single"
                 else team(*args, settings.review_rounds, request.attempts, fork))
         def saved(exported: dict[str, Any]) -> None:
             """A checkpoint free of secrets goes to the run store, for a restart to find (`recover`)."""
             if control.save_checkpoint and not redact.files_with_secrets(exported["changeset"]):
                 control.save_checkpoint({"repo": request.repo_url, "prompt": redact(request.prompt),
-                                         "mode": request.mode, "setup": request.setup, "prefix": prefix,
+                                         "title": redact(task.title), "mode": request.mode, "setup": request.setup,
+                                         "prefix": prefix, "issue": request.issue,
+                                         "pull_request": request.pull_request,
                                          "changeset": exported["changeset"]})
 
         checkpoint = resume.Checkpoint(tools, saved)
@@ -330,7 +357,7 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, ou
         if work.chosen is not None:  # what is published is the chosen attempt's sandbox
             tools = work.chosen.crew.tools
         if outcome["status"] != "cancelled" or control.keep:
-            async for event in _publish(request, tools, work, events, stopped, settings, redact, prefix,
+            async for event in _publish(request, task, tools, work, events, stopped, settings, redact, prefix,
                                         environment, checkpoint, control):
                 yield event
         if stopped is None:
@@ -355,6 +382,22 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, ou
     yield events("completion", **outcome, duration_s=round(time.monotonic() - started, 3))
 
 
+async def _task(request: RunRequest, forge: dict[str, Any], pool: ToolPool, timeout: float) -> Task:
+    """What the run works on: its prompt, or the issue or the pull request it names, read from the forge before
+    any sandbox is made (a pull request the run may not follow up is refused here)."""
+    if request.issue:
+        issue = await _call(pool, "github", "get_issue", {"repo": request.repo_url, "number": request.issue},
+                            timeout)
+        return followup.issue_task(issue, request.prompt)
+    if request.pull_request:
+        pull = await _call(pool, "github", "get_pull_request", {"repo": request.repo_url,
+                                                                "number": request.pull_request}, timeout)
+        if refused := followup.refusal(pull, forge, request.prompt):
+            raise RunFailed(refused)
+        return followup.follow_up_task(pull, request.prompt)
+    return followup.plain_task(request.prompt)
+
+
 def _failure(exc: BaseException, run_id: str) -> dict[str, str]:
     """The `error` event's fields for a failure that ends a run."""
     if isinstance(exc, (RunFailed, ServerUnavailable, ToolFailed)):
@@ -369,11 +412,13 @@ class Cancelled(Exception):
     """The run's user stopped it."""
 
 
-async def _publish(request: RunRequest, tools: RunTools, work: Work, events: EventLog, stopped: str | None,
-                   settings: Settings, redact: Redactor, prefix: str, environment: dict[str, Any] | None,
-                   checkpoint: resume.Checkpoint, control: RunControl) -> AsyncIterator[Event]:
+async def _publish(request: RunRequest, task: Task, tools: RunTools, work: Work, events: EventLog,
+                   stopped: str | None, settings: Settings, redact: Redactor, prefix: str,
+                   environment: dict[str, Any] | None, checkpoint: resume.Checkpoint, control: RunControl
+                   ) -> AsyncIterator[Event]:
     """Show the diff; open a pull request for changes no agent published: a draft when the run stopped before it
-    finished or the reviewer did not approve, saying why. Work that cannot be published is kept with the run."""
+    finished or the reviewer did not approve, saying why. A follow-up's finished changes go onto the pull request's
+    branch instead, and its review threads get their replies. Work that cannot be published is kept with the run."""
     try:
         exported = await tools.export()
     except (ToolFailed, ServerUnavailable) as exc:
@@ -385,11 +430,13 @@ async def _publish(request: RunRequest, tools: RunTools, work: Work, events: Eve
     changeset, diff = exported["changeset"], exported["diff"]
     if control.stopped and not control.keep:
         return  # a cancel that discards, come while the run was publishing
+    timeout = min(settings.limits.tool_seconds, PUBLISH_CALL_SECONDS)
+    follow = task.follow_up
     agents_pr = tools.pull_request
     if agents_pr is not None:
         # An agent opened it: what the agents changed after its last commit goes on its branch too.
         try:
-            work.out_of_date = await tools.sync_pull_request(title(redact(request.prompt)), changeset)
+            work.out_of_date = await tools.sync_pull_request(title(redact(task.title)), changeset)
         except ServerUnavailable as exc:
             work.out_of_date = str(exc)
         if work.out_of_date:
@@ -397,6 +444,10 @@ async def _publish(request: RunRequest, tools: RunTools, work: Work, events: Eve
                                                            f"sandbox's final changes: {work.out_of_date}; they go to "
                                                            "a draft of their own")
     if not changeset["files"] and not changeset["deleted"]:
+        if follow is not None:  # the threads are answered all the same, saying that nothing changed
+            async for event in follow.answer(tools.pool, request.repo_url, events, timeout, tools.attempt, None,
+                                             why_not=stopped):
+                yield event
         if not tools.pull_request:
             yield events("status", stage="publish", message="the agents made no changes; nothing to publish")
         return
@@ -405,24 +456,50 @@ async def _publish(request: RunRequest, tools: RunTools, work: Work, events: Eve
         if leaking := redact.files_with_secrets(changeset):
             raise SecretRefused(leaking)
         # Redacted before it is cut into a branch name and a title, where a cut secret would no longer match.
-        request = replace(request, prompt=redact(request.prompt))
+        task = task.redacted(redact)
         overruled = evidence.failed_verification(work.plan, tools) if work.approved else None
         draft_reason = (stopped if stopped else
                         f"the pull request an agent opened ({agents_pr.url}) lacks these final changes: "
                         f"{work.out_of_date}" if work.out_of_date else
                         f"the reviewer did not approve after {work.rounds} round(s)" if work.approved is False else
                         f"the reviewer approved, but {overruled}" if overruled else None)
-        branch = prefix + branch_name(request.prompt, events.run_id)
-        kept = {"repo": request.repo_url, "prompt": request.prompt, "mode": request.mode, "setup": request.setup,
-                "reason": stopped, "branch": branch, "title": title(request.prompt), "changeset": changeset,
-                "body": _body(request, work, changeset, draft_reason, events.run_id, tools, environment)}
+        # The run's own branch: for its pull request, or for a follow-up's changes its pull request cannot take.
+        branch = prefix + branch_name(task.topic, events.run_id)
+        kept = {"repo": request.repo_url, "prompt": redact(request.prompt), "mode": request.mode,
+                "setup": request.setup, "issue": request.issue, "pull_request": request.pull_request,
+                "reason": stopped, "branch": branch, "title": title(task.title), "changeset": changeset,
+                "body": _body(task, work, changeset, draft_reason, events.run_id, tools, environment)}
+        if follow is not None and draft_reason is None:
+            yield events("status", stage="publish", message=f"committing on {follow.branch}, the branch of pull "
+                                                            f"request #{follow.number}")
+            try:
+                committed = await follow_up_commit(tools, follow, kept, timeout)
+            except asyncio.CancelledError:
+                control.keep_work({**kept, "reason": "the run was stopped while it published"})
+                raise
+            except (RunFailed, ServerUnavailable) as exc:
+                work.out_of_date = draft_reason = (f"pull request #{follow.number} could not take these changes on "
+                                                   f"its branch {follow.branch}: {exc}")
+                kept["body"] = _body(task, work, changeset, draft_reason, events.run_id, tools, environment)
+                yield events("error", reason="failed", message=f"{draft_reason}; they go to a draft of their own")
+            else:
+                async for event in follow.answer(tools.pool, request.repo_url, events, timeout, tools.attempt,
+                                                 committed):
+                    yield event
+                pr = tools.pull_request
+                yield events("pull_request", number=pr.number, url=pr.url, head=pr.head, draft=pr.draft)
+                return
+        if follow is not None:
+            why = "its branch could not take them" if work.out_of_date else draft_reason
+            async for event in follow.answer(tools.pool, request.repo_url, events, timeout, tools.attempt, None,
+                                             why_not=f"the changes go to a draft pull request of their own: {why}"):
+                yield event
         if stopped:  # kept first: whatever happens to the forge, a retry can start from it
             control.keep_work(kept)
         yield events("status", stage="publish", message="opening a pull request" + (" (draft)" if draft_reason
                                                                                       else ""))
         try:
-            pr = await open_pull_request(tools.pool, kept, draft_reason is not None,
-                                         min(settings.limits.tool_seconds, PUBLISH_CALL_SECONDS))
+            pr = await open_pull_request(tools.pool, kept, draft_reason is not None, timeout)
         except asyncio.CancelledError:
             control.keep_work({**kept, "reason": stopped or "the run was stopped while it published"})
             raise
@@ -443,6 +520,21 @@ async def _publish(request: RunRequest, tools: RunTools, work: Work, events: Eve
             control.published(tools.pull_request.url)
     pr = tools.pull_request
     yield events("pull_request", number=pr.number, url=pr.url, head=pr.head, draft=pr.draft)
+
+
+async def follow_up_commit(tools: RunTools, follow: followup.FollowUp, kept: dict[str, Any], timeout: float) -> str:
+    """Commit a follow-up's changes on its pull request's branch: a new commit on the head the sandbox was cloned
+    at, which must still be the branch's tip (never a force push). The pull request is then the run's; returns the
+    commit's sha."""
+    with telemetry.span("publish", {"tb.branch": follow.branch, "tb.follow_up": follow.number}):
+        changes = await tools.changes_for(follow.branch, kept["changeset"])
+        made = await _call(tools.pool, "github", "commit_changes", {"repo": kept["repo"], "branch": follow.branch,
+                                                                    "message": kept["title"], "changes": changes},
+                           timeout)
+    pull = follow.pull
+    tools.saw_pull_request({"number": pull["number"], "url": pull["url"], "head": pull["head"],
+                            "draft": pull.get("draft", False)}, follow.branch)
+    return made["sha"]
 
 
 async def open_pull_request(pool: ToolPool, kept: dict[str, Any], draft: bool, timeout: float) -> dict[str, Any]:
@@ -513,12 +605,18 @@ def title(prompt: str) -> str:
     return line if len(line) <= 72 else line[:69].rstrip() + "..."
 
 
-def _body(request: RunRequest, work: Work, changeset: dict[str, Any], draft_reason: str | None, run_id: str,
+def _body(task: Task, work: Work, changeset: dict[str, Any], draft_reason: str | None, run_id: str,
           tools: RunTools, environment: dict[str, Any] | None) -> str:
     files = [f"- `{f['path']}`" for f in changeset["files"]] + [f"- `{p}` (deleted)" for p in changeset["deleted"]]
     parts = [f"> **Draft:** {draft_reason}.\n"] if draft_reason else []
-    parts += ["## Summary", work.summary.strip() or "(the agent wrote no summary)", "",
-              "## Request", "\n".join(f"> {line}" for line in request.prompt.strip().splitlines()), ""]
+    parts += ["## Summary", work.summary.strip() or "(the agent wrote no summary)", ""]
+    if task.fixes:
+        parts += ["## Issue", f"Fixes #{task.fixes}", ""]
+    if task.follow_up:
+        parts += ["## Follow-up", f"Follows up pull request #{task.follow_up.number}: {task.follow_up.pull['url']}",
+                  ""]
+    if task.request.strip():
+        parts += ["## Request", "\n".join(f"> {line}" for line in task.request.strip().splitlines()), ""]
     if work.plan:
         parts += ["## Plan", format_plan(work.plan), ""]
     if work.review:

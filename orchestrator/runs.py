@@ -58,7 +58,7 @@ class RunManager:
     def start(self, request: RunRequest, client: str = "") -> str:
         """Start a run in the background; its events can be followed at once."""
         run_id = new_run_id()
-        self.store.create(run_id, request.repo_url, request.prompt, request.mode)
+        self.store.create(run_id, request.repo_url, request.described(), request.mode)
         live = self.live[run_id] = LiveRun(client=client)
         live.control.store = lambda work: self.store.keep_work(run_id, work)
         live.control.mark_published = lambda url: self.store.published(run_id, url)
@@ -207,7 +207,8 @@ class RunManager:
         """Start a new run of the same request from the work a stopped run kept."""
         kept = self._kept(run_id)
         resume = {"run_id": run_id, "reason": kept["reason"] or "it did not finish", "changeset": kept["changeset"]}
-        return self.start(RunRequest(kept["repo"], kept["prompt"], kept["mode"], kept["setup"], resume), client)
+        return self.start(RunRequest(kept["repo"], kept["prompt"], kept["mode"], kept["setup"], resume,
+                                     issue=kept.get("issue"), pull_request=kept.get("pull_request")), client)
 
     def _kept(self, run_id: str) -> dict[str, Any]:
         if run_id in self.live:
@@ -240,13 +241,19 @@ class RunManager:
         if saved is None:
             return False
         changeset, prompt = saved["changeset"], saved["prompt"]
+        title = saved.get("title") or prompt  # what the pull request's title is made of
         body = (f"> **Draft:** {reason}; these are its changes as of the last turn that changed files.\n\n"
-                "## Request\n" + "\n".join(f"> {line}" for line in prompt.strip().splitlines()) +
-                f"\n\n_Opened by Tiny Backspace, run `{run_id}`._")
+                + (f"## Issue\nFixes #{saved['issue']}\n\n" if saved.get("issue") else "")
+                + (f"## Follow-up\nFollows up pull request #{saved['pull_request']}\n\n"
+                   if saved.get("pull_request") else "")
+                + ("## Request\n" + "\n".join(f"> {line}" for line in prompt.strip().splitlines()) + "\n\n"
+                   if prompt.strip() else "")
+                + f"_Opened by Tiny Backspace, run `{run_id}`._")
         self.store.keep_work(run_id, {"repo": saved["repo"], "prompt": prompt, "mode": saved["mode"],
                                       "setup": saved["setup"], "reason": reason, "changeset": changeset,
-                                      "branch": f"{saved['prefix']}{run.branch_name(prompt, run_id)}",
-                                      "title": run.title(prompt), "body": body})
+                                      "issue": saved.get("issue"), "pull_request": saved.get("pull_request"),
+                                      "branch": f"{saved['prefix']}{run.branch_name(prompt or title, run_id)}",
+                                      "title": run.title(title), "body": body})
         self.store.checkpoint(run_id, None)
         self.store.append(events("kept", reason=reason, files=[f["path"] for f in changeset["files"]],
                                  deleted=changeset["deleted"], publish_url=f"/runs/{run_id}/publish",

@@ -1,4 +1,5 @@
-"""Where runs, their events and the model's turns are kept: a `RunStore` protocol and its SQLite implementation.
+"""Where runs, their events, the model's turns and the webhook deliveries handled are kept: a `RunStore` protocol
+and its SQLite implementation.
 
 SQLite in WAL mode, one file under the data directory. Calls run on the event loop: events arrive in batches (see
 runs.py), a commit in WAL mode with `synchronous=NORMAL` needs no fsync, and a lock held by another process is waited
@@ -38,7 +39,11 @@ CREATE TABLE IF NOT EXISTS kept (
 CREATE TABLE IF NOT EXISTS checkpoints (
     run_id TEXT PRIMARY KEY, data TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS deliveries (
+    id TEXT PRIMARY KEY, comment TEXT NOT NULL UNIQUE, received REAL NOT NULL, run_id TEXT, outcome TEXT
+);
 """
+DELIVERIES_KEPT_S = 2 * 86400  # longer than any delivery stays fresh (TB_WEBHOOK_MAX_AGE_S is at most a day)
 
 
 class StoreError(Exception):
@@ -60,6 +65,9 @@ class RunStore(Protocol):
     def published(self, run_id: str, url: str) -> None: ...
     def checkpoint(self, run_id: str, work: dict[str, Any] | None) -> None: ...
     def checkpoint_of(self, run_id: str) -> dict[str, Any] | None: ...
+    def claim_delivery(self, delivery: str, comment: str) -> dict[str, Any] | None: ...
+    def settle_delivery(self, delivery: str, run_id: str | None, outcome: str) -> None: ...
+    def forget_delivery(self, delivery: str) -> None: ...
 
 
 class SQLiteRunStore:
@@ -181,6 +189,30 @@ class SQLiteRunStore:
     def checkpoint_of(self, run_id: str) -> dict[str, Any] | None:
         row = self.db.execute("SELECT data FROM checkpoints WHERE run_id = ?", (run_id,)).fetchone()
         return json.loads(row["data"]) if row else None
+
+    def claim_delivery(self, delivery: str, comment: str) -> dict[str, Any] | None:
+        """Claim a webhook delivery for the comment it carries: None when it is the first of either, else what came
+        of the first (`id`, `run_id`, `outcome`; both None while it is still being handled)."""
+        now = time.time()
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("DELETE FROM deliveries WHERE received < ?", (now - DELIVERIES_KEPT_S,))
+            claimed = self.db.execute("INSERT OR IGNORE INTO deliveries (id, comment, received) VALUES (?, ?, ?)",
+                                      (delivery, comment, now)).rowcount
+            if claimed:
+                return None
+            row = self.db.execute("SELECT id, run_id, outcome FROM deliveries WHERE id = ? OR comment = ? "
+                                  "ORDER BY received LIMIT 1", (delivery, comment)).fetchone()
+            return dict(row)
+
+    def settle_delivery(self, delivery: str, run_id: str | None, outcome: str) -> None:
+        """Record what came of a claimed delivery: the run it started, or why none."""
+        self.db.execute("UPDATE deliveries SET run_id = ?, outcome = ? WHERE id = ?",
+                        (run_id, self.redact(outcome), delivery))
+
+    def forget_delivery(self, delivery: str) -> None:
+        """Drop the claim of a delivery that could not be handled now, so that a redelivery is."""
+        self.db.execute("DELETE FROM deliveries WHERE id = ?", (delivery,))
 
     def _work(self, work: dict[str, Any]) -> str:
         """A run's work as stored: its changeset as it is (the run refuses one that holds a secret), the rest

@@ -21,7 +21,7 @@ from .context import Context, ContextPolicy, Inbox
 from .events import Event, EventLog
 from .model import Model
 from .output import fit
-from .roles import Role, RoleTools, judge_role, single_role, team_roles
+from .roles import OwnTool, Role, RoleTools, judge_role, single_role, team_roles
 from .tools import RunTools
 
 
@@ -36,7 +36,8 @@ class Work:
     rounds: int = 0
     attempts: list[Attempt] = field(default_factory=list)  # with several attempts: all of them
     chosen: Attempt | None = None  # the one the reviewer chose, whose sandbox is published
-    out_of_date: str | None = None  # why the pull request an agent opened lacks the sandbox's final changes
+    # Why the pull request an agent opened (or the one a follow-up commits to) lacks the sandbox's final changes.
+    out_of_date: str | None = None
 
 
 @dataclass
@@ -52,12 +53,13 @@ class Crew:
     environment: dict[str, Any] | None = None  # what create_sandbox set up, for the briefs
     inbox: Inbox | None = None  # what the user says to the run while it works, read by the agent at work
     context: ContextPolicy = field(default_factory=ContextPolicy)
+    own_tools: tuple[OwnTool, ...] = ()  # tools the run answers itself, for the roles that name them
 
 
 async def run_role(crew: Crew, role: Role, brief: str, result: AgentResult) -> AsyncIterator[Event]:
     """One agent in one role, framed by `agent` events and followed by the run's `usage` so far;
     `result.submitted` holds what it handed over."""
-    role_tools = RoleTools(crew.tools, role)
+    role_tools = RoleTools(crew.tools, role, crew.own_tools)
     model = crew.model
     if role.name in crew.role_models:
         model = copy.copy(model)
@@ -88,11 +90,11 @@ async def run_role(crew: Crew, role: Role, brief: str, result: AgentResult) -> A
 
 
 async def single(crew: Crew, work: Work, prompt: str, repo: str, default_branch: str, max_turns: int,
-                 branch_prefix: str) -> AsyncIterator[Event]:
-    """One agent that changes the repository and publishes itself."""
+                 branch_prefix: str, publishes: bool = True) -> AsyncIterator[Event]:
+    """One agent that changes the repository and publishes itself (unless the run publishes: a follow-up)."""
     result = AgentResult()
-    async for event in run_role(crew, single_role(max_turns, branch_prefix), prompts.brief(prompt, repo,
-                                                                                           default_branch), result):
+    role = single_role(max_turns, branch_prefix, publishes)
+    async for event in run_role(crew, role, prompts.brief(prompt, repo, default_branch), result):
         yield event
     work.summary = result.final_text
 

@@ -25,8 +25,11 @@ from .output import LiveOutput, cut
 
 TAIL_CHARS = 2000  # of a command's output, kept as evidence of how it ended
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-# Sandbox lifecycle belongs to the run, not the model.
-HIDDEN = {("sandbox", "create_sandbox"), ("sandbox", "destroy_sandbox")}
+# Sandbox lifecycle belongs to the run, not the model; so do what the run says on the forge in its own name
+# (replies, answers) and what only people (through the page or the CLI) or the webhook do.
+HIDDEN = {("sandbox", "create_sandbox"), ("sandbox", "destroy_sandbox"),
+          *(("github", name) for name in ("reply_to_review_comment", "comment_on_issue", "edit_issue_comment",
+                                          "add_review_comment", "get_permission", "delete_branch"))}
 
 
 @dataclass

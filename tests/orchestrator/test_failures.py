@@ -219,7 +219,7 @@ async def test_health_reports_each_mcp_server(pool):
             async with http.get(s.url + "/health") as resp:
                 health = await resp.json()
     assert health["status"] == "healthy"
-    assert health["servers"]["sandbox"]["state"] == "up" and health["servers"]["github"]["tools"] == 6
+    assert health["servers"]["sandbox"]["state"] == "up" and health["servers"]["github"]["tools"] == 13
 
 
 async def test_a_crashed_server_ends_its_run_and_is_restarted(pool, make_repo, sandbox_root):

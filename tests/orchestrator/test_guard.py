@@ -84,7 +84,7 @@ async def test_repository_urls_outside_the_allowlist_are_refused(pool, repo_url,
 
 
 async def test_local_paths_are_refused_off_loopback_unless_under_a_configured_root(pool, make_repo):
-    from orchestrator.app import validate
+    from orchestrator.intake import validate
 
     async with stack(pool, []) as s:
         repo = make_repo(BUGGY)

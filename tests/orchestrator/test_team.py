@@ -142,7 +142,9 @@ async def test_the_planner_and_the_reviewer_cannot_write(pool, make_repo):
     assert "Read-only file system" in reviewer_results[1]["content"]
     names = {t["name"] for t in s.api.requests[0]["tools"]}
     assert "sandbox_write_file" not in names and "sandbox_edit_file" not in names and "submit_plan" in names
-    assert not any(n.startswith("github_") for n in names)
+    # The planner reads issues and pull requests; it writes nothing on the forge.
+    assert {n for n in names if n.startswith("github_")} == {"github_get_issue", "github_get_pull_request",
+                                                             "github_list_pull_requests"}
     pr = of_type(events, "pull_request")[0]
     assert git(repo, "show", f"{pr['head']}:calc.py") == "def add(a, b):\n    return a + b"
 
@@ -175,5 +177,6 @@ async def test_each_role_can_have_its_own_model_and_is_priced_at_it(pool, make_r
     # planner's and the reviewer's tokens happen to balance, so the sum is checked, not a difference.
     ends = [e for e in of_type(events, "agent") if e["state"] == "end"]
     expected = sum(Usage(**e["usage"]).cost_usd(starts[e["agent"]]) for e in ends)
-    assert of_type(events, "usage")[-1]["cost_usd"] == pytest.approx(expected, abs=1e-6)
+    # The run's total adds each call's cost rounded to a millionth of a dollar: up to half of one off per call.
+    assert of_type(events, "usage")[-1]["cost_usd"] == pytest.approx(expected, abs=len(s.api.requests) * 5e-7)
     assert Usage(**ends[0]["usage"]).cost_usd(starts["planner"]) < Usage(**ends[0]["usage"]).cost_usd("sonnet")

@@ -18,6 +18,7 @@ from tests.fakes.messages_api import text, tool_use, turn
 from .conftest import ROOT, parse_sse, stack
 from .test_attempts import FIXED, WRONG, Router, choose, coder_writes
 from .test_first_minutes import get_json, service
+from .test_local_pulls import pull_href
 from .test_environment import FAILING_SETUP, needs_sandbox_setup
 from .test_nothing_lost import forge_goes_away
 from .test_run import BUGGY, TESTS, fix_script
@@ -98,8 +99,8 @@ async def test_the_page_shows_a_run_live_to_its_pull_request_and_cancels_another
         view = page.locator("#view")
         await expect(page.locator("#run-status")).to_have_text("success")
         events = await stored_events(s.url, run_id)
-        pr_url = next(e["url"] for e in events if e["type"] == "pull_request")
-        await expect(page.locator("#pr a")).to_have_attribute("href", pr_url)
+        number = next(e["number"] for e in events if e["type"] == "pull_request")
+        await expect(page.locator("#pr a")).to_have_attribute("href", pull_href(events[0]["repo"], number))
         # Every event arrived once, over EventSource, in the agent's part, tool calls with their results.
         await expect(view).to_have_attribute("data-seq", str(events[-1]["seq"]))
         await expect(view).to_have_attribute("data-transport", "eventsource")
@@ -147,8 +148,8 @@ async def test_the_page_works_with_the_bearer_token_over_a_fetch_stream(pool, ma
         await expect(page.locator(".agent > summary")).to_have_text(["planner", "coder", "reviewer"])
         await expect(page.locator("#plan li")).to_have_text("calc.py return a + b (add must add)")
         events = await stored_events(s.url, run_id, TOKEN)
-        pr_url = next(e["url"] for e in events if e["type"] == "pull_request")
-        await expect(page.locator("#pr a")).to_have_attribute("href", pr_url)
+        number = next(e["number"] for e in events if e["type"] == "pull_request")
+        await expect(page.locator("#pr a")).to_have_attribute("href", pull_href(events[0]["repo"], number))
         await expect(page.locator("#view")).to_have_attribute("data-seq", str(events[-1]["seq"]))
         assert await page.evaluate("sessionStorage.getItem('tb-token')") == TOKEN
         await page.screenshot(path=tmp_path / "team.png", full_page=True)
@@ -194,8 +195,8 @@ async def test_the_page_shows_attempts_side_by_side_and_marks_the_chosen_one(poo
             "Chosen (approve): attempt 2's tests pass")
         # The run's own diff (the chosen sandbox, published) is in the main card, and its pull request below.
         await expect(page.locator("#diff .add")).to_have_text("+    return a + b\n")
-        pr_url = next(e["url"] for e in events if e["type"] == "pull_request")
-        await expect(page.locator("#pr a")).to_have_attribute("href", pr_url)
+        number = next(e["number"] for e in events if e["type"] == "pull_request")
+        await expect(page.locator("#pr a")).to_have_attribute("href", pull_href(events[0]["repo"], number))
         await page.screenshot(path=tmp_path / "attempts.png", full_page=True)
         if os.environ.get("TB_UPDATE_SCREENSHOT") == "1":  # the README's picture of attempts, refreshed on request
             await page.screenshot(path=ROOT / "docs" / "attempts.png", full_page=True)

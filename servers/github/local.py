@@ -132,7 +132,7 @@ class LocalForge:
             raise ForgeError(f"commit {sha} is not in {self.path}; branch from a commit the repository has")
         ref = f"refs/heads/{branch}"
         # An empty old value makes update-ref fail if the ref exists: create, never move.
-        created = await self._ok("update-ref", "-m", "tiny-backspace: create_branch", ref, sha, "")
+        created = await self._ok("update-ref", "--no-deref", "-m", "tiny-backspace: create_branch", ref, sha, "")
         current = await self._branch_sha(branch)
         if current != sha:
             if current is None:
@@ -177,8 +177,9 @@ class LocalForge:
         commit = await self._git("commit-tree", "--no-gpg-sign", tree, "-p", parent, "-F", "-",
                                  stdin=message.encode())
         # A missing branch is made only now, at the new commit: a changeset refused above leaves nothing behind.
-        if not await self._ok("update-ref", "-m", "tiny-backspace: commit_changes", f"refs/heads/{branch}",
-                              commit, parent if tip is not None else zero):
+        # --no-deref: a branch that is a symbolic ref to another (main, say) becomes a branch of its own, main stays.
+        if not await self._ok("update-ref", "--no-deref", "-m", "tiny-backspace: commit_changes",
+                              f"refs/heads/{branch}", commit, parent if tip is not None else zero):
             raise ForgeError(f"branch {branch!r} moved while committing; export the changes again and retry")
         return CommitResult(sha=commit, branch=branch, parent=parent, files_written=len(decoded.files),
                             files_deleted=len(decoded.deleted))

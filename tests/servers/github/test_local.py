@@ -109,6 +109,14 @@ async def test_a_branch_that_moved_since_its_base_is_refused(repo: Path) -> None
         await forge.commit_changes("tb/moved", "two", changes(base, {"two.txt": b"2"}))
     assert git(repo, "rev-parse", "tb/moved") == first.sha
 
+
+async def test_a_branch_that_is_a_symbolic_ref_to_the_default_one_never_moves_it(repo: Path) -> None:
+    forge, base = LocalForge(repo, "tb/"), git(repo, "rev-parse", "main")
+    git(repo, "symbolic-ref", "refs/heads/tb/alias", "refs/heads/main")
+    made = await forge.commit_changes("tb/alias", "msg", changes(base, {"a.txt": b"a"}))
+    assert git(repo, "rev-parse", "main") == base and git(repo, "rev-parse", "tb/alias") == made.sha
+
+
 async def test_a_commit_to_a_missing_branch_makes_it_and_a_refused_one_leaves_none(repo: Path) -> None:
     forge, base = LocalForge(repo, "tb/"), git(repo, "rev-parse", "main")
     made = await forge.commit_changes("tb/new", "msg", changes(base, {"a.txt": b"a"}))

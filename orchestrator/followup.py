@@ -70,7 +70,7 @@ def issue_task(issue: dict[str, Any], prompt: str) -> Task:
     return Task(prompt="\n\n".join(parts), title=title, topic=title, request=prompt, fixes=number)
 
 
-def refusal(pull: dict[str, Any], forge: dict[str, Any], prompt: str) -> str | None:
+def refusal(pull: dict[str, Any], forge: dict[str, Any], prompt: str, resuming: bool = False) -> str | None:
     """Why the run may not follow up `pull` (get_pull_request's answer) on the repository `forge`
     (get_repository's answer); None when it may."""
     number, prefix = pull["number"], forge["branch_prefix"]
@@ -86,7 +86,7 @@ def refusal(pull: dict[str, Any], forge: dict[str, Any], prompt: str) -> str | N
                + ("" if writes is not None else f", and Tiny Backspace cannot push to {forge['repo']}"))
         return (f"only pull requests from branches under {prefix} that Tiny Backspace can push can be followed up: "
                 f"{why}. Start a new run with what to change instead")
-    if not unaddressed(pull) and not prompt.strip():
+    if not unaddressed(pull) and not prompt.strip() and not resuming:
         return (f"pull request #{number} has no review thread left to address: say in the prompt what to change "
                 "on it")
     return None

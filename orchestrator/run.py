@@ -31,6 +31,7 @@ from typing import Any
 import anthropic
 from mcp_types import CallToolResult, Tool
 
+from common import repos
 from common.redact import Redactor
 
 from . import evidence, followup, resume, telemetry
@@ -212,14 +213,15 @@ class PublishGuard:
             changes = args.get("changes")
             if tool == "open_pull_request" and self.fixes:
                 body = args.get("body") if isinstance(args.get("body"), str) else ""
-                if f"Fixes #{self.fixes}" not in body:
+                if not re.search(rf"\bFixes #{self.fixes}\b", body):
                     args["body"] = f"{body.rstrip()}\n\nFixes #{self.fixes}".lstrip()
             if tool == "create_branch":
                 exported = await self.pool.call("sandbox", "export_changes", {"sandbox_id": self.sandbox_id},
                                                 timeout)
                 changes = (exported.structured_content or {}).get("changeset")
-                # No tool deletes a branch: one made before there is anything to commit stays behind, empty, when
-                # the run stops before it commits. A name outside the prefix is the server's to refuse, saying why.
+                # The model can delete no branch: one made before there is anything to commit stays behind, empty,
+                # when the run stops before it commits. A name outside the prefix is the server's to refuse, saying
+                # why.
                 if isinstance(changes, dict) and not changes.get("files") and not changes.get("deleted") \
                         and str(args.get("branch", "")).startswith(self.branch_prefix):
                     raise ToolFailed("refused to create a branch: the sandbox has no changes yet, and a run that "
@@ -270,9 +272,7 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, ou
             prefix = forge["branch_prefix"]
             task = await _task(request, forge, pool, limits.tool_seconds)
             yield events("status", stage="sandbox", message="cloning the repository into a sandbox")
-            # A GitHub repository is cloned from where its forge says (a local one from its path, as given).
-            clone = forge["clone_url"] if forge.get("forge") == "github" else request.repo_url
-            create = {"repo_url": clone} | ({} if request.setup is None else {"setup": request.setup})
+            create = {"repo_url": _clone_source(request.repo_url, forge, settings)} | ({} if request.setup is None else {"setup": request.setup})
             if task.ref:  # a follow-up: the pull request's head
                 create["ref"] = task.ref
             if request.resume:  # the commit the kept changes were made on
@@ -392,10 +392,28 @@ async def _task(request: RunRequest, forge: dict[str, Any], pool: ToolPool, time
     if request.pull_request:
         pull = await _call(pool, "github", "get_pull_request", {"repo": request.repo_url,
                                                                 "number": request.pull_request}, timeout)
-        if refused := followup.refusal(pull, forge, request.prompt):
+        # A retry has the kept changes to apply, whatever the threads say now.
+        if refused := followup.refusal(pull, forge, request.prompt, resuming=request.resume is not None):
             raise RunFailed(refused)
         return followup.follow_up_task(pull, request.prompt)
     return followup.plain_task(request.prompt)
+
+
+def _clone_source(repo: str, forge: dict[str, Any], settings: Settings) -> str:
+    """What the sandbox clones: a GitHub repository from where its forge says it is served, when that is a GitHub
+    host (TB_GITHUB_HOSTS) or a local repository under TB_LOCAL_ROOTS, as a request could name it; else, as a local
+    repository always, from `repo` itself."""
+    url = str(forge.get("clone_url") or "")
+    if forge.get("forge") != "github" or not url:
+        return repo
+    try:
+        ref = repos.parse(url, settings.github_hosts)
+    except repos.RepoError:
+        return repo
+    if ref.kind == "github" or (ref.kind == "local" and any(r == ref.path or r in ref.path.parents
+                                                             for r in settings.local_roots)):
+        return url
+    return repo
 
 
 def _failure(exc: BaseException, run_id: str) -> dict[str, str]:
@@ -528,6 +546,9 @@ async def follow_up_commit(tools: RunTools, follow: followup.FollowUp, kept: dic
     commit's sha."""
     with telemetry.span("publish", {"tb.branch": follow.branch, "tb.follow_up": follow.number}):
         changes = await tools.changes_for(follow.branch, kept["changeset"])
+        # On the head the sandbox cloned, which must still be the branch's tip: a branch deleted or moved meanwhile
+        # (the pull request merged or closed, someone pushed) is refused, never made again or overwritten.
+        changes["parent"] = changes["parent"] or changes["base_commit"]
         made = await _call(tools.pool, "github", "commit_changes", {"repo": kept["repo"], "branch": follow.branch,
                                                                     "message": kept["title"], "changes": changes},
                            timeout)

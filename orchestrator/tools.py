@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from mcp_types import CallToolResult
 
 from common.changeset import Changeset
+from common.untrusted import frame
 
 from .mcp_pool import ServerUnavailable, ToolPool
 from .output import LiveOutput, cut
@@ -30,6 +31,9 @@ NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 HIDDEN = {("sandbox", "create_sandbox"), ("sandbox", "destroy_sandbox"),
           *(("github", name) for name in ("reply_to_review_comment", "comment_on_issue", "edit_issue_comment",
                                           "add_review_comment", "get_permission", "delete_branch"))}
+
+# What the model reads of the forge: people's words (cleaned by the github server), framed as untrusted data.
+FORGE_READS = {"get_issue", "get_pull_request", "list_pull_requests"}
 
 
 @dataclass
@@ -142,7 +146,10 @@ class RunTools:
         except ToolFailed as exc:
             return ToolOutput(str(exc), is_error=True)
         self._observe(server, tool, args, result, agent, time.monotonic() - started)
-        return ToolOutput(cut(result_text(result), self.result_chars), result.is_error, result.structured_content)
+        text = cut(result_text(result), self.result_chars)
+        if server == "github" and tool in FORGE_READS and not result.is_error:
+            text = frame(f"github {tool}: what people wrote on the forge", text)  # data, never instructions
+        return ToolOutput(text, result.is_error, result.structured_content)
 
     async def export(self) -> dict[str, Any]:
         """The sandbox's changes since the base commit: `changeset` and `diff`."""

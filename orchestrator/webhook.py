@@ -34,7 +34,6 @@ from .tools import result_text
 
 log = logging.getLogger(__name__)
 HANDLED = ("issue_comment", "pull_request_review_comment")
-FOLLOW_UP = "address the review comments"
 ANSWERS_GRACE_S = 30  # at shutdown, answer comments still being written get this long
 MESSAGE_CHARS = 1000  # of a run's error, in the answer comment
 
@@ -171,6 +170,14 @@ class Webhook:
             raise Refused(f"repository.full_name: {exc}") from None
         if ref.kind != "github":
             raise Refused("repository.full_name must be owner/name")
+        home = _get(payload, "repository", "html_url")
+        try:
+            at_home = repos.parse(home, self.settings.github_hosts) if isinstance(home, str) else ref
+        except repos.RepoError:
+            at_home = None
+        if at_home is None or at_home.kind != "github" or at_home.full_name.lower() != ref.full_name.lower():
+            raise Refused(f"repository.html_url {str(home)[:200]!r} is not {ref.full_name} on a GitHub host of this "
+                          "service (TB_GITHUB_HOSTS): add the host, or point the webhook of that host elsewhere")
         delivery = request.headers.get("X-GitHub-Delivery", "").strip()
         if not delivery or len(delivery) > 100:
             raise Refused("X-GitHub-Delivery is missing or over 100 characters: GitHub names each delivery with a GUID")
@@ -220,7 +227,8 @@ class Webhook:
                                                  f"{json.loads(refused.text)['error']}."))
             return refused
         kind = {"pull_request": number} if pull else {"issue": number}
-        run = RunRequest(repo_url=repo, prompt=text or (FOLLOW_UP if pull else ""), mode="team", **kind)
+        # An empty prompt: the issue, or the pull request's threads not yet answered (a run refuses when none is).
+        run = RunRequest(repo_url=repo, prompt=text, mode="team", **kind)
         run_id = self.runs.start(run, client)
         store.settle_delivery(delivery, run_id, "started")
         self._spawn(self._follow(run_id, repo, number, self._link(request, run_id)))

@@ -43,6 +43,9 @@ HOST = "127.0.0.1"  # the fake's host: the GitHub host of the service (TB_GITHUB
 BOT = "tiny-backspace-bot"  # whom the github server's token belongs to
 BOT_TOKEN = "ghp_" + "B" * 36
 OWNER = "octo"
+# Where the session's fakes serve clones from (their `clone_url`s): local repositories the service accepts
+# (TB_LOCAL_ROOTS), as it accepts a clone URL only where a request could name the repository itself.
+CLONE_ROOTS: list[Path] = []
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
@@ -51,7 +54,9 @@ async def fake_github() -> AsyncIterator[FakeGitHub]:
     fake = FakeGitHub()
     fake.tokens[BOT_TOKEN] = BOT
     await fake.start()
+    CLONE_ROOTS.append(fake.clones)
     yield fake
+    CLONE_ROOTS.remove(fake.clones)
     await fake.stop()
 
 
@@ -106,5 +111,5 @@ def realism(fake: FakeGitHub, *, fork_delay_s: float = 0.0, rate_limit_every: in
 async def github_stack(pool: ToolPool, script: list, **settings: Any) -> AsyncIterator[Stack]:
     """The scripted model and the service in front of it (`conftest.stack`), with the fake's host as its GitHub
     host."""
-    async with stack(pool, script, github_hosts=(HOST,), **settings) as s:
+    async with stack(pool, script, github_hosts=(HOST,), local_roots=tuple(CLONE_ROOTS), **settings) as s:
         yield s

@@ -117,6 +117,8 @@ async def test_review_comments_become_one_new_commit_on_the_branch_and_replies_t
     planner, coder = s.api.requests[0], s.api.requests[2]
     assert {"github_get_pull_request", "github_get_issue"} <= set(tools_of(planner))
     assert not FORGE_WRITES & set(tools_of(planner)) and "reply_to_thread" not in tools_of(planner)
+    read = s.api.requests[1]["messages"][-1]["content"][0]  # what the planner's github read returned it
+    assert read["type"] == "tool_result" and read["content"].startswith('<untrusted source="github get_pull_request')
     enum = tools_of(coder)["reply_to_thread"]["input_schema"]["properties"]["comment_id"]["enum"]
     assert enum == [pr["docstring"], pr["negative"]]
     brief = json.dumps(coder["messages"][0])
@@ -210,6 +212,28 @@ async def test_a_branch_moved_during_the_follow_up_is_left_alone_and_the_changes
     assert not of_type(events, "review_reply")
     assert [t["thread"] for t in of_type(events, "follow_up")[0]["not_addressed"]] == [pr["docstring"],
                                                                                          pr["negative"]]
+
+
+async def test_a_branch_deleted_during_the_follow_up_is_not_made_again(pool, make_repo):
+    repo = make_repo(BUGGY)
+    pr = await reviewed_pull_request(pool, repo)
+
+    def someone_merges_and_deletes_the_branch(_: dict):
+        git(repo, "update-ref", "-d", f"refs/heads/{BRANCH}", pr["head"])
+        return turn(text("Added the docstring."))
+
+    script = [turn(tool_use("sandbox_edit_file", {"path": "calc.py", "old_text": "def add(a, b):\n",
+                                                  "new_text": "def add(a, b):\n" + DOCSTRING}),
+                   tool_use("reply_to_thread", {"comment_id": pr["docstring"], "addressed": True,
+                                                "reply": "Added a docstring."})),
+              someone_merges_and_deletes_the_branch]
+    async with stack(pool, script) as s:
+        _, events, _ = await post_code(s.url, {"repoUrl": str(repo), "pull_request": pr["number"],
+                                               "mode": "single"})
+    assert events[-1]["status"] == "error" and "does not exist" in of_type(events, "error")[0]["message"]
+    assert git(repo, "branch", "--list", BRANCH) == "" and not of_type(events, "review_reply")
+    draft = of_type(events, "pull_request")[-1]
+    assert draft["draft"] and draft["head"] != BRANCH
 
 
 async def test_the_same_follow_up_loop_on_github(github_pool, fake_github: FakeGitHub):

@@ -81,7 +81,8 @@ async def run_count(url: str, headers: dict[str, str] | None = None) -> int:
 
 
 def webhook_stack(pool, script=NOTHING, **settings):
-    return stack(pool, script, github_webhook_secret=SECRET, github_hosts=HOSTS, **settings)
+    return stack(pool, script, github_webhook_secret=SECRET, github_hosts=HOSTS,
+                 local_roots=tuple(gh.CLONE_ROOTS), **settings)
 
 
 async def test_without_a_secret_the_webhook_is_off(pool):
@@ -138,6 +139,15 @@ async def test_a_stale_comment_is_refused(pool):
         runs = await run_count(s.url)
     assert status == 400 and "TB_WEBHOOK_MAX_AGE_S" in answer["error"] and "replay" in answer["error"]
     assert runs == 0
+
+
+async def test_a_delivery_from_a_github_host_the_service_does_not_serve_is_refused(pool):
+    payload = issue_comment("@tiny-backspace fix it")
+    payload["repository"]["html_url"] = "https://ghe.example.com/octo/demo"
+    async with webhook_stack(pool) as s:
+        status, answer = await deliver(s.url, payload)
+        runs = await run_count(s.url)
+    assert status == 400 and "TB_GITHUB_HOSTS" in answer["error"] and runs == 0
 
 
 async def test_comments_without_a_mention_or_by_the_bot_itself_start_nothing(pool):
@@ -337,7 +347,7 @@ async def test_a_mention_on_a_pull_request_follows_it_up_and_a_failure_is_the_an
         review_events = await events_of(s.url, on_a_line[1]["run_id"])
         stopped = await until(lambda: [c for c in answers(fake_github, full_name, 5) if "Stopped" in c["body"]][1:])
     run = of_type(events, "run")[0]
-    assert status == 202 and run["pull_request"] == 5 and run["prompt"] == "address the review comments"
+    assert status == 202 and run["pull_request"] == 5 and run["prompt"] == ""
     error = of_type(events, "error")[0]["message"]
     assert stopped[0]["body"].startswith(f"Stopped (error): {error}") and "get_pull_request" in error
     assert on_a_line[0] == 202 and of_type(review_events, "run")[0] == {

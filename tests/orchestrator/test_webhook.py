@@ -29,7 +29,7 @@ from tests.fakes.github_api import FakeGitHub
 
 from .conftest import of_type, parse_sse, stack
 from . import github_stack as gh
-from .github_stack import BOT, add_repo, github_stack
+from .github_stack import BOT, add_repo, github_stack, realism
 from .test_run import BUGGY
 from .test_team import coder, planner, reviewer
 
@@ -276,22 +276,29 @@ def issue_repo(fake: FakeGitHub, writer: str = "alice") -> str:
 async def test_a_mention_by_a_writer_starts_a_run_answered_with_its_link_then_its_pull_request(
         github_pool, fake_github):
     full_name = issue_repo(fake_github)
+    for n in range(34):  # the issue's conversation takes two pages
+        fake_github.conversations.add_issue_comment(full_name, 1, f"Seen it too ({n}).", author=f"user{n}")
     comment = fake_github.conversations.add_issue_comment(full_name, 1, "@tiny-backspace please fix this",
                                                           author="alice")
     script = planner() + coder() + reviewer("approve")
-    async with github_stack(github_pool, script, github_webhook_secret=SECRET, public_url=PUBLIC) as s:
-        status, answer = await deliver(s.url, from_fake(fake_github, full_name, 1, comment))
-        assert status == 202 and answer["events_url"] == f"/runs/{answer['run_id']}/events"
-        run_id = answer["run_id"]
-        events = await events_of(s.url, run_id)
-        done = await until(lambda: [c for c in answers(fake_github, full_name, 1) if "Done" in c["body"]])
-    posted = [r for r in fake_github.requests if r.method == "POST" and r.path.endswith("/issues/1/comments")]
+    with realism(fake_github, rate_limit_every=3):  # every third write is refused once, with retry-after
+        async with github_stack(github_pool, script, github_webhook_secret=SECRET, public_url=PUBLIC) as s:
+            status, answer = await deliver(s.url, from_fake(fake_github, full_name, 1, comment))
+            assert status == 202 and answer["events_url"] == f"/runs/{answer['run_id']}/events"
+            run_id = answer["run_id"]
+            events = await events_of(s.url, run_id)
+            done = await until(lambda: [c for c in answers(fake_github, full_name, 1) if "Done" in c["body"]])
+    assert fake_github.rate_limited and any("page=2" in r.path for r in fake_github.requests
+                                            if f"/{full_name}/issues/1/comments" in r.path)
+    posted = [r for r in fake_github.requests if r.method == "POST" and r.path.endswith("/issues/1/comments")
+              and r not in fake_github.rate_limited]
     assert len(posted) == 1 and f"Working on it: [run `{run_id}`]({PUBLIC}/#{run_id})" in posted[0].body["body"]
     run = of_type(events, "run")[0]
     assert run["issue"] == 1 and run["mode"] == "team" and run["prompt"] == "please fix this"
     pr = of_type(events, "pull_request")[0]
     assert events[-1]["status"] == "success"
-    edited = [r for r in fake_github.requests if r.method == "PATCH" and r.path.endswith(f"/comments/{done[0]['id']}")]
+    edited = [r for r in fake_github.requests if r.method == "PATCH" and r.path.endswith(f"/comments/{done[0]['id']}")
+              and r not in fake_github.rate_limited]
     assert len(answers(fake_github, full_name, 1)) == 1 and len(edited) == 1  # the answer, edited: no second one
     assert done[0]["body"].startswith(f"Done: {pr['url']}") and f"({PUBLIC}/#{run_id})" in done[0]["body"]
 

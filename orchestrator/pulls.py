@@ -17,7 +17,6 @@ from .run import RunRequest
 from .tools import result_text
 
 MAX_NUMBER = 2**31 - 1  # what the forges count pull requests and lines in
-MAX_COMMENT_CHARS = 65_536  # the github server's limit on a body
 CALL_SECONDS = 120.0  # a page waits for an answer: a read or one comment, never a command
 STATES = ("open", "closed", "all")
 NOT_FOUND = re.compile(r"\bno pull request\b|\bnot found\b|\bdoes not exist\b", re.IGNORECASE)
@@ -106,8 +105,7 @@ async def add_comment(request: web.Request) -> web.Response:
     text, path, line = body.get("body"), body.get("path"), body.get("line")
     if not isinstance(text, str) or not text.strip():
         return bad_request(f"body must be a non-empty string: the comment, as plain text or Markdown; send {example}")
-    if len(text) > MAX_COMMENT_CHARS:
-        return bad_request(f"body is {len(text)} characters, over the limit of {MAX_COMMENT_CHARS}", 413)
+    # How long a comment may be is the github server's to say (add_review_comment refuses a longer one).
     if path is not None and (not isinstance(path, str) or not path.strip() or len(path) > 4096):
         return bad_request("path must be a file's path relative to the repository root, e.g. src/app.py, or absent")
     if line is not None and (isinstance(line, bool) or not isinstance(line, int) or not 1 <= line <= MAX_NUMBER):

@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     run_id TEXT PRIMARY KEY, data TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS deliveries (
-    id TEXT PRIMARY KEY, comment TEXT NOT NULL UNIQUE, received REAL NOT NULL, run_id TEXT, outcome TEXT
+    id TEXT PRIMARY KEY, comment TEXT NOT NULL UNIQUE, received REAL NOT NULL, run_id TEXT, outcome TEXT,
+    repo TEXT, number INTEGER, link TEXT, answer INTEGER, answered INTEGER NOT NULL DEFAULT 0
 );
 """
 DELIVERIES_KEPT_S = 2 * 86400  # longer than any delivery stays fresh (TB_WEBHOOK_MAX_AGE_S is at most a day)
@@ -68,6 +69,9 @@ class RunStore(Protocol):
     def claim_delivery(self, delivery: str, comment: str) -> dict[str, Any] | None: ...
     def settle_delivery(self, delivery: str, run_id: str | None, outcome: str) -> None: ...
     def forget_delivery(self, delivery: str) -> None: ...
+    def answering(self, delivery: str, repo: str, number: int, link: str, answer: int | None) -> None: ...
+    def answered(self, delivery: str) -> None: ...
+    def unanswered(self) -> list[dict[str, Any]]: ...
 
 
 class SQLiteRunStore:
@@ -213,6 +217,22 @@ class SQLiteRunStore:
     def forget_delivery(self, delivery: str) -> None:
         """Drop the claim of a delivery that could not be handled now, so that a redelivery is."""
         self.db.execute("DELETE FROM deliveries WHERE id = ?", (delivery,))
+
+    def answering(self, delivery: str, repo: str, number: int, link: str, answer: int | None) -> None:
+        """Where the answer to a delivery's run is (`answer`, the comment's id; None: none could be posted)."""
+        self.db.execute("UPDATE deliveries SET repo = ?, number = ?, link = ?, answer = ? WHERE id = ?",
+                        (repo, number, link, answer, delivery))
+
+    def answered(self, delivery: str) -> None:
+        """The answer says how the delivery's run ended."""
+        self.db.execute("UPDATE deliveries SET answered = 1 WHERE id = ?", (delivery,))
+
+    def unanswered(self) -> list[dict[str, Any]]:
+        """Deliveries whose run started but whose answer does not yet say how it ended: `id`, `run_id`, `repo`,
+        `number`, `link`, `answer`."""
+        rows = self.db.execute("SELECT id, run_id, repo, number, link, answer FROM deliveries WHERE run_id IS NOT "
+                               "NULL AND repo IS NOT NULL AND answered = 0 ORDER BY received").fetchall()
+        return [dict(row) for row in rows]
 
     def _work(self, work: dict[str, Any]) -> str:
         """A run's work as stored: its changeset as it is (the run refuses one that holds a secret), the rest

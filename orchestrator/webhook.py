@@ -97,6 +97,7 @@ class Webhook:
     def install(self, app: web.Application) -> None:
         """Serve POST /github/webhook on `app`; at its cleanup, answers still being written finish (bounded)."""
         app.router.add_post("/github/webhook", self.handle)
+        app.on_startup.append(self.conclude_left)
         app.on_cleanup.append(self.close)
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -231,7 +232,7 @@ class Webhook:
         run = RunRequest(repo_url=repo, prompt=text, mode="team", **kind)
         run_id = self.runs.start(run, client)
         store.settle_delivery(delivery, run_id, "started")
-        self._spawn(self._follow(run_id, repo, number, self._link(request, run_id)))
+        self._spawn(self._follow(delivery, run_id, repo, number, self._link(request, run_id)))
         return _answer(202, run_id=run_id, events_url=f"/runs/{run_id}/events")
 
     def _refusal(self, client: str, text: str) -> web.Response | None:
@@ -248,18 +249,35 @@ class Webhook:
         base = self.settings.public_url or f"{request.scheme}://{request.host}"
         return f"{base}/#{run_id}"
 
-    async def _follow(self, run_id: str, repo: str, number: int, link: str) -> None:
-        """Answer the comment with a link to the run; when the run ends, edit the answer with its outcome."""
+    async def _follow(self, delivery: str, run_id: str, repo: str, number: int, link: str) -> None:
+        """Answer the comment with a link to the run; when the run ends, edit the answer with its outcome. The run
+        store knows where the answer is, so that a service restarted meanwhile still gives the outcome."""
         answer = await self._say(repo, number, f"Working on it: [run `{run_id}`]({link}). This comment will say "
                                                "how it ends.")
+        self.runs.store.answering(delivery, repo, number, link, answer)
         async for _ in self.runs.follow(run_id):
             pass
+        await self._conclude(delivery, run_id, repo, number, link, answer)
+
+    async def _conclude(self, delivery: str, run_id: str, repo: str, number: int, link: str,
+                        answer: int | None) -> None:
+        """Edit the answer with the run's outcome (a new comment when it cannot be edited)."""
         outcome = self._outcome(run_id, link)
+        edited = False
         if answer is not None:
             with contextlib.suppress(Refused):
                 await self._tool("edit_issue_comment", {"repo": repo, "comment_id": answer, "body": outcome})
-                return
-        await self._say(repo, number, outcome)
+                edited = True
+        if edited or await self._say(repo, number, outcome) is not None:
+            self.runs.store.answered(delivery)
+
+    async def conclude_left(self, _: web.Application) -> None:
+        """At start-up: the answers of runs a previous process left (ended, or marked interrupted since) say how
+        they ended."""
+        for row in self.runs.store.unanswered():
+            if row["run_id"] not in self.runs.live:
+                self._spawn(self._conclude(row["id"], row["run_id"], row["repo"], row["number"], row["link"],
+                                           row["answer"]))
 
     def _outcome(self, run_id: str, link: str) -> str:
         record = self.runs.store.get(run_id) or {"status": "unknown"}

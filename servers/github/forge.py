@@ -17,9 +17,18 @@ from typing import Literal, Protocol
 from pydantic import BaseModel, Field
 
 from common.changeset import MAX_CHANGESET_BYTES, MAX_ENTRIES, MAX_FILE_BYTES, Changeset
+from common.untrusted import OURS
 
 MAX_MESSAGE_CHARS = 65_536
 MAX_DIFF_BYTES = 1_000_000  # of a pull request's diff as get_pull_request returns it
+MAX_COMMENTS = 1_000  # of each list of comments get_issue and get_pull_request read (10 pages of 100): the newest
+# Ends every comment this server writes on GitHub; it counts against GitHub's 65 536 characters of a comment's body.
+SIGNATURE = "\n\n" + OURS
+MAX_COMMENT_CHARS = 65_536 - len(SIGNATURE)  # of a comment's body as a caller gives it, on either forge
+# A GitHub login (letters, digits and hyphens, at most 39 characters; older accounts may have hyphens anywhere but
+# first), or an App's bot, `<slug>[bot]`.
+LOGIN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9-]{0,38}(?:\[bot\])?$"
+LOGIN = re.compile(LOGIN_PATTERN)
 _SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 
 
@@ -111,6 +120,8 @@ class Issue(BaseModel):
     labels: list[str]
     author: str | None
     comments: list[Comment] = Field(default_factory=list)
+    note: str | None = Field(None, description="Set when the conversation is too long to return whole: what is left "
+                                               "out (its oldest comments) and where to read it.")
 
 
 class PullRequestDetail(PullRequest):
@@ -123,6 +134,8 @@ class PullRequestDetail(PullRequest):
     comments: list[Comment] = Field(default_factory=list)
     review_threads: list[ReviewThread] = Field(default_factory=list)
     diff: str | None = Field(None, description="The changes against the base, when asked for (cut when huge).")
+    note: str | None = Field(None, description="Set when the conversation or the review comments are too long to "
+                                               "return whole: what is left out (the oldest) and where to read it.")
 
 
 class Permission(BaseModel):
@@ -226,6 +239,23 @@ def check_message(message: str) -> str:
     if len(message) > MAX_MESSAGE_CHARS or "\x00" in message:
         raise ForgeError(f"the commit message must be under {MAX_MESSAGE_CHARS} characters with no NUL byte")
     return message
+
+
+def check_comment_body(body: str) -> str:
+    """A comment that says something, within what GitHub stores once this server's mark is added."""
+    if not body.strip():
+        raise ForgeError("the comment is empty; write what it should say")
+    if len(body) > MAX_COMMENT_CHARS or "\x00" in body:
+        raise ForgeError(f"a comment must be at most {MAX_COMMENT_CHARS} characters long, with no NUL byte")
+    return body
+
+
+def check_login(user: str) -> str:
+    """A GitHub login, or a `ForgeError` saying what one looks like."""
+    if not LOGIN.match(user):
+        raise ForgeError(f"{user[:100]!r} is not a GitHub login (letters, digits and hyphens, at most 39 characters, "
+                         "'[bot]' after an App's name)")
+    return user
 
 
 def check_path(path: str) -> str:

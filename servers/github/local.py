@@ -24,10 +24,10 @@ from common import repos
 from common.git import UnsafeRepository, check_self_contained, git_dirs, host_git_env, named_settings
 from common.untrusted import clean
 
-from .forge import (MAX_DIFF_BYTES, MAX_MESSAGE_CHARS, BranchRef, Changeset, Comment, CommitResult, ForgeError, Issue,
-                    Permission, PullRequest, PullRequestDetail, RepositoryInfo, ReviewThread, check_branch_name,
-                    check_message, check_path, check_sha, check_writable_branch, commit_parent, decode_changeset,
-                    nothing_to_commit, refuse_workflow_changes)
+from .forge import (MAX_DIFF_BYTES, BranchRef, Changeset, Comment, CommitResult, ForgeError, Issue, Permission,
+                    PullRequest, PullRequestDetail, RepositoryInfo, ReviewThread, check_branch_name,
+                    check_comment_body, check_message, check_path, check_sha, check_writable_branch, commit_parent,
+                    decode_changeset, nothing_to_commit, refuse_workflow_changes)
 
 GIT_TIMEOUT_S = 120
 AUTHOR = {"GIT_AUTHOR_NAME": "Tiny Backspace", "GIT_AUTHOR_EMAIL": "tiny-backspace@localhost",
@@ -317,13 +317,13 @@ class LocalForge:
 
     async def reply_to_review_comment(self, number: int, comment_id: int, body: str) -> Comment:
         """Reply, as this server, in the review thread comment `comment_id` starts."""
-        check_body(body)
+        check_comment_body(body)
         await self._dirs()
         return await asyncio.to_thread(self._add, number, "review_comments", comment(body, ours=True), comment_id)
 
     async def comment_on_issue(self, number: int, body: str) -> Comment:
         """Add a comment, as this server, to a pull request's conversation (a local repository has no issues)."""
-        check_body(body)
+        check_comment_body(body)
         await self._dirs()
         return await asyncio.to_thread(self._add, number, "comments", comment(body, ours=True))
 
@@ -331,7 +331,7 @@ class LocalForge:
                                  line: int | None = None) -> Comment:
         """A person's comment on a pull request: on a line of a file when `path` and `line` are given, on a file
         with `path` alone, else in its conversation."""
-        check_body(body)
+        check_comment_body(body)
         if line is not None and line < 1:
             raise ForgeError(f"line {line} is not a line number; lines are counted from 1 in the pull request's "
                              "version of the file")
@@ -373,7 +373,7 @@ class LocalForge:
 
     async def edit_issue_comment(self, comment_id: int, body: str) -> Comment:
         """Change the text of a conversation comment this server wrote; any other is refused."""
-        check_body(body)
+        check_comment_body(body)
         await self._dirs()
         return await asyncio.to_thread(self._edit, comment_id, body)
 
@@ -432,11 +432,3 @@ def now() -> str:
 def comment(body: str, ours: bool) -> dict:
     """A new comment's record: this server's, or a person's."""
     return {"id": 0, "author": OURS_AUTHOR if ours else PERSON, "body": body, "created_at": now(), "ours": ours}
-
-
-def check_body(body: str) -> None:
-    """A comment that says something, within GitHub's size."""
-    if not body.strip():
-        raise ForgeError("the comment is empty; write what it should say")
-    if len(body) > MAX_MESSAGE_CHARS or "\x00" in body:
-        raise ForgeError(f"a comment must be at most {MAX_MESSAGE_CHARS} characters long, with no NUL byte")

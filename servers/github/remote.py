@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
-import re
+import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any, Literal, TypeVar
 
 import requests
@@ -23,6 +23,7 @@ from github.InputGitTreeElement import InputGitTreeElement
 from github.Issue import Issue as GhIssue
 from github.IssueComment import IssueComment
 from github.PullRequest import PullRequest as GhPull
+from github.PaginatedList import PaginatedList
 from github.PullRequestComment import PullRequestComment
 from github.Repository import Repository
 
@@ -30,19 +31,18 @@ from common.untrusted import OURS, clean
 
 from .clients import NO_TOKEN, Clients
 from .config import Settings
-from .forge import (MAX_DIFF_BYTES, MAX_MESSAGE_CHARS, BranchRef, Changeset, Comment, CommitResult, DecodedChanges,
-                    ForgeError, ForgeUnavailable, Issue, Permission, PullRequest, PullRequestDetail, RepositoryInfo,
-                    ReviewThread, check_branch_name, check_message, check_sha, check_writable_branch, commit_parent,
-                    decode_changeset, nothing_to_commit, refuse_workflow_changes)
+from .forge import (MAX_COMMENTS, MAX_DIFF_BYTES, SIGNATURE, BranchRef, Changeset, Comment, CommitResult,
+                    DecodedChanges, ForgeError, ForgeUnavailable, Issue, Permission, PullRequest, PullRequestDetail,
+                    RepositoryInfo, ReviewThread, check_branch_name, check_comment_body, check_login, check_message,
+                    check_sha, check_writable_branch, commit_parent, decode_changeset, nothing_to_commit,
+                    refuse_workflow_changes)
 
 T = TypeVar("T")
 FORK_READY_TIMEOUT_S = 60
 DRAFTS_REFUSED = "Draft pull requests are not supported"
 DRAFT_NOTE = ("> [!NOTE]\n> This pull request would have been a draft, but this repository does not support draft "
               "pull requests; it is open for review instead.\n\n")
-SIGNATURE = "\n\n" + OURS  # ends every comment this server writes
 ROLES = ("admin", "maintain", "write", "triage", "read", "none")
-LOGIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,38}(?:\[bot\])?$")
 
 
 class GitHubForge:
@@ -59,16 +59,12 @@ class GitHubForge:
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         try:
-            return await asyncio.to_thread(self._serially, fn, *args)
+            return await asyncio.to_thread(fn, *args)
         except GithubException as exc:
             raise explain(exc, self.clients.settings) from None
         except requests.RequestException as exc:
             raise ForgeError(f"cannot reach the GitHub API at {self.clients.settings.api_url}: "
                              f"{type(exc).__name__}") from None
-
-    def _serially(self, fn: Callable[..., T], *args: Any) -> T:
-        with self.clients.serial():
-            return fn(*args)
 
     def _upstream(self) -> Repository:
         try:
@@ -86,27 +82,35 @@ class GitHubForge:
         if known:
             return self.clients.for_repo(self.full_name).get_repo(known)
         fork = upstream.create_fork()
-        self._await_fork(fork, upstream)
+        # GitHub answers at once but copies the fork later; until then its git data answers 409 "Git Repository is
+        # empty.". A branch it lacks (404) is for the caller to find.
+        await_github(lambda: self._ref_sha(fork, fork.default_branch), (409,), FORK_READY_TIMEOUT_S,
+                     lambda: ForgeError(f"the fork {fork.full_name} of {upstream.full_name} is still being created; "
+                                        "try again in a minute"))
         self.clients.forks[self.full_name] = fork.full_name
         return fork
 
-    def _await_fork(self, fork: Repository, upstream: Repository) -> None:
-        """Wait, within FORK_READY_TIMEOUT_S, until a fork answers: GitHub creates it at once but copies it later,
-        and until then its git data answers 409 "Git Repository is empty."."""
-        deadline = time.monotonic() + FORK_READY_TIMEOUT_S
-        for delay in backoff():
-            try:
-                fork.get_git_ref(f"heads/{fork.default_branch}")
-                return
-            except UnknownObjectException:
-                return  # it answers; a branch it lacks is for the caller to find
-            except GithubException as exc:
-                if exc.status != 409:
-                    raise
-            if time.monotonic() >= deadline:
-                raise ForgeError(f"the fork {fork.full_name} of {upstream.full_name} is still being created; try "
-                                 "again in a minute")
-            self.clients.pause(min(delay, max(0.0, deadline - time.monotonic())))
+    def _existing_target(self, upstream: Repository) -> Repository | None:
+        """Where branches go, as `_target`, but a fork only when there is one already: never made here."""
+        if can_push(upstream):
+            return upstream
+        known = self.clients.forks.get(self.full_name)
+        client = self.clients.for_repo(self.full_name)
+        try:
+            fork = client.get_repo(known or f"{self.clients.login(self.full_name)}/{upstream.name}")
+        except UnknownObjectException:
+            return None
+        if known is None and (fork.parent is None or fork.parent.full_name != upstream.full_name):
+            return None  # a repository of the same name, not a fork of this one
+        return fork
+
+    def _write_owner(self, upstream: Repository) -> str:
+        """Whose branches this server's pull requests come from: the repository's owner when the token can push,
+        else the owner of the fork (the token's)."""
+        if can_push(upstream):
+            return upstream.owner.login
+        known = self.clients.forks.get(self.full_name)
+        return known.split("/")[0] if known else self.clients.login(self.full_name)
 
     @staticmethod
     def _ref_sha(repo: Repository, branch: str) -> str | None:
@@ -116,19 +120,10 @@ class GitHubForge:
             return None
 
     def _await_commit(self, repo: Repository, sha: str, patient: bool) -> None:
-        """Wait, within a bound, for `sha` to appear in a fork GitHub is still copying."""
-        deadline = time.monotonic() + (FORK_READY_TIMEOUT_S if patient else 0)
-        for delay in backoff():
-            try:
-                repo.get_git_commit(sha)
-                return
-            except GithubException as exc:
-                if exc.status not in (404, 409, 422) or time.monotonic() >= deadline:
-                    if exc.status in (404, 409, 422):
-                        raise ForgeError(f"commit {sha} is not in {repo.full_name}; branch from a commit the "
-                                         "repository has") from None
-                    raise
-            self.clients.pause(min(delay, max(0.0, deadline - time.monotonic())))
+        """Wait, within a bound when `patient`, for `sha` to appear in a fork GitHub is still copying."""
+        await_github(lambda: repo.get_git_commit(sha), (404, 409, 422), FORK_READY_TIMEOUT_S if patient else 0,
+                     lambda: ForgeError(f"commit {sha} is not in {repo.full_name}; branch from a commit the "
+                                        "repository has"))
 
     async def get_repository(self) -> RepositoryInfo:
         """Describe the repository and whether the token can push to it."""
@@ -261,10 +256,12 @@ class GitHubForge:
             title = issue.title
         except UnknownObjectException:
             raise ForgeError(f"issue #{number} was not found in {self.full_name}") from None
+        me = self.clients.login(self.full_name)
+        comments, cut = newest(issue.get_comments())
         return Issue(number=issue.number, title=clean(title), body=clean(issue.body or ""), state=issue.state,
                      url=issue.html_url, labels=[clean(label.name) for label in issue.labels],
-                     author=issue.user.login if issue.user else None,
-                     comments=[as_comment(c) for c in issue.get_comments()])
+                     author=issue.user.login if issue.user else None, comments=[as_comment(c, me) for c in comments],
+                     note=cut_note(["comments"] if cut else [], issue.html_url))
 
     async def list_pull_requests(self, head: str | None, state: Literal["open", "closed", "all"] = "open"
                                  ) -> list[PullRequest]:
@@ -275,9 +272,11 @@ class GitHubForge:
 
     def _list_pulls(self, head: str | None, state: str = "open") -> list[PullRequest]:
         upstream = self._upstream()
-        if head and ":" in head:
-            return [as_pull(p) for p in upstream.get_pulls(state=state, head=head)]
-        return [as_pull(p) for p in upstream.get_pulls(state=state) if head is None or p.head.ref == head]
+        if head is None:
+            return [as_pull(p) for p in upstream.get_pulls(state=state)]
+        # GitHub filters on `head` only as owner:branch; a branch alone is one where this server writes.
+        label = head if ":" in head else f"{self._write_owner(upstream)}:{head}"
+        return [as_pull(p) for p in upstream.get_pulls(state=state, head=label)]
 
     # The conversation: pull requests read whole, review threads answered, comments written as this server.
 
@@ -289,20 +288,23 @@ class GitHubForge:
                              "the ones it has") from None
 
     async def get_pull_request(self, number: int, diff: bool = False) -> PullRequestDetail:
-        """A pull request with where its head is, its conversation, its review threads (every page of each, every
-        text cleaned) and, when `diff`, its changes from the files' patches."""
+        """A pull request with where its head is, its conversation, its review threads (the newest MAX_COMMENTS of
+        each list, every text cleaned) and, when `diff`, its changes from the files' patches."""
         return await self._call(self._get_pull_request, number, diff)
 
     def _get_pull_request(self, number: int, diff: bool) -> PullRequestDetail:
         pull = self._pull(self._upstream(), number)
+        me = self.clients.login(self.full_name)
         # A pull request from a fork that was deleted has no head repository any more.
         head_repo = pull.head.repo.full_name if pull.head.repo is not None else ""
+        comments, comments_cut = newest(pull.get_issue_comments())
+        review_comments, reviews_cut = newest(pull.get_review_comments())
+        cut = ["comments"] * comments_cut + ["review comments"] * reviews_cut
         return PullRequestDetail(
             **as_pull(pull).model_dump(), head_sha=pull.head.sha, head_repo=head_repo, base_sha=pull.base.sha,
-            author=pull.user.login if pull.user else None,
-            comments=[as_comment(c) for c in pull.get_issue_comments()],
-            review_threads=review_threads(pull.get_review_comments()),
-            diff=files_diff(pull.get_files(), pull.html_url) if diff else None)
+            author=pull.user.login if pull.user else None, comments=[as_comment(c, me) for c in comments],
+            review_threads=review_threads(review_comments, me),
+            diff=files_diff(pull.get_files(), pull.html_url) if diff else None, note=cut_note(cut, pull.html_url))
 
     async def reply_to_review_comment(self, number: int, comment_id: int, body: str) -> Comment:
         """Reply, as this server, in the review thread that comment `comment_id` starts on pull request
@@ -322,7 +324,7 @@ class GitHubForge:
         if root.in_reply_to_id is not None:
             raise ForgeError(f"comment {comment_id} is a reply in the thread of comment {root.in_reply_to_id}; "
                              "reply to the thread's first comment")
-        return as_comment(pull.create_review_comment_reply(comment_id, body))
+        return as_comment(pull.create_review_comment_reply(comment_id, body), self.clients.login(self.full_name))
 
     async def comment_on_issue(self, number: int, body: str) -> Comment:
         """Add a comment, as this server, to the conversation of an issue or a pull request."""
@@ -333,9 +335,10 @@ class GitHubForge:
         # Not read first: a pull request's number names an issue too, and the POST alone says whether it exists.
         issue = GhIssue(upstream.requester, url=f"{upstream.url}/issues/{number}", completed=False)
         try:
-            return as_comment(issue.create_comment(body))
+            made = issue.create_comment(body)
         except UnknownObjectException:
             raise ForgeError(f"there is no issue or pull request #{number} in {self.full_name}") from None
+        return as_comment(made, self.clients.login(self.full_name))
 
     async def edit_issue_comment(self, comment_id: int, body: str) -> Comment:
         """Change the text of a conversation comment this server wrote; any other is refused."""
@@ -345,15 +348,16 @@ class GitHubForge:
         upstream = self._upstream()
         try:
             old = IssueComment(upstream.requester, url=f"{upstream.url}/issues/comments/{comment_id}")
-            text = old.body or ""
+            old.body  # read here: a comment that is not there answers 404
         except UnknownObjectException:
             raise ForgeError(f"there is no issue or pull request comment {comment_id} in {self.full_name}") from None
-        if OURS not in text:
+        me = self.clients.login(self.full_name)
+        if not as_comment(old, me).ours:
             author = old.user.login if old.user else "someone else"
-            raise ForgeError(f"comment {comment_id} was written by {author}, not by Tiny Backspace; only its own "
-                             "comments can be edited")
+            raise ForgeError(f"comment {comment_id} was written by {author}, not by Tiny Backspace ({me}) with its "
+                             "mark; only its own comments can be edited")
         old.edit(body)
-        return as_comment(old)
+        return as_comment(old, me)
 
     async def add_review_comment(self, number: int, body: str, path: str | None = None,
                                  line: int | None = None) -> Comment:
@@ -364,10 +368,7 @@ class GitHubForge:
 
     async def get_permission(self, user: str) -> Permission:
         """What `user` may do in the repository: their role, and whether it lets them push."""
-        if not LOGIN.match(user):
-            raise ForgeError(f"{user[:100]!r} is not a GitHub login (letters, digits and single hyphens, at most 39 "
-                             "characters, '[bot]' after an App's name)")
-        return await self._call(self._permission, user)
+        return await self._call(self._permission, check_login(user))
 
     def _permission(self, user: str) -> Permission:
         upstream = self._upstream()
@@ -382,13 +383,15 @@ class GitHubForge:
 
     async def delete_branch(self, branch: str) -> bool:
         """Delete a branch inside the prefix where this server writes (never a default branch); False when it was
-        not there."""
+        not there, or there is no fork for it to be in (none is made)."""
         check_writable_branch(branch, self.prefix)
         return await self._call(self._delete_branch, branch)
 
     def _delete_branch(self, branch: str) -> bool:
         upstream = self._upstream()
-        target = self._target(upstream)
+        target = self._existing_target(upstream)
+        if target is None:
+            return False
         check_writable_branch(branch, self.prefix, upstream.default_branch, target.default_branch)
         try:
             target.get_git_ref(f"heads/{branch}").delete()
@@ -414,6 +417,43 @@ def backoff(first: float = 0.2, most: float = 2.0) -> Iterator[float]:
         delay = min(delay * 2, most)
 
 
+def await_github(probe: Callable[[], object], waiting: Collection[int], bound_s: float,
+                 too_long: Callable[[], ForgeError]) -> None:
+    """Call `probe` until GitHub answers it with something other than a status in `waiting` (what it answers while
+    it is still copying a fork), with waits that start short and double, for at most `bound_s`: then `too_long()`.
+    Other failures are raised as they come."""
+    deadline = time.monotonic() + bound_s
+    for delay in backoff():
+        try:
+            probe()
+            return
+        except GithubException as exc:
+            if exc.status not in waiting:
+                raise
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise too_long()
+        time.sleep(min(delay, left))
+
+
+def newest(items: PaginatedList[T], most: int | None = None) -> tuple[list[T], bool]:
+    """The newest `most` (MAX_COMMENTS) items of a list GitHub gives oldest first, still oldest first, and whether
+    older ones were left out. A longer list is read again from its last page back: at most 2 × `most` items read."""
+    most = MAX_COMMENTS if most is None else most
+    first = list(itertools.islice(items, most + 1))
+    if len(first) <= most:
+        return first, False
+    return list(itertools.islice(items.reversed, most))[::-1], True
+
+
+def cut_note(lists: list[str], url: str) -> str | None:
+    """What a reader should know when lists of comments were cut at MAX_COMMENTS."""
+    if not lists:
+        return None
+    return (f"only the newest {MAX_COMMENTS} {' and '.join(lists)} are here; older ones are left out: read them at "
+            f"{url}")
+
+
 def as_pull(pull: GhPull, existing: bool = False) -> PullRequest:
     """Our view of a PyGithub pull request."""
     same_repo = pull.head.repo is not None and pull.head.repo.full_name == pull.base.repo.full_name
@@ -423,16 +463,18 @@ def as_pull(pull: GhPull, existing: bool = False) -> PullRequest:
                        draft=bool(pull.draft), state=pull.state, created_at=created.isoformat(), existing=existing)
 
 
-def as_comment(comment: IssueComment | PullRequestComment) -> Comment:
-    """Our view of a comment: its text cleaned, `ours` when its raw text holds this server's mark."""
+def as_comment(comment: IssueComment | PullRequestComment, me: str) -> Comment:
+    """Our view of a comment: its text cleaned, `ours` when this server's account `me` wrote it with its mark (anyone
+    can type the mark; GitHub does not show it)."""
     raw = comment.body or ""
     created = comment.created_at or datetime.datetime.now(datetime.UTC)
-    return Comment(id=comment.id, author=comment.user.login if comment.user else None,
-                   body=clean(raw.removesuffix(SIGNATURE)),
-                   created_at=created.isoformat(), url=comment.html_url, ours=OURS in raw)
+    author = comment.user.login if comment.user else None
+    return Comment(id=comment.id, author=author, body=clean(raw.removesuffix(SIGNATURE)),
+                   created_at=created.isoformat(), url=comment.html_url,
+                   ours=OURS in raw and author is not None and author.lower() == me.lower())
 
 
-def review_threads(comments: Iterable[PullRequestComment]) -> list[ReviewThread]:
+def review_threads(comments: Iterable[PullRequestComment], me: str) -> list[ReviewThread]:
     """Review comments as threads: each first comment (one that replies to none) with its replies in order, and
     `addressed` when the thread's last comment is this server's."""
     threads: dict[int, list[PullRequestComment]] = {}
@@ -443,12 +485,13 @@ def review_threads(comments: Iterable[PullRequestComment]) -> list[ReviewThread]
         else:
             replies.append(comment)
     for reply in replies:
-        # The replies to a first comment that was deleted stay together, under the earliest of them.
+        # The replies to a first comment that is not here (deleted, or older than the comments read) stay together,
+        # under the earliest of them, in the thread of that first comment's id.
         threads.setdefault(reply.in_reply_to_id, []).append(reply)
     result = []
-    for first, *rest in threads.values():
-        head, answers = as_comment(first), [as_comment(c) for c in rest]
-        result.append(ReviewThread(id=head.id, path=first.path, line=first.line, author=head.author, body=head.body,
+    for thread_id, (first, *rest) in threads.items():
+        head, answers = as_comment(first, me), [as_comment(c, me) for c in rest]
+        result.append(ReviewThread(id=thread_id, path=first.path, line=first.line, author=head.author, body=head.body,
                                    created_at=head.created_at, url=head.url, replies=answers,
                                    addressed=(answers or [head])[-1].ours))
     return result
@@ -478,12 +521,7 @@ def files_diff(files: Iterable[File], url: str) -> str:
 
 def signed(body: str) -> str:
     """`body` as this server writes it: not empty, within GitHub's size, ending with the mark of its comments."""
-    if not body.strip():
-        raise ForgeError("the comment is empty; write what it should say")
-    limit = MAX_MESSAGE_CHARS - len(SIGNATURE)
-    if len(body) > limit or "\x00" in body:
-        raise ForgeError(f"a comment must be at most {limit} characters long, with no NUL byte")
-    return body + SIGNATURE
+    return check_comment_body(body) + SIGNATURE
 
 
 def explain(exc: GithubException, settings: Settings | None = None) -> ForgeError:

@@ -18,8 +18,8 @@ from common.redact import Redactor
 from .. import telemetry
 from ..toolserver import ToolServer
 from .config import Settings
-from .forge import (BranchRef, Changeset, Comment, CommitResult, Forge, ForgeError, Issue, Permission, PullRequest,
-                    PullRequestDetail, RepositoryInfo)
+from .forge import (LOGIN_PATTERN, MAX_COMMENT_CHARS, BranchRef, Changeset, Comment, CommitResult, Forge, ForgeError,
+                    Issue, Permission, PullRequest, PullRequestDetail, RepositoryInfo)
 from .local import LocalForge, local_path
 
 P = ParamSpec("P")
@@ -30,7 +30,8 @@ Repo = Annotated[str, Field(description="owner/name, https://github.com/owner/na
 Branch = Annotated[str, Field(description="A branch name without refs/heads/, e.g. 'tb/fix-login-typo'.",
                               min_length=1, max_length=250)]
 PullNumber = Annotated[int, Field(description="The pull request number.", ge=1)]
-CommentBody = Annotated[str, Field(description="The comment, in Markdown.", min_length=1, max_length=65_536)]
+CommentBody = Annotated[str, Field(description="The comment, in Markdown.", min_length=1,
+                                   max_length=MAX_COMMENT_CHARS)]
 CommentId = Annotated[int, Field(description="A comment's id, as get_pull_request or get_issue gives it.", ge=1)]
 
 READS = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=True)
@@ -247,7 +248,7 @@ def build_server(settings: Settings | None = None) -> MCPServer:
     @tool_errors
     async def get_permission(
         repo: Repo,
-        user: Annotated[str, Field(description="A GitHub login.", pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})$")],
+        user: Annotated[str, Field(description="A GitHub login (an App's: <slug>[bot]).", pattern=LOGIN_PATTERN)],
     ) -> Permission:
         """What a user may do in a GitHub repository (admin, maintain, write, triage, read or none). Use it before
         acting on someone's request: only those who can write may start a run."""

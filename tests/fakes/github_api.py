@@ -3,13 +3,17 @@
 It implements the endpoints the github server uses, with the status codes, headers and bodies GitHub documents
 (docs.github.com/rest: repos, forks, git blobs/trees/commits/refs, pulls, issues, rate limits, Apps), and records
 every request so tests can check what a client sent. What real GitHub does to clients, it can do too: forks that are
-copied asynchronously (their git data answers 409 until `fork_delay_s` has passed), secondary rate limits
-(`secondary`), lists in pages, repositories without draft pull requests, installation tokens that expire. It also
+copied asynchronously (empty until `fork_delay_s` has passed: their git data and commits answer 409, their contents
+404, and no pull request comes from them), secondary rate limits (`secondary`), lists in pages, repositories without
+draft pull requests, installation tokens that expire and reach only their installation's repositories. It also
 serves clones: each repository's objects and refs are written into a real bare repository, its `clone_url`.
+
+Where GitHub's documentation does not give the status an answer has, the fake says so where it answers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import re
@@ -28,8 +32,9 @@ from .github_conversation import Conversations
 from .github_json import FakeRepo, commit_json, error, paginated, ref_json, repo_json
 
 LOGIN = web.RequestKey("login", str)
+INSTALLATION = web.RequestKey("installation", bool)  # set when the request's token is an App installation's
 WRITES = {"POST", "PATCH", "PUT", "DELETE"}
-_GIT_DATA = re.compile(r"^/repos/([^/]+)/([^/]+)/git/")
+_REPO_PATH = re.compile(r"^/repos/([^/]+)/([^/]+)(/.*)?$")
 SECONDARY_LIMIT = ("You have exceeded a secondary rate limit. Please wait a few minutes before you try again. If you "
                    "reach out to GitHub Support for help, please include the request ID 0000:0000:0000000:0000000:0.")
 
@@ -80,6 +85,9 @@ class FakeGitHub:
         self.fork_delay_s = 0.0
         self.token_lifetime_s = 3600.0
         self.lose_responses: list[tuple[str, str]] = []
+        self.latency_s = 0.0  # how long each request takes to be answered
+        self.in_flight: dict[str, int] = {}  # credential (token or JWT) -> requests being answered now
+        self.most_in_flight: dict[str, int] = {}  # credential -> most requests it had being answered at once
         self.base_url = ""
         self.clones: Path | None = None  # where the bare repositories behind each `clone_url` are, once started
         self.conversations = Conversations(self)
@@ -111,11 +119,12 @@ class FakeGitHub:
         app.add_routes([
             web.get(r, self.get_repo), web.post(r + "/forks", self.create_fork),
             web.get(r + "/git/ref/heads/{branch:.+}", self.get_ref), web.post(r + "/git/refs", self.create_ref),
+            web.get(r + "/git/refs", self.list_refs), web.get(r + "/contents/{path:.*}", self.get_contents),
             web.patch(r + "/git/refs/heads/{branch:.+}", self.update_ref),
             web.get(r + "/git/commits/{sha}", self.get_commit), web.post(r + "/git/commits", self.create_commit),
             web.post(r + "/git/blobs", self.create_blob), web.post(r + "/git/trees", self.create_tree),
             web.get(r + "/pulls", self.list_pulls), web.post(r + "/pulls", self.create_pull),
-            web.get(r + "/issues/{number}", self.get_issue),
+            web.get(r + "/issues/{number}", self.get_issue), web.get("/user", self.get_user),
         ])
         app.add_routes(self.conversations.routes())
         app.add_routes(self.apps.routes())
@@ -167,6 +176,17 @@ class FakeGitHub:
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         body = await request.json() if request.can_read_body else None
         self.requests.append(Recorded(request.method, request.path_qs, dict(request.headers), body))
+        credential = request.headers.get("Authorization", "").partition(" ")[2]
+        self.in_flight[credential] = self.in_flight.get(credential, 0) + 1
+        self.most_in_flight[credential] = max(self.most_in_flight.get(credential, 0), self.in_flight[credential])
+        try:
+            if self.latency_s:
+                await asyncio.sleep(self.latency_s)
+            return await self._answer(request, handler)
+        finally:
+            self.in_flight[credential] -= 1
+
+    async def _answer(self, request: web.Request, handler: Any) -> web.StreamResponse:
         reset = str(int(time.time()) + 3600)
         limits = {"X-RateLimit-Limit": "5000", "X-RateLimit-Reset": reset, "X-RateLimit-Resource": "core"}
         if self.rate_limit_exhausted:
@@ -186,11 +206,9 @@ class FakeGitHub:
             if self.secondary.retry_after is not None:
                 response.headers["Retry-After"] = str(self.secondary.retry_after)
             return response
-        git_data = _GIT_DATA.match(request.path)
-        repo = self.repos.get(f"{git_data[1]}/{git_data[2]}") if git_data else None
-        if repo is not None and self._copying(repo):
-            # GitHub copies a fork after answering POST /forks; until then its git data is not there.
-            return error(409, "Git Repository is empty.", "/git/refs#get-a-reference")
+        empty = self._empty(request)
+        if empty is not None:
+            return empty
         response = await handler(request)
         response.headers.update(limits | {"X-RateLimit-Remaining": "4999", "X-RateLimit-Used": "1"})
         for rule in self.lose_responses:
@@ -200,9 +218,26 @@ class FakeGitHub:
                 return error(502, "Server Error")
         return response
 
+    def _empty(self, request: web.Request) -> web.Response | None:
+        """What a fork GitHub is still copying (after answering POST /forks) answers instead: its git data and
+        commits 409 "Git Repository is empty." (as GitHub answers for an empty repository), its contents 404 "This
+        repository is empty." (what GitHub answers an empty repository's contents, though its docs list no such
+        body); None when the request is not for such a fork."""
+        match = _REPO_PATH.match(request.path)
+        repo = self.repos.get(f"{match[1]}/{match[2]}") if match else None
+        if repo is None or not self._copying(repo):
+            return None
+        rest = match[3] or ""
+        if rest.startswith(("/git/", "/commits")):
+            return error(409, "Git Repository is empty.", "/git/refs#get-a-reference")
+        if rest.startswith("/contents"):
+            return error(404, "This repository is empty.", "/repos/contents#get-repository-content")
+        return None
+
     def _authenticate(self, request: web.Request) -> web.Response | None:
         """None when the request's credentials are good: the App's JWT on App endpoints, else a token the fake
-        knows that has not expired."""
+        knows that has not expired; an installation's token reaches only the repositories of its installation
+        (any other answers 404, as a repository the installation cannot see)."""
         auth = request.headers.get("Authorization", "")
         if self.apps.wants_jwt(request):
             app = self.apps.verify(auth)
@@ -214,6 +249,12 @@ class FakeGitHub:
         if kind.lower() not in ("token", "bearer") or token not in self.tokens or self.apps.expired(token):
             return error(401, "Bad credentials" if auth else "Requires authentication")
         request[LOGIN] = self.tokens[token]
+        reach = self.apps.reach(token)
+        match = _REPO_PATH.match(request.path)
+        if reach is not None:
+            request[INSTALLATION] = True
+            if match and f"{match[1]}/{match[2]}" not in reach:
+                return error(404, "Not Found")
         return None
 
     def _repo(self, request: web.Request) -> FakeRepo | None:
@@ -246,6 +287,35 @@ class FakeGitHub:
             self.repos[fork.full_name] = fork
             self.pulls[fork.full_name] = []
         return web.json_response(self.repo_json(fork, login), status=202)
+
+    async def get_user(self, request: web.Request) -> web.Response:
+        """GET /user: the token's user; an installation's token is no user (GitHub: 403)."""
+        if request.get(INSTALLATION):
+            return error(403, "Resource not accessible by integration", "/users/users#get-the-authenticated-user")
+        login = request[LOGIN]
+        return web.json_response({"login": login, "id": sum(map(ord, login)), "node_id": "U_1", "type": "User",
+                                  "url": f"{self.base_url}/users/{login}", "html_url": f"https://github.com/{login}"})
+
+    async def list_refs(self, request: web.Request) -> web.Response:
+        """GET /repos/{owner}/{repo}/git/refs: every branch, in pages."""
+        repo = self._repo(request)
+        if repo is None:
+            return error(404, "Not Found", "/git/refs#list-matching-references")
+        return paginated(request, [ref_json(self.base_url, repo, b) for b in sorted(repo.refs)])
+
+    async def get_contents(self, request: web.Request) -> web.Response:
+        """GET /repos/{owner}/{repo}/contents/{path}?ref=: a file on the default branch (or `ref`), base64."""
+        repo = self._repo(request)
+        ref = request.query.get("ref", repo.default_branch if repo else "")
+        sha = repo.refs.get(ref, ref) if repo else ""
+        files = repo.store.flatten(repo.store.commits[sha].tree) if repo and sha in repo.store.commits else {}
+        path = request.match_info["path"]
+        if path not in files:
+            return error(404, "Not Found", "/repos/contents#get-repository-content")
+        data = repo.store.blobs[files[path][1]]
+        return web.json_response({"type": "file", "encoding": "base64", "size": len(data), "name": path.split("/")[-1],
+                                  "path": path, "sha": files[path][1], "content": base64.b64encode(data).decode(),
+                                  "url": f"{self.base_url}/repos/{repo.full_name}/contents/{path}"})
 
     async def get_ref(self, request: web.Request) -> web.Response:
         repo = self._repo(request)
@@ -362,7 +432,8 @@ class FakeGitHub:
         if body["base"] not in repo.refs:
             return error(422, "Validation Failed", doc, errors=[{"resource": "PullRequest", "field": "base",
                                                                  "code": "invalid"}])
-        if head_repo is None or branch not in head_repo.refs:
+        # A fork still being copied has no branches yet: GitHub's answer is assumed to be the one for a missing head.
+        if head_repo is None or branch not in head_repo.refs or self._copying(head_repo):
             return error(422, "Validation Failed", doc, errors=[{"resource": "PullRequest", "field": "head",
                                                                  "code": "invalid"}])
         if any(p["head"]["label"] == label and p["state"] == "open" for p in self.pulls[repo.full_name]):

@@ -79,7 +79,7 @@ class Apps:
         return found
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.get("/repos/{owner}/{name}/installation", self.repo_installation),
+        return [web.get("/app", self.get_app), web.get("/repos/{owner}/{name}/installation", self.repo_installation),
                 web.post("/app/installations/{id}/access_tokens", self.create_token)]
 
     @staticmethod
@@ -114,6 +114,15 @@ class Apps:
             return error(401, "'Expiration time' claim ('exp') is too far in the future")
         return app
 
+    def reach(self, token: str) -> set[str] | None:
+        """The repositories an installation's token may use (its installation's, as they are now); None for a token
+        that is no installation's."""
+        issued = next((t for t in self.issued if t.token == token), None)
+        if issued is None:
+            return None
+        return next(app.installations[issued.installation] for app in self.apps.values()
+                    if issued.installation in app.installations)
+
     def expired(self, token: str) -> bool:
         """Whether `token` is an installation token past its `expires_at`."""
         return any(t.token == token and time.time() >= t.expires_at for t in self.issued)
@@ -128,6 +137,16 @@ class Apps:
                 "html_url": f"https://github.com/settings/installations/{installation}", "permissions": PERMISSIONS,
                 "events": ["issue_comment", "pull_request_review_comment"], "single_file_name": None,
                 "created_at": "2024-01-01T00:00:00Z", "updated_at": "2024-01-01T00:00:00Z"}
+
+    async def get_app(self, request: web.Request) -> web.Response:
+        """GET /app: the App its JSON web token authenticates."""
+        app = request[APP]
+        return web.json_response({
+            "id": app.id, "slug": app.slug, "node_id": "A_1", "name": app.slug, "description": "",
+            "owner": {"login": "octo", "id": 1, "type": "User"}, "external_url": "https://example.com",
+            "html_url": f"https://github.com/apps/{app.slug}", "created_at": "2024-01-01T00:00:00Z",
+            "updated_at": "2024-01-01T00:00:00Z", "permissions": PERMISSIONS,
+            "events": ["issue_comment", "pull_request_review_comment"]})
 
     async def repo_installation(self, request: web.Request) -> web.Response:
         app, full_name = request[APP], f"{request.match_info['owner']}/{request.match_info['name']}"

@@ -278,8 +278,8 @@ class Conversations:
         number = int(request.match_info["number"])
         pull = self._pull(repo, number) if repo else None
         root = self._review_root(repo, number, int(request.match_info["id"])) if repo and pull else None
-        # The docs answer 201 or 404 only, and say a reply must go to a thread's first comment: "Replies to replies
-        # are not supported".
+        # The docs list 201 and 404 only, and say a reply must go to a thread's first comment ("Replies to replies
+        # are not supported"); what GitHub answers a reply to a reply they do not say: 404 is an assumption.
         if repo is None or pull is None or root is None or "in_reply_to_id" in root:
             return error(404, "Not Found", doc)
         body = (await request.json()).get("body")

@@ -188,6 +188,7 @@ async def test_a_github_repository_a_path_off_the_roots_and_bad_input_are_refuse
             "no file": await call("POST", f"{url}/{number}/comments", params=params,
                                   json={"body": "x", "path": "nowhere.py", "line": 1}),
             "their branch": await call("POST", f"{url}/{theirs}/close", params=params),
+            "too long": await call("POST", f"{url}/{number}/comments", params=params, json={"body": "x" * 70_000}),
         }
         async with off_loopback(s.services) as far:
             answers["off the roots"] = await call("GET", f"{far}/pulls", params=params)
@@ -201,6 +202,7 @@ async def test_a_github_repository_a_path_off_the_roots_and_bad_input_are_refuse
         "escape": (400, "control character U+001B"), "not json": (400, "not JSON"),
         "no file": (400, "'nowhere.py' is in neither"),
         "their branch": (400, "only writes branches that start with 'tb/'"),
+        "too long": (400, "65511"),
         "off the roots": (403, "TB_LOCAL_ROOTS"),
     }
     for name, (status, words) in expected.items():

@@ -21,13 +21,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from common.redact import Redactor, secret_values
+from common.untrusted import OURS
 from orchestrator.config import Settings
 from orchestrator.mcp_pool import ToolPool, load_config
+from orchestrator.runs import RunManager
 from orchestrator.store import SQLiteRunStore
 from orchestrator.webhook import mentions, request_text
 from tests.fakes.github_api import FakeGitHub
 
-from .conftest import of_type, parse_sse, stack
+from .conftest import of_type, parse_sse, serve, stack
 from . import github_stack as gh
 from .github_stack import BOT, add_repo, github_stack, realism
 from .test_run import BUGGY
@@ -276,7 +278,7 @@ def issue_repo(fake: FakeGitHub, writer: str = "alice") -> str:
 async def test_a_mention_by_a_writer_starts_a_run_answered_with_its_link_then_its_pull_request(
         github_pool, fake_github):
     full_name = issue_repo(fake_github)
-    for n in range(34):  # the issue's conversation takes two pages
+    for n in range(104):  # the issue's conversation takes two pages of 100
         fake_github.conversations.add_issue_comment(full_name, 1, f"Seen it too ({n}).", author=f"user{n}")
     comment = fake_github.conversations.add_issue_comment(full_name, 1, "@tiny-backspace please fix this",
                                                           author="alice")
@@ -428,3 +430,25 @@ async def test_the_webhook_works_with_the_github_server_as_a_github_app(app_pool
     assert done[0]["body"].startswith(f"Done: {of_type(events, 'pull_request')[0]['url']}")
     assert own[0] == 202 and "the service's own" in own[1]["ignored"] and runs == 1
     assert len(fake_github.apps.issued) > issued  # the server got installation tokens from its App's JWT
+
+
+async def test_the_answer_of_a_run_a_dead_service_left_says_how_it_ended_after_the_restart(
+        github_pool, fake_github, tmp_path):
+    full_name = issue_repo(fake_github)
+    repo = f"https://127.0.0.1/{full_name}"
+    # What a service that died mid-run leaves: its run in flight, the delivery that started it, the answer posted.
+    answer = fake_github.conversations.add_issue_comment(full_name, 1, "Working on it: [run `run_left`](…).\n\n"
+                                                         + OURS, author=BOT)
+    store = SQLiteRunStore(tmp_path / "runs.sqlite3")
+    store.create("run_left", repo, "please fix this", "team")
+    assert store.claim_delivery("d-left", f"issue_comment:{full_name.lower()}:1") is None
+    store.settle_delivery("d-left", "run_left", "started")
+    store.answering("d-left", repo, 1, f"{PUBLIC}/#run_left", answer["id"])
+    async with github_stack(github_pool, [], github_webhook_secret=SECRET) as s:
+        assert await RunManager(s.services, store).recover() == ["run_left"]
+        async with serve(s.services, store):
+            done = await until(lambda: [c for c in answers(fake_github, full_name, 1) if "Stopped" in c["body"]])
+            left = store.unanswered()
+    assert [c["id"] for c in answers(fake_github, full_name, 1)] == [answer["id"]]  # edited, not a second one
+    assert done[0]["body"].startswith("Stopped (interrupted): ") and f"({PUBLIC}/#run_left)" in done[0]["body"]
+    assert left == []

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from common.settings import ConfigError
+from common.untrusted import OURS
 from servers.github.clients import Clients
 from servers.github.config import Secret, Settings
 from servers.github.forge import ForgeError, ForgeUnavailable
@@ -140,3 +141,35 @@ async def test_the_fake_checks_the_apps_json_web_token_as_github_does(fake: Fake
         assert set(body) == {"token", "expires_at", "permissions", "repository_selection"}
     else:
         assert body["message"].startswith(message)
+
+
+async def test_the_apps_own_comments_are_its_bots_and_a_persons_holding_the_mark_are_not(fake: FakeGitHub) -> None:
+    gh = app_forge(fake)
+    fake.add_issue("octo/demo", 7, "Bug", "It breaks", [])
+    spoof = fake.conversations.add_issue_comment("octo/demo", 7, "Working on it\n\n" + OURS, author="mallory")
+    made = await gh.comment_on_issue(7, "Working on it: http://tb/runs/1")
+    assert (made.author, made.ours) == ("tiny-backspace[bot]", True)
+    issue = await gh.get_issue(7)
+    assert [(c.author, c.ours) for c in issue.comments] == [("mallory", False), ("tiny-backspace[bot]", True)]
+    with pytest.raises(ForgeError, match=r"written by mallory, not by Tiny Backspace \(tiny-backspace\[bot\]\)"):
+        await gh.edit_issue_comment(spoof["id"], "Taken over")
+    assert (await gh.edit_issue_comment(made.id, "Done")).ours
+    # Who the App is comes from GET /app, with its JSON web token, once; an installation is no user (no GET /user).
+    [asked] = [r for r in fake.requests if r.path == "/app"]
+    assert asked.headers["Authorization"].startswith("Bearer ")
+    assert not [r for r in fake.requests if r.path == "/user"]
+
+
+async def test_an_installation_token_reaches_only_the_repositories_of_its_installation(fake: FakeGitHub) -> None:
+    await app_forge(fake).get_repository()
+    [issued] = fake.apps.issued
+    async with aiohttp.ClientSession(headers={"Authorization": f"token {issued.token}"}) as session:
+        async def status(path: str) -> tuple[int, str]:
+            async with session.get(fake.base_url + path) as answer:
+                body = await answer.json()
+                return answer.status, body.get("message", "") if isinstance(body, dict) else ""
+
+        answers = [await status(path) for path in ("/repos/octo/demo", "/repos/octo/other",
+                                                   "/repos/octo/other/git/ref/heads/main", "/user")]
+    assert [a[0] for a in answers] == [200, 404, 404, 403]
+    assert answers[1][1] == "Not Found" and answers[3][1] == "Resource not accessible by integration"

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from servers.github.forge import Changeset, ForgeError, PullRequest
+from servers.github.forge import MAX_COMMENT_CHARS, Changeset, ForgeError, PullRequest
 from servers.github.local import MAX_DIFF_BYTES, LocalForge
 from tests.conftest import git
 
@@ -276,3 +276,19 @@ async def test_local_repositories_have_no_issues_and_no_collaborators(repo: Path
         await forge.get_permission("octocat")
     with pytest.raises(ForgeError, match="state must be"):
         await forge.list_pull_requests(None, "merged")  # type: ignore[arg-type]
+
+
+async def test_a_comment_is_held_to_the_limit_a_github_comment_has_with_the_servers_mark(repo: Path) -> None:
+    forge = LocalForge(repo, "tb/")
+    pull = await open_pull(forge, repo)
+    person = await forge.add_review_comment(pull.number, "x" * MAX_COMMENT_CHARS, "src/app.py", 1)
+    ours = await forge.comment_on_issue(pull.number, "y" * MAX_COMMENT_CHARS)
+    assert len(person.body) == len(ours.body) == MAX_COMMENT_CHARS
+    before = record_of(pull).read_text()
+    for write in (lambda body: forge.comment_on_issue(pull.number, body),
+                  lambda body: forge.add_review_comment(pull.number, body, "src/app.py", 1),
+                  lambda body: forge.reply_to_review_comment(pull.number, person.id, body),
+                  lambda body: forge.edit_issue_comment(ours.id, body)):
+        with pytest.raises(ForgeError, match=f"at most {MAX_COMMENT_CHARS} characters"):
+            await write("z" * (MAX_COMMENT_CHARS + 1))
+    assert record_of(pull).read_text() == before

@@ -15,6 +15,7 @@ import pytest
 from mcp import Client
 
 from servers.github.config import Secret, Settings
+from servers.github.forge import LOGIN_PATTERN, MAX_COMMENT_CHARS, SIGNATURE
 from servers.github.server import build_server
 from tests.conftest import git
 
@@ -59,10 +60,12 @@ async def test_the_conversation_tools_are_listed_with_their_bounds_and_hints() -
     assert schema["get_pull_request"]["number"]["minimum"] == 1
     assert schema["get_pull_request"]["diff"]["default"] is False
     for name in ("reply_to_review_comment", "comment_on_issue", "edit_issue_comment", "add_review_comment"):
-        assert (schema[name]["body"]["minLength"], schema[name]["body"]["maxLength"]) == (1, 65_536), name
+        # GitHub stores 65 536 characters of a body, the mark this server adds included.
+        assert (schema[name]["body"]["minLength"], schema[name]["body"]["maxLength"]) == (1, MAX_COMMENT_CHARS), name
     assert schema["reply_to_review_comment"]["comment_id"]["minimum"] == 1
     assert schema["add_review_comment"]["line"]["anyOf"][0]["minimum"] == 1
-    assert schema["get_permission"]["user"]["pattern"] == "^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})$"
+    assert MAX_COMMENT_CHARS == 65_536 - len(SIGNATURE) == 65_511
+    assert schema["get_permission"]["user"]["pattern"] == LOGIN_PATTERN  # the one the forges check
     assert schema["list_pull_requests"]["state"] == schema["list_pull_requests"]["state"] | {
         "enum": ["open", "closed", "all"], "default": "open"}
     assert {n for n in NEW_TOOLS if tools[n].annotations.read_only_hint} == {"get_pull_request", "get_permission"}

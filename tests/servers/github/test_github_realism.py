@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from github import Auth, Github
+from github.GithubException import GithubException
 
-from servers.github import remote
+from servers.github import clients as clients_module, remote
 from servers.github.clients import Clients
 from servers.github.config import Secret, Settings
 from servers.github.forge import ForgeError
@@ -115,31 +118,98 @@ async def test_a_write_limited_at_every_try_fails_with_githubs_answer(fake: Fake
     assert len(fake.rate_limited) == 4 and "tb/never" not in fake.repos["octo/demo"].refs  # the first try, 3 more
 
 
-async def test_operations_through_one_client_talk_to_github_one_at_a_time(fake: FakeGitHub) -> None:
+async def test_concurrent_operations_send_one_request_at_a_time_for_their_credential(fake: FakeGitHub) -> None:
+    # GitHub: "make requests for a single user or client ID serially. Do not make requests [...] concurrently."
     fake.add_repo("octo/two", FILES, pushers={"octocat"})
+    fake.latency_s = 0.01  # each request takes a while: concurrent ones would overlap
     clients = Clients(Settings(token=Secret(TOKEN), api_url=fake.base_url, write_interval_s=0))
     forges = [GitHubForge(name, clients) for name in ("octo/demo", "octo/two", "octo/demo", "octo/two")]
-    await asyncio.gather(*(gh.commit_changes(f"tb/c{n}", "msg", changes(fake.repos[gh.full_name].refs["main"],
-                                                                         {f"{n}.txt": b"n"}))
-                           for n, gh in enumerate(forges)))
-    repos = [r.path.split("/")[3] for r in fake.requests]
-    runs = [name for i, name in enumerate(repos) if i == 0 or repos[i - 1] != name]
-    assert len(runs) <= len(forges), f"requests of concurrent operations interleaved: {repos}"
+    async with asyncio.timeout(20):
+        made = await asyncio.gather(*(gh.commit_changes(f"tb/c{n}", "msg", changes(
+            fake.repos[gh.full_name].refs["main"], {f"{n}.txt": b"n"})) for n, gh in enumerate(forges)))
+    assert [fake.repos[gh.full_name].refs[f"tb/c{n}"] for n, gh in enumerate(forges)] == [c.sha for c in made]
+    assert fake.most_in_flight == {TOKEN: 1}
+
+
+async def test_a_rate_limit_wait_of_one_call_does_not_hold_up_another(fake: FakeGitHub) -> None:
+    fake.add_repo("octo/two", FILES, pushers={"octocat"})
+    fake.secondary = SecondaryRateLimit(next=1, status=429, retry_after=2)  # the first write waits 2 s
+    clients = Clients(Settings(token=Secret(TOKEN), api_url=fake.base_url, write_interval_s=0))
+    limited, other = GitHubForge("octo/demo", clients), GitHubForge("octo/two", clients)
+    async with asyncio.timeout(20):
+        waiting = asyncio.create_task(limited.create_branch("tb/limited", fake.repos["octo/demo"].refs["main"]))
+        while not fake.rate_limited:
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        info = await other.get_repository()
+        took = time.monotonic() - started
+        assert info.repo == "octo/two" and took < 1.0, f"held up {took:.1f} s by another call's rate limit"
+        assert (await waiting).created
+    [(method, path, gap)] = retried(fake)
+    assert (method, path) == ("POST", "/repos/octo/demo/git/refs") and gap >= 2.0
+
+
+async def test_a_request_kept_waiting_too_long_for_its_turn_fails_saying_so(
+        fake: FakeGitHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(clients_module, "GATE_WAIT_S", 0.3)
+    fake.add_repo("octo/two", FILES, pushers={"octocat"})
+    fake.latency_s = 1.0  # GitHub answers slowly
+    clients = Clients(Settings(token=Secret(TOKEN), api_url=fake.base_url, write_interval_s=0))
+    async with asyncio.timeout(20):
+        slow = asyncio.create_task(GitHubForge("octo/demo", clients).get_repository())
+        while not fake.requests:
+            await asyncio.sleep(0.01)
+        with pytest.raises(ForgeError, match=r"waited more than 0.3 s for an earlier one to be answered; GitHub is "
+                                             r"slow or unreachable: try again in a few minutes"):
+            await GitHubForge("octo/two", clients).get_repository()
+        assert (await slow).repo == "octo/demo"
+    assert [r.path for r in fake.requests] == ["/repos/octo/demo"]
+
+
+async def test_a_fork_being_copied_is_empty_wherever_github_says_so(fake: FakeGitHub) -> None:
+    fake.fork_delay_s = 60
+
+    def answer(call: Callable[[], object]) -> tuple[int, str]:
+        try:
+            return 200, repr(call())
+        except GithubException as exc:
+            return exc.status, exc.data.get("message", "") if isinstance(exc.data, dict) else ""
+
+    def probe() -> list[list[tuple[int, str]]]:
+        github = Github(auth=Auth.Token(OTHER_TOKEN), base_url=fake.base_url, retry=None)
+        upstream = github.get_repo("octo/demo")
+        fork = upstream.create_fork()
+        calls = [lambda: fork.get_contents("README.md").decoded_content, lambda: [r.ref for r in fork.get_git_refs()],
+                 lambda: fork.get_git_ref("heads/main").ref, lambda: upstream.create_pull(
+                     base="main", head="outsider:main", title="From the fork").number]
+        copying = [answer(call) for call in calls[:3]] + [answer(calls[3])]
+        fake.repos["outsider/demo"].ready_at = 0  # copied
+        return [copying, [answer(call) for call in calls]]
+
+    copying, copied = await asyncio.to_thread(probe)
+    assert copying == [(404, "This repository is empty."), (409, "Git Repository is empty."),
+                       (409, "Git Repository is empty."), (422, "Validation Failed")]
+    assert copied == [(200, "b'# demo\\n'"), (200, "['refs/heads/main']"), (200, "'refs/heads/main'"), (200, "1")]
 
 
 def test_the_rate_limit_wait_bound_defaults_to_a_minute() -> None:
     assert Settings.from_env({}).max_rate_limit_wait_s == 60
 
 
-async def test_a_pull_request_past_the_first_page_is_found(fake: FakeGitHub) -> None:
+async def test_every_page_of_pull_requests_is_read_and_a_branchs_is_asked_for_alone(fake: FakeGitHub) -> None:
     gh, repo = forge(fake), fake.repos["octo/demo"]
-    for n in range(1, 36):
+    for n in range(1, 106):
         repo.refs[f"tb/p{n}"] = repo.store.commit_files({"n.txt": str(n).encode()}, [repo.refs["main"]], f"p{n}")
         await gh.open_pull_request(f"tb/p{n}", None, f"Change {n}", "", False)
-    found = await gh.list_pull_requests("tb/p35")
-    assert [(p.number, p.head) for p in found] == [(35, "tb/p35")]
-    assert len(await gh.list_pull_requests(None)) == 35
+    fake.requests.clear()
+    assert len(await gh.list_pull_requests(None)) == 105
     assert any("page=2" in r.path for r in fake.requests if r.path.startswith("/repos/octo/demo/pulls?"))
+    fake.requests.clear()
+    found = await gh.list_pull_requests("tb/p105", "all")
+    assert [(p.number, p.head) for p in found] == [(105, "tb/p105")]
+    [asked] = [r.path for r in fake.requests if r.path.startswith("/repos/octo/demo/pulls?")]
+    assert {k: v for k, v in parse_qs(urlsplit(asked).query).items() if k != "per_page"} == {
+        "head": ["octo:tb/p105"], "state": ["all"]}, "one page, of that branch's pull requests alone"
 
 
 async def test_a_draft_refused_by_the_repository_opens_ready_for_review_saying_so(fake: FakeGitHub) -> None:

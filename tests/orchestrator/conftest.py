@@ -86,11 +86,13 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def serve(services: Services, store: SQLiteRunStore | None = None) -> AsyncIterator[str]:
-    """The service on a loopback port, as `python -m orchestrator` runs it."""
+async def serve(services: Services, store: SQLiteRunStore | None = None, host: str = "127.0.0.1"
+                ) -> AsyncIterator[str]:
+    """The service on a loopback port, as `python -m orchestrator --host HOST` runs it (reached through loopback
+    whatever `host` says)."""
     store = store or SQLiteRunStore(Path(tempfile.mkdtemp(prefix="tb-test-store-")) / "runs.sqlite3")
     runs = RunManager(services, store)
-    runner = web.AppRunner(build_app(runs), handler_cancellation=True)
+    runner = web.AppRunner(build_app(runs, host=host), handler_cancellation=True)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()

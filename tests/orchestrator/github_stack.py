@@ -74,13 +74,19 @@ async def github_pool(fake_github: FakeGitHub, mcp_config: Path, request: pytest
     config["mcpServers"]["github"]["env"].update({"GITHUB_API_URL": fake_github.base_url, "GITHUB_TOKEN": BOT_TOKEN,
                                                   "GITHUB_WRITE_INTERVAL_S": "0",
                                                   "GITHUB_MAX_RATE_LIMIT_WAIT_S": "10"})
+    tool_pool = await started_pool(config, tmp_path_factory)
+    yield tool_pool
+    await tool_pool.close()
+
+
+async def started_pool(config: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> ToolPool:
+    """The MCP servers of `config` (an mcp.json's content), started and up."""
     path = tmp_path_factory.mktemp("github-config") / "mcp.json"
     path.write_text(json.dumps(config))
     tool_pool = ToolPool(load_config(path, env={"PATH": os.environ["PATH"]}))
     await tool_pool.start(wait_s=60)
     assert all(c.state == "up" for c in tool_pool.connections.values()), tool_pool.health()
-    yield tool_pool
-    await tool_pool.close()
+    return tool_pool
 
 
 def add_repo(fake: FakeGitHub, files: dict[str, str], *, pushers: set[str] | None = None,

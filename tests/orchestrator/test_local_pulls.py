@@ -8,26 +8,19 @@ import base64
 import json
 import os
 import sys
-import tempfile
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from orchestrator.app import build_app
 from orchestrator.mcp_pool import ToolPool
-from orchestrator.runs import RunManager
-from orchestrator.store import SQLiteRunStore
 from orchestrator.tools import result_text
 from tests.conftest import git
 from tests.fakes.messages_api import text, tool_use, turn
 
-from .conftest import API_KEY, ROOT, free_port, stack
+from .conftest import API_KEY, ROOT, free_port, serve, stack
 from .test_cli import command
 from .test_run import BUGGY
 
@@ -86,21 +79,6 @@ def record_url(repo: Path, number: int) -> str:
 def record(repo: Path, number: int) -> dict[str, Any]:
     """What the local forge keeps of a pull request."""
     return json.loads((repo / ".git" / "tiny-backspace" / "pulls" / f"{number}.json").read_text())
-
-
-@asynccontextmanager
-async def off_loopback(services: Any) -> AsyncIterator[str]:
-    """The service as it runs when it listens on another address than loopback (reached here through loopback)."""
-    store = SQLiteRunStore(Path(tempfile.mkdtemp(prefix="tb-test-store-")) / "runs.sqlite3")
-    runner = web.AppRunner(build_app(RunManager(services, store), host="192.0.2.10"))
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
-        store.close()
 
 
 async def test_the_service_lists_shows_and_takes_comments_on_a_local_pull_request(pool, make_repo):
@@ -190,7 +168,7 @@ async def test_a_github_repository_a_path_off_the_roots_and_bad_input_are_refuse
             "their branch": await call("POST", f"{url}/{theirs}/close", params=params),
             "too long": await call("POST", f"{url}/{number}/comments", params=params, json={"body": "x" * 70_000}),
         }
-        async with off_loopback(s.services) as far:
+        async with serve(s.services, host="192.0.2.10") as far:  # as it listens off loopback
             answers["off the roots"] = await call("GET", f"{far}/pulls", params=params)
     expected = {
         "github": (400, "open its pull requests on GitHub"), "github url": (400, "open its pull requests on GitHub"),

@@ -7,7 +7,6 @@ import hashlib
 import hmac
 import asyncio
 import json
-import os
 import threading
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -23,7 +22,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from common.redact import Redactor, secret_values
 from common.untrusted import OURS
 from orchestrator.config import Settings
-from orchestrator.mcp_pool import ToolPool, load_config
 from orchestrator.runs import RunManager
 from orchestrator.store import SQLiteRunStore
 from orchestrator.webhook import mentions, request_text
@@ -400,11 +398,7 @@ async def app_pool(fake_github: FakeGitHub, mcp_config: Path, tmp_path_factory: 
     env.pop("GITHUB_TOKEN", None)
     env.update({"GITHUB_API_URL": fake_github.base_url, "GITHUB_APP_ID": str(APP_ID), "GITHUB_APP_PRIVATE_KEY": pem,
                 "GITHUB_WRITE_INTERVAL_S": "0"})
-    path = tmp_path_factory.mktemp("app-config") / "mcp.json"
-    path.write_text(json.dumps(config))
-    pool = ToolPool(load_config(path, env={"PATH": os.environ["PATH"]}))
-    await pool.start(wait_s=60)
-    assert all(c.state == "up" for c in pool.connections.values()), pool.health()
+    pool = await gh.started_pool(config, tmp_path_factory)
     yield pool
     await pool.close()
 

@@ -4,7 +4,7 @@ as this server, permissions and branch deletion; the real PyGithub against the f
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -18,18 +18,10 @@ from servers.github.config import Secret, Settings
 from servers.github.forge import MAX_COMMENT_CHARS, ForgeError
 from servers.github.remote import MAX_DIFF_BYTES, GitHubForge
 from tests.fakes.github_api import FakeGitHub
+from tests.servers.github import test_remote
 from tests.servers.github.test_remote import OTHER_TOKEN, TOKEN, changes, forge
 
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeGitHub]:
-    api = FakeGitHub()
-    api.tokens = {TOKEN: "octocat", OTHER_TOKEN: "outsider"}
-    api.add_repo("octo/demo", {"README.md": "# demo\n", "src/app.py": "print('hi')\n", "old.txt": "bye\n"},
-                 pushers={"octocat"})
-    await api.start()
-    yield api
-    await api.stop()
+fake = test_remote.fake  # the fixture: the fake GitHub with octo/demo, which octocat may push to
 
 
 async def opened(fake: FakeGitHub, gh: GitHubForge, files: dict[str, bytes] | None = None) -> int:

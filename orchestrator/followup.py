@@ -78,12 +78,11 @@ def refusal(pull: dict[str, Any], forge: dict[str, Any], prompt: str, resuming: 
     if pull.get("state") != "open":
         return (f"pull request #{number} is {pull.get('state')}: only open pull requests can be followed up; start "
                 "a new run instead")
-    # Where the github server writes: the repository itself, or (without push rights) a fork of its own, which
-    # get_repository does not name, so no pull request from a fork can be told to be its.
-    writes = forge["repo"] if forge.get("can_push") else None
+    # Where the github server writes: the repository itself, or (without push rights) its fork, once there is one.
+    writes = forge.get("writes_to")
     if not branch.startswith(prefix) or branch == prefix or writes is None or head_repo.lower() != writes.lower():
         why = (f"#{number} comes from {branch!r}" + (f" of {head_repo}" if head_repo != forge["repo"] else "")
-               + ("" if writes is not None else f", and Tiny Backspace cannot push to {forge['repo']}"))
+               + ("" if writes is not None else f", and Tiny Backspace has no fork of {forge['repo']} to push to"))
         return (f"only pull requests from branches under {prefix} that Tiny Backspace can push can be followed up: "
                 f"{why}. Start a new run with what to change instead")
     if not unaddressed(pull) and not prompt.strip() and not resuming:

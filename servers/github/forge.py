@@ -55,6 +55,8 @@ class RepositoryInfo(BaseModel):
     can_push: bool = Field(description="False when branches and commits go to a fork of the repository instead.")
     clone_url: str
     branch_prefix: str = Field(description="Branches this server writes must start with this prefix.")
+    writes_to: str | None = Field(description="Where this server's branches are: the repository itself, or the "
+                                              "fork it writes to instead; None while that fork is yet to be made.")
 
 
 class BranchRef(BaseModel):

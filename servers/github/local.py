@@ -122,7 +122,7 @@ class LocalForge:
         git_dir = await self._dirs()
         return RepositoryInfo(repo=str(self.path), forge="local", default_branch=await self._default_branch(),
                               can_push=os.access(git_dir, os.W_OK), clone_url=self.path.as_uri(),
-                              branch_prefix=self.prefix)
+                              branch_prefix=self.prefix, writes_to=str(self.path))
 
     async def create_branch(self, branch: str, from_sha: str) -> BranchRef:
         """Create `branch` at `from_sha`; succeed without change when it is already there."""

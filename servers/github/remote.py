@@ -126,10 +126,15 @@ class GitHubForge:
                                         "repository has"))
 
     async def get_repository(self) -> RepositoryInfo:
-        """Describe the repository and whether the token can push to it."""
-        repo = await self._call(self._upstream)
+        """Describe the repository, whether the token can push to it, and where this server's branches are."""
+        return await self._call(self._describe)
+
+    def _describe(self) -> RepositoryInfo:
+        repo = self._upstream()
+        target = self._existing_target(repo)
         return RepositoryInfo(repo=repo.full_name, forge="github", default_branch=repo.default_branch,
-                              can_push=can_push(repo), clone_url=repo.clone_url, branch_prefix=self.prefix)
+                              can_push=can_push(repo), clone_url=repo.clone_url, branch_prefix=self.prefix,
+                              writes_to=target.full_name if target is not None else None)
 
     async def create_branch(self, branch: str, from_sha: str) -> BranchRef:
         """Create `branch` at `from_sha` (in the fork when the token cannot push); idempotent at the same sha."""

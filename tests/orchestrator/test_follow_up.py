@@ -4,6 +4,7 @@ people hid in their comments never reaches the model."""
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -282,3 +283,30 @@ async def test_the_same_follow_up_loop_on_github(github_pool, fake_github: FakeG
     assert fake_github.rate_limited, "no request met a secondary rate limit"
     threads = f"/{repo.full_name}/pulls/{number}/comments"
     assert any("page=2" in r.path for r in fake_github.requests if threads in r.path)
+
+
+async def test_a_pull_request_from_the_servers_fork_is_followed_up_on_the_fork(github_pool, fake_github):
+    # The bot cannot push to the repository: its pull request comes from its fork, and so does the follow-up's commit.
+    repo = add_repo(fake_github, BUGGY, pushers=set())
+    base = repo.refs["main"]
+    fixed = base64.b64encode(b"def add(a, b):\n    return a + b\n").decode()
+    await github(github_pool, "commit_changes", repo=repo.full_name, branch=BRANCH, message="Fix add", changes={
+        "base_commit": base, "deleted": [], "files": [{"path": "calc.py", "mode": "100644", "content_base64": fixed}]})
+    pr = await github(github_pool, "open_pull_request", repo=repo.full_name, head=BRANCH, title="Fix add()")
+    fork = fake_github.repos[f"{BOT}/{repo.name}"]
+    head = fork.refs[BRANCH]
+    docstring = fake_github.conversations.add_review_comment(repo.full_name, pr["number"], "calc.py", 1,
+                                                             "add() needs a docstring.")["id"]
+    script = [turn(tool_use("sandbox_edit_file", {"path": "calc.py", "old_text": "def add(a, b):\n",
+                                                  "new_text": "def add(a, b):\n" + DOCSTRING}),
+                   tool_use("reply_to_thread", {"comment_id": docstring, "addressed": True,
+                                                "reply": "Added a docstring."})),
+              turn(text("Added the docstring."))]
+    async with github_stack(github_pool, script) as s:
+        _, events, _ = await post_code(s.url, {"repoUrl": repo.full_name, "pull_request": pr["number"],
+                                               "mode": "single"}, timeout=120)
+    assert events[-1]["status"] == "success", of_type(events, "error")
+    assert of_type(events, "sandbox")[0]["base_commit"] == head
+    tip = fork.refs[BRANCH]
+    assert fork.store.commits[tip].parents == [head] and BRANCH not in repo.refs
+    assert [r["thread"] for r in of_type(events, "review_reply")] == [docstring]

@@ -101,6 +101,12 @@ async def test_the_service_refuses_to_listen_off_loopback_without_a_token():
     assert out.returncode != 0 and "TB_API_TOKEN" in out.stderr
 
 
+async def test_a_port_that_is_no_port_is_one_line_saying_so_and_exit_code_2():
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "--port", "99999"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "give a number from 1 to 65535" in out.stderr
+
+
 async def test_redaction_covers_named_secrets_token_shapes_and_bearer_values():
     redact = Redactor(["my-own-secret-value"])
     text_in = ("a my-own-secret-value b gho_" + "a" * 30 + " c ghs_" + "b" * 30 + " d github_pat_" + "c" * 40

@@ -39,6 +39,13 @@ async def github(pool: ToolPool, tool: str, **args: Any) -> dict[str, Any]:
     return result.structured_content
 
 
+def docstring_turn(thread: int) -> dict[str, Any]:
+    """The agent's turn that adds add()'s docstring and says so in review thread `thread`."""
+    return turn(tool_use("sandbox_edit_file", {"path": "calc.py", "old_text": "def add(a, b):\n",
+                                               "new_text": "def add(a, b):\n" + DOCSTRING}),
+                tool_use("reply_to_thread", {"comment_id": thread, "addressed": True, "reply": "Added a docstring."}))
+
+
 async def reviewed_pull_request(pool: ToolPool, repo: Path, branch: str = BRANCH) -> dict[str, Any]:
     """A pull request from `branch` (add() fixed, an earlier run's work), with three review threads: two open
     (`docstring`, `negative`), one Tiny Backspace answered already (`answered`)."""
@@ -194,11 +201,7 @@ async def test_a_branch_moved_during_the_follow_up_is_left_alone_and_the_changes
         git(repo, "update-ref", f"refs/heads/{BRANCH}", moved[0], pr["head"])
         return turn(text("Added the docstring."))
 
-    script = [turn(tool_use("sandbox_edit_file", {"path": "calc.py", "old_text": "def add(a, b):\n",
-                                                  "new_text": "def add(a, b):\n" + DOCSTRING}),
-                   tool_use("reply_to_thread", {"comment_id": pr["docstring"], "addressed": True,
-                                                "reply": "Added a docstring."})),
-              someone_pushes]
+    script = [docstring_turn(pr["docstring"]), someone_pushes]
     async with stack(pool, script) as s:
         _, events, _ = await post_code(s.url, {"repoUrl": str(repo), "pull_request": pr["number"],
                                                "mode": "single"})
@@ -223,11 +226,7 @@ async def test_a_branch_deleted_during_the_follow_up_is_not_made_again(pool, mak
         git(repo, "update-ref", "-d", f"refs/heads/{BRANCH}", pr["head"])
         return turn(text("Added the docstring."))
 
-    script = [turn(tool_use("sandbox_edit_file", {"path": "calc.py", "old_text": "def add(a, b):\n",
-                                                  "new_text": "def add(a, b):\n" + DOCSTRING}),
-                   tool_use("reply_to_thread", {"comment_id": pr["docstring"], "addressed": True,
-                                                "reply": "Added a docstring."})),
-              someone_merges_and_deletes_the_branch]
+    script = [docstring_turn(pr["docstring"]), someone_merges_and_deletes_the_branch]
     async with stack(pool, script) as s:
         _, events, _ = await post_code(s.url, {"repoUrl": str(repo), "pull_request": pr["number"],
                                                "mode": "single"})
@@ -297,11 +296,7 @@ async def test_a_pull_request_from_the_servers_fork_is_followed_up_on_the_fork(g
     head = fork.refs[BRANCH]
     docstring = fake_github.conversations.add_review_comment(repo.full_name, pr["number"], "calc.py", 1,
                                                              "add() needs a docstring.")["id"]
-    script = [turn(tool_use("sandbox_edit_file", {"path": "calc.py", "old_text": "def add(a, b):\n",
-                                                  "new_text": "def add(a, b):\n" + DOCSTRING}),
-                   tool_use("reply_to_thread", {"comment_id": docstring, "addressed": True,
-                                                "reply": "Added a docstring."})),
-              turn(text("Added the docstring."))]
+    script = [docstring_turn(docstring), turn(text("Added the docstring."))]
     async with github_stack(github_pool, script) as s:
         _, events, _ = await post_code(s.url, {"repoUrl": repo.full_name, "pull_request": pr["number"],
                                                "mode": "single"}, timeout=120)

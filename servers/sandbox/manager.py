@@ -1,4 +1,5 @@
-"""The sandboxes this server holds: creating them on the configured backend, finding them by id, reaping idle ones."""
+"""The sandboxes this server holds: creating them on the configured backend, finding them by id, reaping idle ones,
+and removing what a server that died left of its sandboxes."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import importlib
 import logging
 import os
 import pwd
+import re
 import secrets
 import stat
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +42,10 @@ BACKENDS = {
 }
 # `auto`: Modal when credentials exist, the local backend otherwise or when Modal fails at create.
 CHOICES = [*BACKENDS, "auto"]
+# The ids create_sandbox hands out; no other string is looked for on this machine or on Modal.
+WELL_FORMED = re.compile(r"sbx_[A-Za-z0-9_-]{24}")
+MARKER = "sandbox-id"  # in each sandbox's folder: its id, for a server that finds the folder left behind
+REMEMBERED = 10_000  # ids of sandboxes ended or found left behind that a server keeps, to answer for them later
 
 
 def _allowlist_problem(value: str) -> str | None:
@@ -176,6 +183,30 @@ def _reason(exc: Exception) -> str:
     return "no credentials" if isinstance(exc, BackendUnavailable) else str(exc)
 
 
+def _remember(ids: OrderedDict[str, str], sandbox_id: str, value: str) -> None:
+    ids[sandbox_id] = value
+    while len(ids) > REMEMBERED:
+        ids.popitem(last=False)
+
+
+def _ids_in(folder: Path) -> dict[str, Path]:
+    """The sandboxes whose folders a server's folder holds, by id."""
+    found = {}
+    for marker in folder.glob(f"sbx-*/{MARKER}"):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            if WELL_FORMED.fullmatch(sandbox_id := marker.read_text()[:64]):
+                found[sandbox_id] = marker.parent
+    return found
+
+
+@dataclass(frozen=True)
+class LeftBehind:
+    """What a server found of a sandbox it does not hold, and removed."""
+
+    removed: list[str]  # Modal sandboxes and folders of this machine
+    note: str
+
+
 class SandboxManager:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -191,6 +222,9 @@ class SandboxManager:
             log.warning("no control group per sandbox (%s): limits hold per command, not per sandbox",
                         self._hierarchy)
         self._owners: dict[str, tuple[int, int]] = {}
+        self._ended: OrderedDict[str, str] = OrderedDict()  # ids this server destroyed (the values unused)
+        self._left: OrderedDict[str, str] = OrderedDict()  # id -> its folder, left here by a dead server, removed
+        self._reaping = asyncio.Lock()
         if os.geteuid() == 0 and (clash := taken_ids(settings.uid_base, settings.uid_count)):
             # Another user's processes under a sandbox's uid could read its files and signal its commands.
             raise ConfigError(f"SANDBOX_UID_BASE={settings.uid_base} and SANDBOX_UID_COUNT={settings.uid_count} "
@@ -227,6 +261,7 @@ class SandboxManager:
         try:
             _check_reachable(root, owner)
             os.chmod(home, 0o711)
+            (home / MARKER).write_text(sandbox_id)
             repo = await self._volume(home) / "repo"
             # Only the server and the sandbox's own uid may read a clone: it may be a private repository.
             repo.mkdir(mode=0o700)
@@ -341,6 +376,9 @@ class SandboxManager:
         self._last_used[sandbox.info.sandbox_id] = time.monotonic()
         log.info("created sandbox %s (%s) from %s", sandbox.info.sandbox_id, sandbox.info.backend, repo_url)
 
+    def holds(self, sandbox_id: str) -> bool:
+        return sandbox_id in self._sandboxes
+
     def get(self, sandbox_id: str) -> Sandbox:
         sandbox = self._sandboxes.get(sandbox_id)
         if sandbox is None:
@@ -353,6 +391,7 @@ class SandboxManager:
         sandbox = self.get(sandbox_id)
         self._sandboxes.pop(sandbox_id, None)
         self._last_used.pop(sandbox_id, None)
+        _remember(self._ended, sandbox_id, "")
         try:
             await sandbox.destroy()
         finally:
@@ -366,18 +405,48 @@ class SandboxManager:
             os.close(self._instance[1])
             self._instance = None
 
+    async def remove_left(self, sandbox_id: str) -> LeftBehind:
+        """Remove what is left of a sandbox this server does not hold, wherever this server can reach: the folders
+        servers that died on this machine left (see `reap_orphans`), and with Modal the sandboxes tagged with its id.
+
+        For a replica that adopts the runs of one that died: it knows their sandbox ids, not the servers that made
+        them. A malformed id, or one this server destroyed itself, is refused as `get` refuses it.
+        """
+        if sandbox_id in self._sandboxes:
+            raise ValueError(f"sandbox {sandbox_id} is held by this server: destroy it")
+        if not WELL_FORMED.fullmatch(sandbox_id) or sandbox_id in self._ended:
+            self.get(sandbox_id)
+        await self.reap_orphans()
+        removed = [folder] if (folder := self._left.get(sandbox_id)) else []
+        places = "this machine"
+        if self.modal_cls is not None and has_credentials():
+            from .modal_backend import end_tagged  # loaded already: modal_cls is its class
+
+            removed += [f"Modal sandbox {i}" for i in await end_tagged(self.settings.modal, sandbox_id)]
+            places += " or on Modal"
+        if removed:
+            return LeftBehind(removed, "not held by this server; removed what was left of it")
+        return LeftBehind([], f"not held by this server; none of it found on {places}")
+
     def _instance_dir(self, root: Path) -> Path:
         """This server's folder under the root, locked for as long as the server lives."""
         if self._instance is None:
-            folder = Path(tempfile.mkdtemp(prefix="server-", dir=root))
-            os.chmod(folder, 0o711)
-            lock = os.open(folder / ".lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            # Locked before it takes the name `reap_orphans` looks for, so no reaper ever finds it unlocked.
+            claim = Path(tempfile.mkdtemp(prefix=".claim-", dir=root))
+            os.chmod(claim, 0o711)
+            lock = os.open(claim / ".lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            folder = root / ("server-" + claim.name.removeprefix(".claim-"))
+            claim.rename(folder)
             self._instance = (folder, lock)
         return self._instance[0]
 
     async def reap_orphans(self) -> list[Path]:
         """Remove the folders of servers that died without cleaning up: nobody holds their lock any more."""
+        async with self._reaping:
+            return await self._reap_orphans()
+
+    async def _reap_orphans(self) -> list[Path]:
         root = self.settings.root
         reaped = []
         for folder in root.glob("server-*") if root.is_dir() else []:
@@ -388,18 +457,22 @@ class SandboxManager:
             except OSError:
                 continue
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # its server is alive
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its server is alive, or another server is removing it
+                log.info("removing %s, left by a server that is gone", folder)
+                left = _ids_in(folder)
+                if isinstance(self._hierarchy, Hierarchy):
+                    for group in self._hierarchy.stale(folder.name + "."):
+                        with contextlib.suppress(TimeoutError, OSError):
+                            await group.destroy()
+                await remove_tree(folder)
+                _release_uids_of(root, folder.name)
+                for sandbox_id, home in left.items():
+                    _remember(self._left, sandbox_id, str(home))
             finally:
                 os.close(lock)
-            log.info("removing %s, left by a server that is gone", folder)
-            if isinstance(self._hierarchy, Hierarchy):
-                for group in self._hierarchy.stale(folder.name + "."):
-                    with contextlib.suppress(TimeoutError, OSError):
-                        await group.destroy()
-            await remove_tree(folder)
-            _release_uids_of(root, folder.name)
             reaped.append(folder)
         return reaped
 
@@ -422,7 +495,9 @@ class SandboxManager:
             try:
                 await self.reap_idle()
                 if self.modal_cls is not None and has_credentials():
+                    from .modal_backend import reap_expired  # loaded already: modal_cls is its class
+
                     async with asyncio.timeout(60):
-                        await self.modal_cls.reap_expired(self.settings.modal)
+                        await reap_expired(self.settings.modal)
             except Exception:  # noqa: BLE001 - the reaper must outlive any one failure
                 log.exception("reaping sandboxes failed")

@@ -40,6 +40,7 @@ EXEC_GRACE_S = 30  # past the command's own timeout, for Modal to answer
 STDIN_CHUNK = 1024 * 1024  # below modal's stdin buffer limit
 SETUP_GRACE_S = 900  # a setup sandbox's life past its script's limit: upload, tidying, the secret check, snapshot
 SNAPSHOT_TIMEOUT_S = 600  # a large environment takes a while to snapshot
+LOOKUP_TIMEOUT_S = 60  # finding and ending the sandboxes of one id that a server left behind
 NOT_A_DIRECTORY = b"tb: not a directory"
 # $1 directory, $2 timeout, $3 read-only, $4 script. `timeout` gives the command a process group of its own and
 # SIGKILLs the whole group at the deadline; what the command left running in the background dies when it returns,
@@ -310,12 +311,15 @@ def _failed(what: str, exc: Exception) -> SandboxError:
                         "ended (it lives at most SANDBOX_MODAL_TTL_S): create a new one if this persists")
 
 
-async def _terminate(sandbox: Any) -> None:
+async def _terminate(sandbox: Any) -> bool:
+    """End `sandbox`; False when Modal would not (its own timeout and the reaper end it later)."""
     try:
         async with asyncio.timeout(30):
             await sandbox.terminate.aio()
-    except Exception as exc:  # noqa: BLE001 - Modal's own timeout and the reaper end it later
+    except Exception as exc:  # noqa: BLE001
         log.warning("could not terminate Modal sandbox %s: %r", getattr(sandbox, "object_id", "?"), exc)
+        return False
+    return True
 
 
 async def reap_expired(settings: ModalSettings, now: float | None = None) -> list[str]:
@@ -339,3 +343,28 @@ async def reap_expired(settings: ModalSettings, now: float | None = None) -> lis
             await _terminate(sandbox)
             reaped.append(sandbox.object_id)
     return reaped
+
+
+async def end_tagged(settings: ModalSettings, sandbox_id: str) -> list[str]:
+    """Terminate this app's Modal sandboxes tagged with `sandbox_id`, its setup's among them, whoever made them;
+    their Modal ids. `SandboxError` when Modal cannot be asked or one would not end.
+
+    For a sandbox this server does not hold: its server died, and another replica cleans up after it.
+    """
+    modal = import_modal()
+    ended, stuck = [], []
+    try:
+        async with asyncio.timeout(LOOKUP_TIMEOUT_S):
+            app = await modal.App.lookup.aio(settings.app_name, create_if_missing=True)
+            for name in (sandbox_id, f"{sandbox_id}.setup"):
+                async for sandbox in modal.Sandbox.list.aio(app_id=app.app_id, tags={"app": TAG, "sandbox_id": name}):
+                    log.info("terminating Modal sandbox %s (%s), left behind", sandbox.object_id, name)
+                    (ended if await _terminate(sandbox) else stuck).append(sandbox.object_id)
+    except Exception as exc:  # noqa: BLE001 - any failure of Modal's is one the caller can retry
+        raise SandboxError(f"could not ask Modal for what is left of sandbox {sandbox_id} "
+                           f"({why_unavailable(exc, modal, LOOKUP_TIMEOUT_S)}); try again, or let Modal end it "
+                           "(SANDBOX_MODAL_TTL_S)") from None
+    if stuck:
+        raise SandboxError(f"Modal would not terminate {', '.join(stuck)} of sandbox {sandbox_id}; try again, or let "
+                           "Modal end it (SANDBOX_MODAL_TTL_S)")
+    return ended

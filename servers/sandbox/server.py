@@ -55,9 +55,18 @@ class Changes(BaseModel):
     diff: str = Field(description="A unified diff of the same changes, for reading.")
 
 
+def _absent(value: object) -> bool:
+    return value is None
+
+
 class Destroyed(BaseModel):
     sandbox_id: str
-    destroyed: bool
+    destroyed: bool = Field(description="True when this server held the sandbox and destroyed it.")
+    # Only for a sandbox this server did not hold (its server died): absent otherwise, as before they existed.
+    note: str | None = Field(None, exclude_if=_absent, description="What was done about a sandbox this server did "
+                             "not hold.")
+    removed: list[str] | None = Field(None, exclude_if=_absent, description="What was left of a sandbox this server "
+                                      "did not hold, now removed: Modal sandboxes, folders of this machine.")
 
 
 def _tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -233,8 +242,12 @@ def build_server(settings: Settings | None = None) -> MCPServer:
                                       open_world_hint=False))
     @_tool_errors
     async def destroy_sandbox(sandbox_id: SandboxId) -> Destroyed:
-        """Destroy a sandbox: kill its processes and delete its files."""
-        await manager.destroy(sandbox_id)
-        return Destroyed(sandbox_id=sandbox_id, destroyed=True)
+        """Destroy a sandbox: kill its processes and delete its files. Of a sandbox another server made and left
+        behind when it died, remove what this server can reach (destroyed is false; note says what was done)."""
+        if manager.holds(sandbox_id):
+            await manager.destroy(sandbox_id)
+            return Destroyed(sandbox_id=sandbox_id, destroyed=True)
+        left = await manager.remove_left(sandbox_id)
+        return Destroyed(sandbox_id=sandbox_id, destroyed=False, note=left.note, removed=left.removed)
 
     return mcp

@@ -17,7 +17,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, unquote, urlsplit
 
 TOKEN_PATTERN = re.compile(r"(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}|sk-ant-[A-Za-z0-9_-]{20,}"
                            r"|(?<=Bearer )[A-Za-z0-9._~+/=-]{16,})")
@@ -26,9 +26,17 @@ MIN_SECRET_CHARS = 8  # shorter values are too likely to occur by chance to be m
 
 
 def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
-    """Values of the environment variables that hold secrets by their name (…TOKEN, …KEY, …SECRET)."""
+    """Values of the environment variables that hold secrets by their name (…TOKEN, …KEY, …SECRET), and the
+    passwords in URLs (TB_DATABASE_URL's)."""
     env = os.environ if env is None else env
     found = {v for k, v in env.items() if k.upper().endswith(("TOKEN", "KEY", "SECRET")) and len(v) >= MIN_SECRET_CHARS}
+    for value in env.values():
+        if "://" in value and "@" in value:
+            try:
+                password = urlsplit(value.strip()).password
+            except ValueError:
+                continue
+            found |= {p for p in (password, unquote(password or "")) if p and len(p) >= MIN_SECRET_CHARS}
     return sorted(found, key=len, reverse=True)
 
 

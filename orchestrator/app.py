@@ -17,12 +17,12 @@ from common.redact import Redactor
 
 from .events import PING, sse
 from .connections import CONNECTIONS, Connections, connection_limit
-from .guard import Admission, TokenBucket, auth_middleware, browser_checks, client_key
+from .guard import auth_middleware, browser_checks, client_key
 from . import pulls
-from .intake import (ADMISSION, LOOPBACK, MAX_BODY, REDACT, RUNS, bad_request, control_character, read_json,
+from .intake import (LOOPBACK, MAX_BODY, REDACT, RUNS, bad_request, control_character, not_admitted, read_json,
                      redacted_json, validate)
 from .replay import trajectory
-from .runs import NotPublishable, RunManager
+from .runs import NotAdmitted, NotPublishable, RunManager
 from .webhook import Webhook
 
 LAST_EVENT_DIGITS = 18  # any event number fits; a longer one would overflow the store's 64-bit integers
@@ -41,10 +41,10 @@ async def post_code(request: web.Request) -> web.StreamResponse:
     if isinstance(run, web.Response):
         return run
     on_disconnect = body.get("on_disconnect", "continue")
-    refused = request.app[ADMISSION].check(client_key(request), runs.clients())
-    if refused is not None:
-        return refused
-    run_id = runs.start(run, client_key(request))
+    try:
+        run_id = await runs.start(run, client_key(request))
+    except NotAdmitted as exc:
+        return not_admitted(client_key(request), exc, runs.services)
     try:
         return await sse_response(request, runs.follow(run_id))
     except asyncio.CancelledError:
@@ -56,7 +56,7 @@ async def post_code(request: web.Request) -> web.StreamResponse:
 async def run_events(request: web.Request) -> web.StreamResponse:
     """A run's events as SSE: those after `Last-Event-ID` (or `?after=`), then live ones until it completes."""
     runs, run_id = request.app[RUNS], request.match_info["run_id"]
-    if runs.store.get(run_id) is None:
+    if await runs.store.get(run_id) is None:
         return bad_request(f"no run {run_id!r}", 404)
     raw = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
     if not (raw.isascii() and raw.isdigit() and len(raw) <= LAST_EVENT_DIGITS):
@@ -80,7 +80,7 @@ async def list_runs(request: web.Request) -> web.Response:
         before = float(request.query["before"]) if "before" in request.query else None
     except ValueError:
         return bad_request("limit must be a whole number and before a timestamp (the `created` of a run)")
-    records = request.app[RUNS].store.list(limit, before)
+    records = await request.app[RUNS].store.list(limit, before)
     page = {"runs": records}
     if len(records) == limit:
         page["next"] = f"/runs?limit={limit}&before={records[-1]['created']}"
@@ -88,7 +88,7 @@ async def list_runs(request: web.Request) -> web.Response:
 
 
 async def get_run(request: web.Request) -> web.Response:
-    record = request.app[RUNS].get(request.match_info["run_id"])
+    record = await request.app[RUNS].get(request.match_info["run_id"])
     if record is None:
         return bad_request(f"no run {request.match_info['run_id']!r}", 404)
     return redacted_json(request, {**record, "events_url": f"/runs/{record['id']}/events"})
@@ -97,17 +97,17 @@ async def get_run(request: web.Request) -> web.Response:
 async def get_trajectory(request: web.Request) -> web.Response:
     """What the model decided in a run, per agent, to replay with TB_MODEL=replay:PATH."""
     store, run_id = request.app[RUNS].store, request.match_info["run_id"]
-    record = store.get(run_id)
+    record = await store.get(run_id)
     if record is None:
         return bad_request(f"no run {run_id!r}", 404)
-    return redacted_json(request, trajectory(record, store.turns(run_id)))
+    return redacted_json(request, trajectory(record, await store.turns(run_id)))
 
 
 async def cancel_run(request: web.Request) -> web.Response:
     """Stop a run: `{"changes": "keep"}` (the default) keeps its changes as a draft pull request, or with the run
     when the forge cannot be reached; `{"changes": "discard"}` drops them."""
     runs, run_id = request.app[RUNS], request.match_info["run_id"]
-    record = runs.store.get(run_id)
+    record = await runs.store.get(run_id)
     if record is None:
         return bad_request(f"no run {run_id!r}", 404)
     body = await read_json(request, '{"changes": "keep"} or {"changes": "discard"}', optional=True)
@@ -119,7 +119,7 @@ async def cancel_run(request: web.Request) -> web.Response:
                            '{"changes": "discard"} to drop them (no body: keep)')
     if not await runs.cancel(run_id, keep=changes == "keep"):
         return bad_request(f"run {run_id} is not running (it is {record['status']})", 409)
-    record = runs.store.get(run_id) or record
+    record = await runs.store.get(run_id) or record
     return redacted_json(request, {"id": run_id, "status": record["status"], "changes": changes,
                                    "pull_request_url": record["pull_request_url"], "kept": record.get("kept")})
 
@@ -127,7 +127,7 @@ async def cancel_run(request: web.Request) -> web.Response:
 async def steer_run(request: web.Request) -> web.Response:
     """`{"text": "..."}`: a message from the user to the run's active agent, handed over at its next turn."""
     runs, run_id = request.app[RUNS], request.match_info["run_id"]
-    record = runs.store.get(run_id)
+    record = await runs.store.get(run_id)
     if record is None:
         return bad_request(f"no run {run_id!r}", 404)
     body = await read_json(request, '{"text": "..."}')
@@ -141,7 +141,7 @@ async def steer_run(request: web.Request) -> web.Response:
         return bad_request(f"text is {len(text)} characters, over the limit of {limit} (TB_MAX_PROMPT_CHARS)", 413)
     if refused := control_character("text", text):
         return refused
-    if refused := runs.steer(run_id, text):
+    if refused := await runs.steer(run_id, text):
         return bad_request(f"not delivered: {refused} (run {run_id} is {record['status']}); start a new run, or "
                            "retry it if it kept its changes", 409)
     return web.json_response({"id": run_id, "accepted": True,
@@ -152,7 +152,7 @@ async def steer_run(request: web.Request) -> web.Response:
 async def publish_run(request: web.Request) -> web.Response:
     """Open a draft pull request from the changes a stopped run kept."""
     runs, run_id = request.app[RUNS], request.match_info["run_id"]
-    if runs.store.get(run_id) is None:
+    if await runs.store.get(run_id) is None:
         return bad_request(f"no run {run_id!r}", 404)
     try:
         pr = await runs.publish(run_id)
@@ -165,17 +165,16 @@ async def publish_run(request: web.Request) -> web.Response:
 async def retry_run(request: web.Request) -> web.Response:
     """Start a new run of a stopped run's request, from the changes it kept; answers the new run's id."""
     runs, run_id = request.app[RUNS], request.match_info["run_id"]
-    if runs.store.get(run_id) is None:
+    if await runs.store.get(run_id) is None:
         return bad_request(f"no run {run_id!r}", 404)
     if runs.services.model_problem:
         return bad_request(runs.services.model_problem, 503)
-    refused = request.app[ADMISSION].check(client_key(request), runs.clients())
-    if refused is not None:
-        return refused
     try:
-        new_id = runs.retry(run_id, client_key(request))
+        new_id = await runs.retry(run_id, client_key(request))
     except NotPublishable as exc:
         return bad_request(str(exc), exc.status)
+    except NotAdmitted as exc:
+        return not_admitted(client_key(request), exc, runs.services)
     return web.json_response({"id": new_id, "retries": run_id, "events_url": f"/runs/{new_id}/events"}, status=202)
 
 
@@ -223,9 +222,14 @@ async def health(request: web.Request) -> web.Response:
     if down := [f"{name} is {s['state']}" + (f" ({s['error']})" if s.get("error") else "")
                 for name, s in servers.items() if s["state"] != "up"]:
         reasons["servers"] = "MCP server " + "; ".join(down)
-    answer = {"status": "degraded" if reasons else "healthy", "model": services.model.name, "servers": servers,
-              "runs_in_flight": len(request.app[RUNS].live)}
-    return redacted_json(request, answer | ({"reasons": reasons} if reasons else {}))
+    runs = request.app[RUNS]
+    status = "draining" if runs.draining else "degraded" if reasons else "healthy"
+    answer = {"status": status, "model": services.model.name, "servers": servers, "replica": runs.store.replica,
+              "runs_in_flight": len(runs.live)}
+    response = redacted_json(request, answer | ({"reasons": reasons} if reasons else {}))
+    if runs.draining:  # a load balancer's health check takes this replica out while its runs finish
+        response.set_status(503)
+    return response
 
 
 def page_handler() -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -257,8 +261,6 @@ def build_app(runs: RunManager, host: str = "127.0.0.1",
     middlewares = [connections.middleware(), browser_checks(hosts, settings.allowed_origins),
                    auth_middleware(settings.api_token)]
     app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares)
-    app[ADMISSION] = Admission(TokenBucket(settings.rate_burst, settings.rate_per_minute), settings.max_runs,
-                               settings.max_runs_per_client)
     app[CONNECTIONS] = connections
     app[RUNS] = runs
     app[LOOPBACK] = loopback
@@ -278,7 +280,7 @@ def build_app(runs: RunManager, host: str = "127.0.0.1",
     app.router.add_post("/pulls/{number}/close", pulls.close_pull)
     app.router.add_get("/health", health)
     app.router.add_get("/", page_handler())
-    Webhook(runs, app[ADMISSION], MAX_BODY).install(app)  # POST /github/webhook
+    Webhook(runs, MAX_BODY).install(app)  # POST /github/webhook
 
     async def finish_runs(_: web.Application) -> None:
         # Before aiohttp waits for open handlers: theirs are the streams of these runs.

@@ -392,21 +392,22 @@ async def in_process(args: argparse.Namespace, body: dict[str, Any]) -> int:
     from .app import build_app
     from .connections import listen
     from .runs import RunManager
-    from .store import SQLiteRunStore
+    from .store import open_store
 
     try:
         settings = settings_from_env()
         if args.replay:
             settings = dataclasses.replace(settings, model=f"replay:{args.replay}")
         services = build_services(settings, args.mcp_config)
-        store = SQLiteRunStore(settings.data_dir / "runs.sqlite3")
+        store = await open_store(settings)
     except STARTUP_ERRORS as exc:
         raise CannotStart(str(exc)) from None
-    await services.pool.start()
-    # No `recover()`: a service may share this store, and its runs in flight are not ours to interrupt.
-    runner = web.AppRunner(build_app(RunManager(services, store)), handler_cancellation=True)
+    runs = RunManager(services, store)
+    runner = web.AppRunner(build_app(runs), handler_cancellation=True)
     listener = None
     try:
+        await services.pool.start()
+        await runs.begin()  # a replica of its own: a service sharing the store keeps its runs
         await runner.setup()
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
@@ -417,7 +418,7 @@ async def in_process(args: argparse.Namespace, body: dict[str, Any]) -> int:
             listener.close()
         await runner.cleanup()
         await services.pool.close()
-        store.close()
+        await store.close()
 
 
 def recent_args(argv: list[str]) -> argparse.Namespace:

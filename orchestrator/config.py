@@ -53,6 +53,12 @@ def _handle(value: str) -> str:
     return handle
 
 
+def _database_url(value: str) -> str:
+    if not re.fullmatch(r"postgres(ql)?://\S+", value):
+        raise ValueError("expected a PostgreSQL URL, postgresql://user:password@host:5432/database")
+    return value
+
+
 def _public_url(value: str) -> str:
     if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
         raise ValueError("expected the page's base URL, e.g. https://tb.example.com")
@@ -113,6 +119,11 @@ class Settings:
     tool_result_chars: int = 30_000  # a longer tool result is cut to its head and tail before the model sees it
     data_dir: Path = setting("TB_DATA_DIR", Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share"))
                              / "tiny-backspace")
+    # The run store: SQLite under data_dir by default; PostgreSQL at this URL, which replicas share.
+    database_url: str | None = setting("TB_DATABASE_URL", None, parse=_database_url, repr=False)
+    # A replica renews its lease every third of this; another marks its runs interrupted once the lease ran out (or at
+    # once, on the same machine, when its process is gone).
+    lease_s: float = setting("TB_LEASE_S", 30.0, check=between(1, 600))
     # On SIGTERM, running runs get this long to finish.
     shutdown_grace_s: float = setting("TB_SHUTDOWN_GRACE_S", 30.0, check=at_least(0))
     review_rounds: int = setting("TB_REVIEW_ROUNDS", 2, check=at_least(1))  # coder-reviewer rounds before a draft

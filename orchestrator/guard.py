@@ -1,5 +1,6 @@
-"""What stands in front of the endpoints: the checks a hostile web page cannot pass (Host, Origin, body type), bearer
-authentication, a rate limit and caps on runs in flight. Bounds on the connections themselves are in `connections`."""
+"""What stands in front of the endpoints: the checks a hostile web page cannot pass (Host, Origin, body type) and
+bearer authentication. Bounds on the connections themselves are in `connections`; the rate limit and the caps on runs
+in flight are the run store's (`RunStore.admit`), so that they hold across replicas."""
 
 from __future__ import annotations
 
@@ -8,9 +9,7 @@ import hmac
 import ipaddress
 import math
 import re
-import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -41,28 +40,6 @@ def client_key(request: web.Request) -> str:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is None:
         return str(ipaddress.ip_network(f"{address}/64", strict=False))
     return str(getattr(address, "ipv4_mapped", None) or address)
-
-
-@dataclass
-class TokenBucket:
-    """`burst` requests at once, refilled at `per_minute`."""
-
-    burst: int
-    per_minute: float
-    tokens: dict[str, tuple[float, float]] = field(default_factory=dict)  # client -> (tokens, last refill)
-
-    def take(self, client: str) -> float:
-        """0 when the request may go; otherwise the seconds until it may."""
-        now = time.monotonic()
-        tokens, last = self.tokens.get(client, (float(self.burst), now))
-        tokens = min(self.burst, tokens + (now - last) * self.per_minute / 60)
-        if len(self.tokens) > 10_000:  # forget the idle, so the table stays bounded
-            self.tokens = {k: v for k, v in self.tokens.items() if now - v[1] < 3600}
-        if tokens >= 1:
-            self.tokens[client] = (tokens - 1, now)
-            return 0.0
-        self.tokens[client] = (tokens, now)
-        return (1 - tokens) * 60 / self.per_minute
 
 
 def refuse(status: int, message: str, retry_after: float | None = None) -> web.Response:
@@ -133,23 +110,3 @@ def auth_middleware(token: str | None) -> Callable:
         return await handler(request)
 
     return middleware
-
-
-@dataclass
-class Admission:
-    """Whether a new run may start: the rate limit per client, then the caps on runs in flight."""
-
-    bucket: TokenBucket
-    max_runs: int
-    max_runs_per_client: int
-
-    def check(self, client: str, in_flight: list[str]) -> web.Response | None:
-        wait = self.bucket.take(client)
-        if wait:
-            return refuse(429, f"too many runs started from {client}; retry in {math.ceil(wait)} s", wait)
-        if in_flight.count(client) >= self.max_runs_per_client:
-            return refuse(429, f"{client} already has {self.max_runs_per_client} runs in flight "
-                               "(TB_MAX_RUNS_PER_CLIENT); wait for one to finish", 10)
-        if len(in_flight) >= self.max_runs:
-            return refuse(503, f"the service is running {self.max_runs} runs (TB_MAX_RUNS); retry shortly", 10)
-        return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 from typing import Any
 
@@ -14,14 +15,13 @@ from aiohttp import web
 from common import repos
 from common.redact import Redactor
 
-from .guard import Admission
+from .guard import refuse
 from .run import RunRequest, Services
-from .runs import RunManager
+from .runs import NotAdmitted, RunManager
 
 RUNS = web.AppKey("runs", RunManager)
 REDACT = web.AppKey("redact", Redactor)
 LOOPBACK = web.AppKey("loopback", bool)
-ADMISSION = web.AppKey("admission", Admission)
 MAX_BODY = 256 * 1024
 # What POST /code accepts; anything else is refused.
 FIELDS = ("repoUrl", "prompt", "mode", "on_disconnect", "setup", "attempts", "issue", "pull_request")
@@ -38,6 +38,20 @@ C0_NAMES = ("NUL SOH STX ETX EOT ENQ ACK BEL BS HT LF VT FF CR SO SI DLE DC1 DC2
 
 def bad_request(message: str, status: int = 400) -> web.Response:
     return web.json_response({"error": message}, status=status)
+
+
+def not_admitted(client: str, exc: NotAdmitted, services: Services) -> web.Response:
+    """The answer to a run that cannot start now: which limit, and when to try again."""
+    settings = services.settings
+    if exc.reason == "rate":
+        return refuse(429, f"too many runs started from {client}; retry in {math.ceil(exc.wait_s)} s", exc.wait_s)
+    if exc.reason == "client":
+        return refuse(429, f"{client} already has {settings.max_runs_per_client} runs in flight "
+                           "(TB_MAX_RUNS_PER_CLIENT); wait for one to finish", exc.wait_s)
+    if exc.reason == "draining":
+        return refuse(503, "this replica is shutting down and starts no new runs; retry: another replica (or this "
+                           "one, restarted) takes it", exc.wait_s)
+    return refuse(503, f"the service is running {settings.max_runs} runs (TB_MAX_RUNS); retry shortly", exc.wait_s)
 
 
 def redacted_json(request: web.Request, data: Any) -> web.Response:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import secrets
 import shlex
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .events import Event
@@ -28,7 +28,7 @@ BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 class Checkpoint:
     """The sandbox's changes as of the end of the last agent turn that could have changed them."""
 
-    def __init__(self, tools: RunTools, on_saved: Callable[[dict[str, Any]], None] | None = None):
+    def __init__(self, tools: RunTools, on_saved: Callable[[dict[str, Any]], Awaitable[None]] | None = None):
         self.tools = tools
         self.on_saved = on_saved  # given each new checkpoint, to keep it beyond this process
         self.last: dict[str, Any] | None = None  # what export_changes gave: changeset and diff
@@ -53,7 +53,7 @@ class Checkpoint:
         changed = self.last is None or exported["changeset"] != self.last["changeset"]
         self.last, self.when = exported, f"the {agent}'s last turn that changed them"
         if changed and self.on_saved is not None:  # a turn that ran tests only is not kept again
-            self.on_saved(exported)
+            await self.on_saved(exported)
 
 
 def note(run_id: str, reason: str, changeset: dict[str, Any]) -> str:

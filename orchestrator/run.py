@@ -24,7 +24,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -82,9 +82,9 @@ class RunControl:
     keep: bool = True  # on a stop: keep the changes (a draft pull request, or kept with the run), or discard them
     stopped: bool = False
     messages: list[str] = field(default_factory=list)
-    store: Callable[[dict[str, Any]], None] | None = None
-    mark_published: Callable[[str], None] | None = None
-    save_checkpoint: Callable[[dict[str, Any]], None] | None = None  # the latest changes, beyond this process
+    store: Callable[[dict[str, Any]], Awaitable[None]] | None = None
+    mark_published: Callable[[str], Awaitable[None]] | None = None
+    save_checkpoint: Callable[[dict[str, Any]], Awaitable[None]] | None = None  # the latest changes, beyond us
     unpublished: bool = False  # work is kept that no pull request holds
     budget: Budget | None = None  # what the run has spent so far, once it started
     accepting: bool = False  # whether an agent is at work to read the user's messages
@@ -144,17 +144,17 @@ class RunControl:
             asyncio.current_task().uncancel()
             raise Cancelled() from None
 
-    def keep_work(self, work: dict[str, Any]) -> bool:
+    async def keep_work(self, work: dict[str, Any]) -> bool:
         """Keep `work` with the run; False when there is nowhere to keep it."""
         if self.store is None:
             return False
-        self.store(work)
+        await self.store(work)
         self.unpublished = True
         return True
 
-    def published(self, url: str) -> None:
+    async def published(self, url: str) -> None:
         if self.mark_published is not None and self.unpublished:
-            self.mark_published(url)
+            await self.mark_published(url)
         self.unpublished = False
 
 
@@ -272,7 +272,9 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, ou
             prefix = forge["branch_prefix"]
             task = await _task(request, forge, pool, limits.tool_seconds)
             yield events("status", stage="sandbox", message="cloning the repository into a sandbox")
-            create = {"repo_url": _clone_source(request.repo_url, forge, settings)} | ({} if request.setup is None else {"setup": request.setup})
+            create = {"repo_url": _clone_source(request.repo_url, forge, settings)}
+            if request.setup is not None:
+                create["setup"] = request.setup
             if task.ref:  # a follow-up: the pull request's head
                 create["ref"] = task.ref
             if request.resume:  # the commit the kept changes were made on
@@ -326,10 +328,10 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, ou
 
         flow = (single(*args, prefix, publishes=task.follow_up is None) if request.mode == "single"
                 else team(*args, settings.review_rounds, request.attempts, fork))
-        def saved(exported: dict[str, Any]) -> None:
+        async def saved(exported: dict[str, Any]) -> None:
             """A checkpoint free of secrets goes to the run store, for a restart to find (`recover`)."""
             if control.save_checkpoint and not redact.files_with_secrets(exported["changeset"]):
-                control.save_checkpoint({"repo": request.repo_url, "prompt": redact(request.prompt),
+                await control.save_checkpoint({"repo": request.repo_url, "prompt": redact(request.prompt),
                                          "title": redact(task.title), "mode": request.mode, "setup": request.setup,
                                          "prefix": prefix, "issue": request.issue,
                                          "pull_request": request.pull_request,
@@ -377,7 +379,7 @@ async def _execute(request: RunRequest, services: Services, events: EventLog, ou
     except Exception as exc:  # noqa: BLE001 - the run reports it and ends
         yield events("error", **_failure(exc, events.run_id))
     finally:
-        await asyncio.gather(*(_destroy(pool, sandbox) for sandbox in [sandbox_id, *forks] if sandbox))
+        await asyncio.gather(*(destroy_sandbox(pool, sandbox) for sandbox in [sandbox_id, *forks] if sandbox))
     yield events("usage", **budget.report())
     yield events("completion", **outcome, duration_s=round(time.monotonic() - started, 3))
 
@@ -493,7 +495,7 @@ async def _publish(request: RunRequest, task: Task, tools: RunTools, work: Work,
             try:
                 committed = await follow_up_commit(tools, follow, kept, timeout)
             except asyncio.CancelledError:
-                control.keep_work({**kept, "reason": "the run was stopped while it published"})
+                await control.keep_work({**kept, "reason": "the run was stopped while it published"})
                 raise
             except (RunFailed, ServerUnavailable) as exc:
                 work.out_of_date = draft_reason = (f"pull request #{follow.number} could not take these changes on "
@@ -513,16 +515,16 @@ async def _publish(request: RunRequest, task: Task, tools: RunTools, work: Work,
                                              why_not=f"the changes go to a draft pull request of their own: {why}"):
                 yield event
         if stopped:  # kept first: whatever happens to the forge, a retry can start from it
-            control.keep_work(kept)
+            await control.keep_work(kept)
         yield events("status", stage="publish", message="opening a pull request" + (" (draft)" if draft_reason
                                                                                       else ""))
         try:
             pr = await open_pull_request(tools.pool, kept, draft_reason is not None, timeout)
         except asyncio.CancelledError:
-            control.keep_work({**kept, "reason": stopped or "the run was stopped while it published"})
+            await control.keep_work({**kept, "reason": stopped or "the run was stopped while it published"})
             raise
         except (RunFailed, ServerUnavailable) as exc:
-            if not control.keep_work({**kept, "reason": stopped or f"publishing failed: {exc}"}):
+            if not await control.keep_work({**kept, "reason": stopped or f"publishing failed: {exc}"}):
                 raise
             if stopped is None:
                 yield events("error", reason="failed", message=f"the pull request could not be opened: {exc}")
@@ -535,7 +537,7 @@ async def _publish(request: RunRequest, task: Task, tools: RunTools, work: Work,
             return
         tools.saw_pull_request(pr, kept["branch"])
         if stopped:
-            control.published(tools.pull_request.url)
+            await control.published(tools.pull_request.url)
     pr = tools.pull_request
     yield events("pull_request", number=pr.number, url=pr.url, head=pr.head, draft=pr.draft)
 
@@ -586,8 +588,8 @@ async def _call(pool: ToolPool, server: str, tool: str, args: dict[str, Any], ti
     return result.structured_content or {}
 
 
-async def _destroy(pool: ToolPool, sandbox_id: str) -> None:
-    """Destroy the run's sandbox, even when the run is being cancelled: then wait for it before going on."""
+async def destroy_sandbox(pool: ToolPool, sandbox_id: str) -> None:
+    """Destroy a sandbox of a run, even when the run is being cancelled: then wait for it before going on."""
     with telemetry.sandbox_span("destroy"):
         call = asyncio.ensure_future(pool.call("sandbox", "destroy_sandbox", {"sandbox_id": sandbox_id},
                                                CLEANUP_SECONDS))

@@ -1,16 +1,24 @@
-"""Runs as background tasks that outlive their connections: start, follow (replay, then live), cancel.
+"""Runs as background tasks that outlive their connections: start, follow (replay, then live), cancel; and the
+replicas that share one run store.
 
-Readers of a live run read its events from memory as they happen; the store gets them in batches a few
-milliseconds later and serves finished runs. Any number of readers can follow one run, and a reader that reconnects
-continues after the last event it saw. The model's turns are kept as they complete, as the run's trajectory.
+Readers of a run live here read its events from memory as they happen; the store gets them in batches a few
+milliseconds later and serves finished runs and the runs of other replicas, whose new events its notifications
+announce. Any number of readers can follow one run, and a reader that reconnects continues after the last event it
+saw. The model's turns are kept as they complete, as the run's trajectory.
+
+Each replica holds a lease in the store, renewed every third of TB_LEASE_S. The runs of a replica whose lease ran
+out (or, on the same machine, whose process is gone) are adopted by another one: marked interrupted, their last
+changes kept, their sandboxes removed. A cancel or a message for a run of another replica goes to it through the
+store. Admission (the rate limit and the caps on runs in flight) is one transaction in the store, so its limits
+hold across replicas.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -19,11 +27,23 @@ from .events import Event, EventLog
 from .mcp_pool import ServerUnavailable
 from .run import PUBLISH_CALL_SECONDS, RunControl, RunFailed, RunRequest, Services, execute, new_run_id, \
     open_pull_request
-from .store import RunStore
+from .store import Quota, RunStore
 
 log = logging.getLogger(__name__)
 FLUSH_SECONDS = 0.05  # events reach the store in batches at most this old; readers of a live run see them at once
 STOP_SECONDS = 120  # a stopped run keeps its work (a draft pull request) in this long, or is cancelled outright
+ANSWER_SECONDS = 10  # a replica asked to hand a message to its run answers within this
+STORE_RETRY_SECONDS = 1.0  # events the store could not take are tried again this much later
+
+
+class NotAdmitted(Exception):
+    """A run cannot start now: `reason` is "rate", "client", "total" (the limits) or "draining" (this replica is
+    stopping); `wait_s`, when to try again."""
+
+    def __init__(self, reason: str, wait_s: float):
+        super().__init__(reason)
+        self.reason = reason
+        self.wait_s = wait_s
 
 
 class NotPublishable(Exception):
@@ -40,29 +60,57 @@ class LiveRun:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     done: bool = False
     task: asyncio.Task | None = None
-    client: str = ""  # who started it, for the per-client cap
     agents: list[str] = field(default_factory=list)  # the agents started so far, for the model's turns
     turns: int = 0
     control: RunControl = field(default_factory=RunControl)
+    lost: bool = False  # adopted by another replica (this one's lease ran out): stopped here, nothing more stored
 
 
 class RunManager:
     def __init__(self, services: Services, store: RunStore):
         self.services = services
         self.store = store
+        settings = services.settings
+        self.quota = Quota(settings.max_runs, settings.max_runs_per_client, settings.rate_burst,
+                           settings.rate_per_minute)
+        self.lease_s = settings.lease_s
         self.live: dict[str, LiveRun] = {}
+        self.draining = False  # stopping: no new runs
+        self.recovered: list[Callable[[list[str]], None]] = []  # told the runs each recovery marked interrupted
         self._unstored: list[Event] = []
         self._flush_handle: asyncio.TimerHandle | None = None
+        self._flush_lock = asyncio.Lock()
         self._publishing: set[str] = set()  # runs whose kept work is being published
+        self._background: set[asyncio.Task] = set()  # stores, stops and clean-ups under way
+        self._loops: list[asyncio.Task] = []  # the lease, and the requests of other replicas
 
-    def start(self, request: RunRequest, client: str = "") -> str:
-        """Start a run in the background; its events can be followed at once."""
+    async def begin(self) -> list[str]:
+        """Join the replicas: take a lease, adopt the runs of replicas that are gone (marked interrupted; their
+        ids), then keep the lease and obey other replicas' requests in the background."""
+        await self.store.beat(self.lease_s)
+        interrupted = await self.recover()
+        self._loops = [asyncio.create_task(self._keep_lease()), asyncio.create_task(self._obey())]
+        return interrupted
+
+    async def start(self, request: RunRequest, client: str = "") -> str:
+        """Start a run in the background, once the store admitted it; its events can be followed at once.
+        `NotAdmitted` says why not."""
+        if self.draining:
+            raise NotAdmitted("draining", 1.0)
         run_id = new_run_id()
-        self.store.create(run_id, request.repo_url, request.described(), request.mode)
-        live = self.live[run_id] = LiveRun(client=client)
-        live.control.store = lambda work: self.store.keep_work(run_id, work)
-        live.control.mark_published = lambda url: self.store.published(run_id, url)
-        live.control.save_checkpoint = lambda work: self.store.checkpoint(run_id, work)
+        refused = await self.store.admit(run_id, request.repo_url, request.described(), request.mode, client,
+                                         self.quota)
+        if refused is not None:
+            raise NotAdmitted(refused.reason, refused.wait_s)
+        live = self.live[run_id] = LiveRun()
+
+        async def unless_lost(write: Any, *args: Any) -> None:
+            if not live.lost:
+                await write(run_id, *args)
+
+        live.control.store = lambda work: unless_lost(self.store.keep_work, work)
+        live.control.mark_published = lambda url: unless_lost(self.store.published, url)
+        live.control.save_checkpoint = lambda work: unless_lost(self.store.checkpoint, work)
         live.task = asyncio.create_task(self._drive(run_id, request, live), name=run_id)
         return run_id
 
@@ -80,55 +128,70 @@ class RunManager:
             self._keep(live, events("completion", status="cancelled"))
         finally:
             try:
-                self.flush()
-                self.store.checkpoint(run_id, None)  # the run kept or published its work itself
+                await asyncio.shield(self._settle(run_id))
             finally:
                 live.done = True
                 live.changed.set()
                 self.live.pop(run_id, None)
 
+    async def _settle(self, run_id: str) -> None:
+        """Store a run's last events; drop its checkpoint (the run kept or published its work itself)."""
+        await self.flush()
+        try:
+            await self.store.checkpoint(run_id, None)
+        except Exception as exc:  # noqa: BLE001 - the store is unreachable: a recovery would keep that work, no harm
+            log.error("could not drop the checkpoint of %s: %s", run_id, exc)
+
     def _keep(self, live: LiveRun, event: Event) -> None:
         live.events.append(event)
         live.changed.set()
         live.changed = asyncio.Event()
+        if live.lost:
+            return
         self._unstored.append(event)
         if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self.flush)
+            self._flush_handle = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._flush_handle = None
+        self._spawn(self.flush())
 
     def _keep_turn(self, run_id: str, live: LiveRun, turn: dict[str, Any]) -> None:
         live.turns += 1
-        try:
-            self.store.add_turn(run_id, live.turns, live.agents[-1] if live.agents else "agent", len(live.agents),
-                                turn)
-        except sqlite3.Error as exc:
-            log.error("could not store turn %d of %s: %s; its trajectory will lack it", live.turns, run_id, exc)
+        agent, seq = live.agents[-1] if live.agents else "agent", len(live.agents)
+        self._spawn(self._store_turn(run_id, live.turns, agent, seq, turn))
 
-    def flush(self) -> None:
-        """Store the events kept since the last flush, in one transaction."""
+    async def _store_turn(self, run_id: str, number: int, agent: str, agent_seq: int, turn: dict[str, Any]) -> None:
+        try:
+            await self.store.add_turn(run_id, number, agent, agent_seq, turn)
+        except Exception as exc:  # noqa: BLE001 - the run goes on; only its trajectory lacks the turn
+            log.error("could not store turn %d of %s: %s; its trajectory will lack it", number, run_id, exc)
+
+    async def flush(self) -> None:
+        """Store the events kept since the last flush, in one transaction, in order."""
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        events, self._unstored = self._unstored, []
-        if not events:
-            return
-        try:
-            self.store.append(*events)
-        except sqlite3.Error as exc:
-            # Readers of live runs have these events already; keep them for the next flush rather than lose them.
-            log.error("could not store %d run events (will retry): %s", len(events), exc)
-            self._unstored[:0] = events
-            if self._flush_handle is None:
-                self._flush_handle = asyncio.get_running_loop().call_later(1.0, self.flush)
-
-    def clients(self) -> list[str]:
-        """Who started each run in flight, once per run."""
-        return [r.client for r in self.live.values()]
+        async with self._flush_lock:  # batches reach the store in the order they were kept
+            events = [e for e in self._unstored if not getattr(self.live.get(e["run_id"]), "lost", False)]
+            self._unstored = []
+            if not events:
+                return
+            try:
+                await self.store.append(*events)
+            except Exception as exc:  # noqa: BLE001 - whatever the store's failure, these events must not be lost
+                # Readers of live runs have these events already; keep them for the next flush rather than lose them.
+                log.error("could not store %d run events (will retry): %s", len(events), exc)
+                self._unstored[:0] = events
+                if self._flush_handle is None:
+                    self._flush_handle = asyncio.get_running_loop().call_later(STORE_RETRY_SECONDS,
+                                                                               self._flush_later)
 
     async def follow(self, run_id: str, after: int = 0) -> AsyncIterator[Event]:
-        """The run's events after `after`: stored ones first, then live ones until the run completes."""
+        """The run's events after `after`: stored ones first, then new ones until the run completes."""
         live = self.live.get(run_id)
         if live is None:
-            for event in self.store.events(run_id, after):
+            async for event in self._follow_stored(run_id, after):
                 yield event
             return
         index = after  # live runs keep every event in memory, seq n at index n - 1
@@ -140,13 +203,42 @@ class RunManager:
                 return
             await live.changed.wait()
 
+    async def _follow_stored(self, run_id: str, after: int) -> AsyncIterator[Event]:
+        """A run that is not live here, from the store: one that ended, or runs on another replica (whose new
+        events the store's notifications announce; it is read again every `poll_s` anyway)."""
+        seq = after
+        with self.store.watch(f"run:{run_id}") as changed:
+            while True:
+                changed.clear()
+                record = await self.store.get(run_id)  # before the events: a run that ended has all of them stored
+                ended = record is None or record["status"] != "running"
+                for event in await self.store.events(run_id, seq):
+                    seq = event["seq"]
+                    yield event
+                    if event["type"] == "completion":
+                        return
+                if ended:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), self.store.poll_s)
+
     async def cancel(self, run_id: str, keep: bool = True) -> bool:
-        """Stop a live run's agents at once and wait for it to end, its changes kept as a draft (or discarded);
-        False when it is not running."""
+        """Stop a run's agents at once and wait for it to end, its changes kept as a draft (or discarded); False
+        when it is not running. A run of another replica is stopped by that replica, asked through the store."""
         live = self.live.get(run_id)
-        if live is None or live.task is None or live.done:
+        if live is not None and live.task is not None and not live.done:
+            await self._stop([live], keep, STOP_SECONDS)
+            return True
+        record = await self.store.get(run_id)
+        if record is None or record["status"] != "running":
             return False
-        await self._stop([live], keep, STOP_SECONDS)
+        last = await self.store.last_seq(run_id)
+        await self.store.send(run_id, "cancel", {"keep": keep})
+        # Until it ended: stopped by its replica, or marked interrupted by another once that replica's lease ran out.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_SECONDS + self.lease_s):
+                async for _ in self._follow_stored(run_id, last):
+                    pass
         return True
 
     @staticmethod
@@ -161,20 +253,35 @@ class RunManager:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def get(self, run_id: str) -> dict[str, Any] | None:
-        """A run's record; a live run's `usage` is what it has spent so far."""
-        record = self.store.get(run_id)
+    async def get(self, run_id: str) -> dict[str, Any] | None:
+        """A run's record; a run live here has its `usage` as spent so far."""
+        record = await self.store.get(run_id)
         live = self.live.get(run_id)
         if record is not None and live is not None and live.control.budget is not None:
             record["usage"] = live.control.budget.report()
         return record
 
-    def steer(self, run_id: str, text: str) -> str | None:
-        """Hand `text` to the run's active agent at its next turn; why not, when it cannot be."""
+    async def steer(self, run_id: str, text: str) -> str | None:
+        """Hand `text` to the run's active agent at its next turn; why not, when it cannot be. A run of another
+        replica gets it from that replica, asked through the store."""
         live = self.live.get(run_id)
-        if live is None or live.done:
+        if live is not None and not live.done:
+            return live.control.say(text)
+        record = await self.store.get(run_id)
+        if record is None or record["status"] != "running":
             return "the run is not running"
-        return live.control.say(text)
+        command = await self.store.send(run_id, "say", {"text": text})
+        with self.store.watch(f"reply:{command}") as changed:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(ANSWER_SECONDS):
+                    while True:
+                        changed.clear()
+                        if (answer := await self.store.reply_of(command)) is not None:
+                            return answer.get("refused")
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(changed.wait(), self.store.poll_s)
+        return (f"the replica running it did not answer within {ANSWER_SECONDS} s; if it is gone, the run is marked "
+                f"interrupted within {self.lease_s:g} s (TB_LEASE_S)")
 
     async def publish(self, run_id: str) -> dict[str, Any]:
         """Open a draft pull request from the work a stopped run kept; `NotPublishable` says why not."""
@@ -183,7 +290,7 @@ class RunManager:
                                  "pull request when it is open")
         self._publishing.add(run_id)
         try:
-            kept = self._kept(run_id)
+            kept = await self._kept(run_id)
             if kept["published_url"]:
                 raise NotPublishable(f"run {run_id}'s changes are already published: {kept['published_url']}")
             timeout = min(self.services.settings.limits.tool_seconds, PUBLISH_CALL_SECONDS)
@@ -197,47 +304,60 @@ class RunManager:
                                      "when the forge answers", 502) from None
             finally:  # a commit made before opening the pull request failed is not made again
                 if kept.get("commit"):
-                    self.store.keep_work(run_id, {k: v for k, v in kept.items() if k != "published_url"})
-            self.store.published(run_id, pr["url"])
+                    await self.store.keep_work(run_id, {k: v for k, v in kept.items() if k != "published_url"})
+            await self.store.published(run_id, pr["url"])
             return pr
         finally:
             self._publishing.discard(run_id)
 
-    def retry(self, run_id: str, client: str = "") -> str:
+    async def retry(self, run_id: str, client: str = "") -> str:
         """Start a new run of the same request from the work a stopped run kept."""
-        kept = self._kept(run_id)
+        kept = await self._kept(run_id)
         resume = {"run_id": run_id, "reason": kept["reason"] or "it did not finish", "changeset": kept["changeset"]}
-        return self.start(RunRequest(kept["repo"], kept["prompt"], kept["mode"], kept["setup"], resume,
-                                     issue=kept.get("issue"), pull_request=kept.get("pull_request")), client)
+        return await self.start(RunRequest(kept["repo"], kept["prompt"], kept["mode"], kept["setup"], resume,
+                                           issue=kept.get("issue"), pull_request=kept.get("pull_request")), client)
 
-    def _kept(self, run_id: str) -> dict[str, Any]:
-        if run_id in self.live:
+    async def _kept(self, run_id: str) -> dict[str, Any]:
+        record = await self.store.get(run_id)
+        if run_id in self.live or (record is not None and record["status"] == "running"):
             raise NotPublishable(f"run {run_id} is still running; cancel it first (its changes are kept as a draft)")
-        kept = self.store.kept_work(run_id)
+        kept = await self.store.kept_work(run_id)
         if kept is None:
             raise NotPublishable(f"run {run_id} kept no changes: it published them, made none, or discarded them",
                                  404)
         return kept
 
     async def recover(self) -> list[str]:
-        """Mark the runs a previous process left unfinished as interrupted. Their sandboxes went with the old
-        servers; a sandbox server that finds a dead server's folder removes it."""
+        """Mark the runs of replicas that are gone (a previous process of this one, or another that died) as
+        interrupted, keep their last changes and remove their sandboxes; their ids."""
         interrupted = []
-        for record in self.store.unfinished():
+        for record in await self.store.adopt():
             run_id = record["id"]
             events = EventLog(run_id)
-            events.seq = self.store.last_seq(run_id)
-            reason = "the service restarted while this run was in flight"
-            self.store.append(events("error", reason="interrupted", message=reason))
-            kept = self._recovered(events, reason)
-            self.store.append(events("completion", status="interrupted", **({"kept": True} if kept else {})))
+            events.seq = await self.store.last_seq(run_id)
+            reason = "the service stopped while this run was in flight"
+            await self.store.append(events("error", reason="interrupted", message=reason))
+            kept = await self._recovered(events, reason)
+            await self.store.append(events("completion", status="interrupted", **({"kept": True} if kept else {})))
             interrupted.append(run_id)
+            self._spawn(self._remove_sandboxes(run_id))
+        if interrupted:
+            log.warning("marked %d run(s) of a replica that is gone as interrupted: %s", len(interrupted),
+                        ", ".join(interrupted))
+            for hook in self.recovered:
+                hook(interrupted)
         return interrupted
 
-    def _recovered(self, events: EventLog, reason: str) -> bool:
+    async def _remove_sandboxes(self, run_id: str) -> None:
+        """Destroy the sandboxes a run of a replica that is gone left (what the sandbox server can still reach)."""
+        for event in await self.store.events(run_id):
+            if event["type"] == "sandbox" and event.get("sandbox_id"):
+                await run.destroy_sandbox(self.services.pool, event["sandbox_id"])
+
+    async def _recovered(self, events: EventLog, reason: str) -> bool:
         """Keep the last checkpoint of a run the service lost, for publish and retry; whether there was one."""
         run_id = events.run_id
-        saved = self.store.checkpoint_of(run_id)
+        saved = await self.store.checkpoint_of(run_id)
         if saved is None:
             return False
         changeset, prompt = saved["changeset"], saved["prompt"]
@@ -249,23 +369,86 @@ class RunManager:
                 + ("## Request\n" + "\n".join(f"> {line}" for line in prompt.strip().splitlines()) + "\n\n"
                    if prompt.strip() else "")
                 + f"_Opened by Tiny Backspace, run `{run_id}`._")
-        self.store.keep_work(run_id, {"repo": saved["repo"], "prompt": prompt, "mode": saved["mode"],
-                                      "setup": saved["setup"], "reason": reason, "changeset": changeset,
-                                      "issue": saved.get("issue"), "pull_request": saved.get("pull_request"),
-                                      "branch": f"{saved['prefix']}{run.branch_name(prompt or title, run_id)}",
-                                      "title": run.title(title), "body": body})
-        self.store.checkpoint(run_id, None)
-        self.store.append(events("kept", reason=reason, files=[f["path"] for f in changeset["files"]],
-                                 deleted=changeset["deleted"], publish_url=f"/runs/{run_id}/publish",
-                                 retry_url=f"/runs/{run_id}/retry",
-                                 message=f"{reason}; its changes as of its last turn that changed files are kept: "
-                                         f"POST /runs/{run_id}/publish opens a draft pull request from them, "
-                                         f"POST /runs/{run_id}/retry starts a new run from them"))
+        await self.store.keep_work(run_id, {"repo": saved["repo"], "prompt": prompt, "mode": saved["mode"],
+                                            "setup": saved["setup"], "reason": reason, "changeset": changeset,
+                                            "issue": saved.get("issue"), "pull_request": saved.get("pull_request"),
+                                            "branch": f"{saved['prefix']}{run.branch_name(prompt or title, run_id)}",
+                                            "title": run.title(title), "body": body})
+        await self.store.checkpoint(run_id, None)
+        await self.store.append(events("kept", reason=reason, files=[f["path"] for f in changeset["files"]],
+                                       deleted=changeset["deleted"], publish_url=f"/runs/{run_id}/publish",
+                                       retry_url=f"/runs/{run_id}/retry",
+                                       message=f"{reason}; its changes as of its last turn that changed files are "
+                                               f"kept: POST /runs/{run_id}/publish opens a draft pull request from "
+                                               f"them, POST /runs/{run_id}/retry starts a new run from them"))
         return True
 
+    async def _keep_lease(self) -> None:
+        """Renew this replica's lease, and adopt the runs of replicas that are gone, every third of the lease."""
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                await self.store.beat(self.lease_s)
+                await self._give_up_lost()
+                await self.recover()
+            except Exception as exc:  # noqa: BLE001 - the store is unreachable now: try again at the next beat
+                log.error("could not renew this replica's lease: %s", exc)
+
+    async def _give_up_lost(self) -> None:
+        """Stop the runs another replica adopted while this one's lease had run out (a pause longer than the lease):
+        that replica marked them interrupted and kept their changes; nothing of them is stored from here any more."""
+        for run_id, live in list(self.live.items()):
+            record = await self.store.get(run_id)
+            if record is not None and record["replica"] != self.store.replica and not live.lost:
+                log.error("run %s was taken over by replica %s while this replica's lease had run out: stopping it "
+                          "here", run_id, record["replica"])
+                live.lost = True
+                live.control.cancel(keep=False)
+
+    async def _obey(self) -> None:
+        """Carry out what other replicas ask of this one's runs: a stop, a message for the active agent."""
+        with self.store.watch(f"commands:{self.store.replica}") as changed:
+            while True:
+                changed.clear()
+                try:
+                    for command in await self.store.received():
+                        await self._carry_out(command)
+                except Exception as exc:  # noqa: BLE001 - the store is unreachable now: read again at the next poll
+                    log.error("could not read the requests of other replicas: %s", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), self.store.poll_s)
+
+    async def _carry_out(self, command: dict[str, Any]) -> None:
+        run_id, data = command["run_id"], command["data"]
+        live = self.live.get(run_id)
+        if command["kind"] == "cancel":
+            if live is not None and not live.done:
+                self._spawn(self.cancel(run_id, keep=bool(data.get("keep", True))))
+            await self.store.reply(command["id"], {"stopping": live is not None})
+        elif command["kind"] == "say":
+            refused = live.control.say(str(data.get("text", ""))) if live and not live.done else "the run ended"
+            await self.store.reply(command["id"], {"refused": refused})
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def shutdown(self, grace_s: float) -> None:
-        """Let live runs finish for up to `grace_s` seconds, then stop the rest, their work kept."""
+        """Drain: start no new run, let live ones finish for up to `grace_s` seconds, then stop the rest, their work
+        kept; then leave the replicas."""
+        self.draining = True
         tasks = [r.task for r in self.live.values() if r.task]
         if tasks:
             await asyncio.wait(tasks, timeout=grace_s)
             await self._stop([r for r in self.live.values() if not r.done], True, STOP_SECONDS)
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=STOP_SECONDS)
+        await self.flush()
+        try:
+            await self.store.leave()
+        except Exception as exc:  # noqa: BLE001 - its lease runs out instead
+            log.warning("could not leave the replicas: %s; this replica's lease runs out instead", exc)

@@ -33,7 +33,7 @@ from .replay import TrajectoryError, is_replay
 from .replay import load as load_replay
 from .run import Services
 from .runs import RunManager
-from .store import SQLiteRunStore, StoreError
+from .store import StoreError, open_store
 
 log = logging.getLogger("orchestrator")
 
@@ -129,16 +129,19 @@ async def serve(args: argparse.Namespace) -> None:
     mcp_config = args.mcp_config or find_mcp_config()
     services = build_services(settings, mcp_config)
     pool = services.pool
-    store = SQLiteRunStore(settings.data_dir / "runs.sqlite3")
-    await pool.start()
-    runs = RunManager(services, store)
-    interrupted = await runs.recover()
-    if interrupted:
-        log.warning("marked %d run(s) left in flight by the previous process as interrupted", len(interrupted))
+    store = await open_store(settings)
+    try:
+        await pool.start()
+        runs = RunManager(services, store)
+        await runs.begin()  # marks the runs of replicas that are gone (a previous process of this one) interrupted
+    except BaseException:
+        await pool.close()
+        await store.close()
+        raise
 
     async def close(_: web.Application) -> None:
         await pool.close()
-        store.close()
+        await store.close()
 
     app = build_app(runs, args.host, on_cleanup=close, shutdown_grace_s=settings.shutdown_grace_s)
     runner = web.AppRunner(app, handler_cancellation=True)
@@ -148,8 +151,8 @@ async def serve(args: argparse.Namespace) -> None:
     except OSError as exc:  # taken since check_port
         await runner.cleanup()
         raise StartupError(listen_problem(args.host, args.port, exc)) from None
-    log.info("listening on http://%s:%d (model %s, MCP servers: %s, from %s)", args.host, args.port,
-             services.model.name, ", ".join(pool.connections), mcp_config)
+    log.info("listening on http://%s:%d (replica %s, model %s, MCP servers: %s, from %s)", args.host, args.port,
+             store.replica, services.model.name, ", ".join(pool.connections), mcp_config)
     if args.host in WILDCARDS and not settings.allowed_hosts:
         log.warning("listening on every address, but answering only to localhost, 127.0.0.1 and [::1]: set "
                     "TB_ALLOWED_HOSTS to the names clients use to reach this machine")

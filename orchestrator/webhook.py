@@ -27,9 +27,9 @@ from common import repos
 from common.redact import Redactor
 from common.untrusted import OURS, clean
 
-from .guard import Admission
+from .intake import not_admitted
 from .run import PUBLISH_CALL_SECONDS, RunRequest
-from .runs import RunManager
+from .runs import NotAdmitted, RunManager
 from .tools import result_text
 
 log = logging.getLogger(__name__)
@@ -86,10 +86,9 @@ class Refused(Exception):
 class Webhook:
     """The handler of GitHub's deliveries, and the answer comments that follow their runs."""
 
-    def __init__(self, runs: RunManager, admission: Admission, max_body: int):
+    def __init__(self, runs: RunManager, max_body: int):
         self.runs = runs
         self.settings = runs.services.settings
-        self.admission = admission
         self.max_body = max_body
         self.redact = Redactor()
         self.answers: set[asyncio.Task] = set()
@@ -98,6 +97,7 @@ class Webhook:
         """Serve POST /github/webhook on `app`; at its cleanup, answers still being written finish (bounded)."""
         app.router.add_post("/github/webhook", self.handle)
         app.on_startup.append(self.conclude_left)
+        self.runs.recovered.append(lambda run_ids: self._spawn(self._conclude_runs(set(run_ids))))
         app.on_cleanup.append(self.close)
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -182,7 +182,7 @@ class Webhook:
         delivery = request.headers.get("X-GitHub-Delivery", "").strip()
         if not delivery or len(delivery) > 100:
             raise Refused("X-GitHub-Delivery is missing or over 100 characters: GitHub names each delivery with a GUID")
-        first = self.runs.store.claim_delivery(delivery, f"{event}:{ref.full_name.lower()}:{comment_id}")
+        first = await self.runs.store.claim_delivery(delivery, f"{event}:{ref.full_name.lower()}:{comment_id}")
         if first is not None:
             return _answer(200, duplicate=True, run_id=first["run_id"], delivery=first["id"],
                            outcome=first["outcome"] or "the first delivery is being handled")
@@ -194,7 +194,7 @@ class Webhook:
             return answer
         finally:
             if not settled:  # cancelled, or failed: a redelivery gets another chance
-                self.runs.store.forget_delivery(delivery)
+                await asyncio.shield(self.runs.store.forget_delivery(delivery))
 
     def _fresh(self, created: str) -> None:
         try:
@@ -219,31 +219,35 @@ class Webhook:
                           "again", 502) from None
         if not permission.get("can_write"):
             why = f"@{login} cannot write to {ref.full_name} ({permission.get('permission', 'none')}): no run"
-            store.settle_delivery(delivery, None, why)
+            await store.settle_delivery(delivery, None, why)
             return _answer(202, ignored=why)
-        refused = self._refusal(client, text)
-        if refused is not None:
-            store.forget_delivery(delivery)  # a redelivery may start it later
-            self._spawn(self._say(repo, number, f"@{login} I cannot start a run now: "
-                                                 f"{json.loads(refused.text)['error']}."))
-            return refused
         kind = {"pull_request": number} if pull else {"issue": number}
         # An empty prompt: the issue, or the pull request's threads not yet answered (a run refuses when none is).
         run = RunRequest(repo_url=repo, prompt=text, mode="team", **kind)
-        run_id = self.runs.start(run, client)
-        store.settle_delivery(delivery, run_id, "started")
+        refused = self._refusal(text)
+        if refused is None:
+            try:
+                run_id = await self.runs.start(run, client)
+            except NotAdmitted as exc:
+                refused = not_admitted(client, exc, self.runs.services)
+        if refused is not None:
+            await store.forget_delivery(delivery)  # a redelivery may start it later
+            self._spawn(self._say(repo, number, f"@{login} I cannot start a run now: "
+                                                 f"{json.loads(refused.text)['error']}."))
+            return refused
+        await store.settle_delivery(delivery, run_id, "started")
         self._spawn(self._follow(delivery, run_id, repo, number, self._link(request, run_id)))
         return _answer(202, run_id=run_id, events_url=f"/runs/{run_id}/events")
 
-    def _refusal(self, client: str, text: str) -> web.Response | None:
-        """Why the run cannot start now (no model, a limit), as the HTTP answer; None when it can."""
+    def _refusal(self, text: str) -> web.Response | None:
+        """Why the run cannot start (no model, a comment too long), as the HTTP answer; None when it can."""
         services = self.runs.services
         if services.model_problem:
             return _answer(503, error=services.model_problem)
         if len(text) > self.settings.max_prompt_chars:
             return _answer(413, error=f"the comment is {len(text)} characters, over the limit of "
                                       f"{self.settings.max_prompt_chars} (TB_MAX_PROMPT_CHARS)")
-        return self.admission.check(client, self.runs.clients())
+        return None
 
     def _link(self, request: web.Request, run_id: str) -> str:
         base = self.settings.public_url or f"{request.scheme}://{request.host}"
@@ -254,7 +258,7 @@ class Webhook:
         store knows where the answer is, so that a service restarted meanwhile still gives the outcome."""
         answer = await self._say(repo, number, f"Working on it: [run `{run_id}`]({link}). This comment will say "
                                                "how it ends.")
-        self.runs.store.answering(delivery, repo, number, link, answer)
+        await self.runs.store.answering(delivery, repo, number, link, answer)
         async for _ in self.runs.follow(run_id):
             pass
         await self._conclude(delivery, run_id, repo, number, link, answer)
@@ -262,25 +266,33 @@ class Webhook:
     async def _conclude(self, delivery: str, run_id: str, repo: str, number: int, link: str,
                         answer: int | None) -> None:
         """Edit the answer with the run's outcome (a new comment when it cannot be edited)."""
-        outcome = self._outcome(run_id, link)
+        outcome = await self._outcome(run_id, link)
         edited = False
         if answer is not None:
             with contextlib.suppress(Refused):
                 await self._tool("edit_issue_comment", {"repo": repo, "comment_id": answer, "body": outcome})
                 edited = True
         if edited or await self._say(repo, number, outcome) is not None:
-            self.runs.store.answered(delivery)
+            await self.runs.store.answered(delivery)
 
     async def conclude_left(self, _: web.Application) -> None:
-        """At start-up: the answers of runs a previous process left (ended, or marked interrupted since) say how
-        they ended."""
-        for row in self.runs.store.unanswered():
-            if row["run_id"] not in self.runs.live:
-                self._spawn(self._conclude(row["id"], row["run_id"], row["repo"], row["number"], row["link"],
-                                           row["answer"]))
+        """At start-up: the answers of runs that ended while no replica followed them (a previous process of this
+        one, or a replica that is gone: its runs marked interrupted) say how they ended."""
+        await self._conclude_runs(None)
 
-    def _outcome(self, run_id: str, link: str) -> str:
-        record = self.runs.store.get(run_id) or {"status": "unknown"}
+    async def _conclude_runs(self, run_ids: set[str] | None) -> None:
+        """Edit the answers not yet concluded of runs that ended (of `run_ids` only, unless None)."""
+        for row in await self.runs.store.unanswered():
+            if row["run_id"] in self.runs.live or run_ids is not None and row["run_id"] not in run_ids:
+                continue
+            record = await self.runs.store.get(row["run_id"])
+            if record is not None and record["status"] == "running":
+                continue  # its replica follows it and concludes it; or, if that one is gone, whoever adopts it
+            self._spawn(self._conclude(row["id"], row["run_id"], row["repo"], row["number"], row["link"],
+                                       row["answer"]))
+
+    async def _outcome(self, run_id: str, link: str) -> str:
+        record = await self.runs.store.get(run_id) or {"status": "unknown"}
         run = f"[run `{run_id}`]({link})"
         if record.get("status") == "success" and record.get("pull_request_url"):
             return f"Done: {record['pull_request_url']} ({run})."

@@ -15,6 +15,7 @@ import pytest
 from mcp import Client
 
 pytest_plugins = ["tests.fakes.package_index"]  # the `package_index` fixture: PyPI and npm on loopback
+pytest_plugins += ["tests.postgres"]  # `postgres_url`, `database_url`: a real PostgreSQL
 
 GIT_ENV = {"GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "Test",
            "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "Test",

@@ -49,6 +49,13 @@ def test_names_of_secrets_in_the_environment_decide_what_is_known():
     assert sorted(secret_values(env)) == sorted(["ghp-value-1234", "key-value-1234", "s" * 12])
 
 
+def test_the_password_of_a_url_in_the_environment_is_a_known_secret():
+    env = {"TB_DATABASE_URL": "postgresql://tb:p%40ss-word-1234@db.internal:5432/tb", "OTHER_URL": "https://x/y"}
+    redact = Redactor(secret_values(env))
+    said = redact("could not connect: password 'p@ss-word-1234' (p%40ss-word-1234) refused for tb@db.internal")
+    assert "p@ss-word" not in said and "p%40ss" not in said and "tb@db.internal" in said
+
+
 def test_token_shapes_are_masked_without_being_known():
     text = f"a ghp_{'a' * 36} b github_pat_{'b' * 40} c sk-ant-api03-{'c' * 40} d Bearer {'d' * 20} e"
     assert Redactor([])(text) == f"a {MASK} b {MASK} c {MASK} d Bearer {MASK} e"

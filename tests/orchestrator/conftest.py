@@ -26,7 +26,7 @@ from orchestrator.mcp_pool import ToolPool, load_config
 from orchestrator.model import AnthropicModel
 from orchestrator.run import Services
 from orchestrator.runs import RunManager
-from orchestrator.store import SQLiteRunStore
+from orchestrator.store import RunStore, SQLiteRunStore
 from tests.conftest import remove_sandbox_root
 from tests.fakes.messages_api import MessagesAPI, messages_api
 
@@ -86,12 +86,15 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def serve(services: Services, store: SQLiteRunStore | None = None, host: str = "127.0.0.1"
+async def serve(services: Services, store: RunStore | None = None, host: str = "127.0.0.1"
                 ) -> AsyncIterator[str]:
     """The service on a loopback port, as `python -m orchestrator --host HOST` runs it (reached through loopback
-    whatever `host` says)."""
-    store = store or SQLiteRunStore(Path(tempfile.mkdtemp(prefix="tb-test-store-")) / "runs.sqlite3")
+    whatever `host` says), on `store` (open), else on an SQLite store of its own."""
+    if store is None:
+        store = SQLiteRunStore(Path(tempfile.mkdtemp(prefix="tb-test-store-")) / "runs.sqlite3")
+        await store.open()
     runs = RunManager(services, store)
+    await runs.begin()
     runner = web.AppRunner(build_app(runs, host=host), handler_cancellation=True)
     await runner.setup()
     port = free_port()
@@ -101,7 +104,7 @@ async def serve(services: Services, store: SQLiteRunStore | None = None, host: s
     finally:
         await runs.shutdown(0)
         await runner.cleanup()
-        store.close()
+        await store.close()
 
 
 @asynccontextmanager

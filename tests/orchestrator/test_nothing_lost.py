@@ -329,30 +329,33 @@ async def test_a_service_that_dies_mid_run_leaves_its_last_checkpoint_for_publis
     repo = make_repo(BUGGY)
     script = [WRITE_FIX, turn(tool_use("sandbox_exec", {"command": f"sleep {marker}"}))]
     store = SQLiteRunStore(tmp_path / "live" / "runs.sqlite3")
+    await store.open()
     async with stack(pool, script) as s:
         async with serve(s.services, store) as url:
             follow = Following(url, {"repoUrl": str(repo), "prompt": "Fix add()", "mode": "single"})
             await follow.until(running(marker))
             async with asyncio.timeout(30):
-                while store.checkpoint_of(follow.run_id) is None:
+                while await store.checkpoint_of(follow.run_id) is None:
                     await asyncio.sleep(0.05)
             # What a service killed now leaves on disk: the store as it is, the run in flight.
             crashed = tmp_path / "crashed" / "runs.sqlite3"
             crashed.parent.mkdir(mode=0o700)
             with sqlite3.connect(crashed) as copy:
                 store.db.backup(copy)
+                copy.execute("UPDATE replicas SET expires = 0")  # and, later, its lease has run out
             await request(url, "POST", f"/runs/{follow.run_id}/cancel", {"changes": "discard"})
             await follow.end()
         s.api.problems.clear()  # the unused steps are not this test's subject
         restarted = SQLiteRunStore(crashed)
+        await restarted.open()
         manager = RunManager(s.services, restarted)
         assert await manager.recover() == [follow.run_id]
-        assert restarted.checkpoint_of(follow.run_id) is None  # now kept work, for publish and retry
+        assert await restarted.checkpoint_of(follow.run_id) is None  # now kept work, for publish and retry
         async with serve(s.services, restarted) as url:
             _, record = await request(url, "GET", f"/runs/{follow.run_id}")
             status, answer = await request(url, "POST", f"/runs/{follow.run_id}/publish")
     assert record["status"] == "interrupted" and record["kept"]["files"] == ["calc.py"]
-    assert record["kept"]["reason"] == "the service restarted while this run was in flight"
+    assert record["kept"]["reason"] == "the service stopped while this run was in flight"
     assert status == 200 and answer["draft"] is True
     head = pull_request_record(answer["pull_request_url"])["head"]
     assert git(repo, "show", f"{head}:calc.py") == FIXED.rstrip("\n")

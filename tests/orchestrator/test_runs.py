@@ -11,15 +11,18 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from orchestrator.app import build_app
 from orchestrator.events import EventLog
 from orchestrator.runs import RunManager
 from orchestrator.store import SQLiteRunStore, StoreError
 from tests.conftest import unique_marker
 from tests.fakes.messages_api import text, tool_use, turn
 
-from .conftest import of_type, parse_sse, post_code, serve, stack
+from .conftest import free_port, of_type, parse_sse, post_code, serve, stack
 from .test_failures import _processes, sandboxes
+from .test_nothing_lost import Following, running
 from .test_run import BUGGY, fix_script
 
 CANCEL_MARK = unique_marker()
@@ -131,13 +134,15 @@ async def test_runs_are_listed_newest_first_in_pages(pool, make_repo):
 async def test_a_restart_marks_the_runs_in_flight_as_interrupted(pool):
     path = Path(tempfile.mkdtemp()) / "runs.sqlite3"
     store = SQLiteRunStore(path)
-    store.create("run_old", "/srv/repo", "Fix it", "team")
+    await store.open()
+    await store.create("run_old", "/srv/repo", "Fix it", "team")
     events = EventLog("run_old")
-    store.append(events("run", repo="/srv/repo"))
-    store.append(events("sandbox", sandbox_id="sbx_gone"))
-    store.close()
+    await store.append(events("run", repo="/srv/repo"))
+    await store.append(events("sandbox", sandbox_id="sbx_gone"))
+    await store.close()
     async with stack(pool, []) as s:
         reopened = SQLiteRunStore(path)
+        await reopened.open()
         manager = RunManager(s.services, reopened)
         assert await manager.recover() == ["run_old"]
         async with serve(s.services, reopened) as url:
@@ -152,19 +157,21 @@ async def test_a_corrupt_store_is_a_clear_start_up_error(tmp_path):
     corrupt = tmp_path / "corrupt.sqlite3"
     corrupt.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError, match="writable SQLite file"):
-        SQLiteRunStore(corrupt)
+        await SQLiteRunStore(corrupt).open()
 
 
 async def test_a_read_only_store_is_a_clear_start_up_error(tmp_path):
     folder = tmp_path / "data"
-    SQLiteRunStore(folder / "runs.sqlite3").close()
+    made = SQLiteRunStore(folder / "runs.sqlite3")
+    await made.open()
+    await made.close()
     # Root writes through permission bits; the immutable attribute stops even root.
     made = subprocess.run(["chattr", "+i", str(folder / "runs.sqlite3"), str(folder)], capture_output=True)
     if made.returncode != 0:
         pytest.skip(f"cannot make a read-only file here: {made.stderr.decode().strip()}")
     try:
         with pytest.raises(StoreError, match="TB_DATA_DIR"):
-            SQLiteRunStore(folder / "runs.sqlite3")
+            await SQLiteRunStore(folder / "runs.sqlite3").open()
     finally:
         subprocess.run(["chattr", "-i", str(folder / "runs.sqlite3"), str(folder)], check=True)
 
@@ -179,3 +186,38 @@ async def test_the_run_records_are_redacted_like_the_stream(pool, make_repo):
         bad = await get_json(f"{s.url}/runs/{events[0]['run_id']}/events?after=%C2%B2")
     assert one["prompt"] == "use [redacted]" and secret not in json.dumps(page) and secret not in raw
     assert bad["status"] == 400
+
+
+async def test_a_draining_service_refuses_new_runs_and_says_so_while_its_runs_finish(pool, make_repo, tmp_path):
+    marker = unique_marker()
+    script = [turn(tool_use("sandbox_exec", {"command": f"sleep 1.{marker}"})), turn(text("Checked; nothing to do."))]
+    body = {"repoUrl": str(make_repo(BUGGY)), "prompt": "Check add()", "mode": "single"}
+    async with stack(pool, script) as s:
+        store = SQLiteRunStore(tmp_path / "runs.sqlite3")
+        await store.open()
+        runs = RunManager(s.services, store)
+        await runs.begin()
+        runner = web.AppRunner(build_app(runs), handler_cancellation=True)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        url = f"http://127.0.0.1:{port}"
+        try:
+            follow = Following(url, body)
+            await follow.until(running(marker))
+            draining = asyncio.create_task(runs.shutdown(60))  # as SIGTERM does, with a grace of a minute
+            async with asyncio.timeout(10):
+                while not runs.draining:
+                    await asyncio.sleep(0)
+            refused = await post_code(url, body)
+            async with aiohttp.ClientSession() as http, http.get(f"{url}/health") as resp:
+                health = resp.status, await resp.json()
+            async with asyncio.timeout(60):
+                await draining
+            events = await follow.end()
+        finally:
+            await runner.cleanup()
+            await store.close()
+    assert refused[0] == 503 and "shutting down" in refused[1]["error"]
+    assert health[0] == 503 and health[1]["status"] == "draining"
+    assert events[-1]["type"] == "completion" and events[-1]["status"] == "no_changes"  # it finished, not cut off

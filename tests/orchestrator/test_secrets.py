@@ -71,6 +71,7 @@ def held(monkeypatch: pytest.MonkeyPatch) -> None:
 async def service(pool, script: list, data_dir: Path) -> AsyncIterator[str]:
     """The service with its run store under `data_dir`, as `python -m orchestrator` keeps it."""
     store = SQLiteRunStore(data_dir / "runs.sqlite3")
+    await store.open()
     async with messages_api(script) as api:
         settings = Settings(model="claude-sonnet-test", limits=FAST)
         client = anthropic.AsyncAnthropic(base_url=api.url, api_key=API_KEY, max_retries=0)

@@ -204,18 +204,24 @@ async def test_the_webhook_secret_is_masked_and_never_printed():
 async def test_two_stores_claiming_one_delivery_at_once_claim_it_once(tmp_path: Path):
     """Service processes sharing one store: of deliveries claimed at the same moment, one wins, the others read it."""
     path = tmp_path / "runs.sqlite3"
-    SQLiteRunStore(path).close()
+    made = SQLiteRunStore(path)
+    await made.open()
+    await made.close()
     count = 8
     start = threading.Barrier(count)
     results: list[Any] = [None] * count
 
-    def claim(index: int) -> None:
+    async def claim_once(index: int) -> None:
         store = SQLiteRunStore(path)
+        await store.open()
         try:
             start.wait(timeout=30)
-            results[index] = store.claim_delivery("d-1", "issue_comment:octo/demo:1001")
+            results[index] = await store.claim_delivery("d-1", "issue_comment:octo/demo:1001")
         finally:
-            store.close()
+            await store.close()
+
+    def claim(index: int) -> None:  # each a process of its own would be: a thread with its own event loop
+        asyncio.run(claim_once(index))
 
     threads = [threading.Thread(target=claim, args=(i,)) for i in range(count)]
     for thread in threads:
@@ -225,12 +231,13 @@ async def test_two_stores_claiming_one_delivery_at_once_claim_it_once(tmp_path: 
     assert results.count(None) == 1
     assert all(r == {"id": "d-1", "run_id": None, "outcome": None} for r in results if r is not None)
     store = SQLiteRunStore(path)
-    store.settle_delivery("d-1", "run_first", "started")
-    again = store.claim_delivery("d-2", "issue_comment:octo/demo:1001")  # another hook, the same comment
-    store.forget_delivery("d-1")
+    await store.open()
+    await store.settle_delivery("d-1", "run_first", "started")
+    again = await store.claim_delivery("d-2", "issue_comment:octo/demo:1001")  # another hook, the same comment
+    await store.forget_delivery("d-1")
     assert again == {"id": "d-1", "run_id": "run_first", "outcome": "started"}
-    assert store.claim_delivery("d-1", "issue_comment:octo/demo:1001") is None
-    store.close()
+    assert await store.claim_delivery("d-1", "issue_comment:octo/demo:1001") is None
+    await store.close()
 
 
 # End to end: the service, the github server and the fake GitHub, a run by the scripted model.
@@ -433,16 +440,20 @@ async def test_the_answer_of_a_run_a_dead_service_left_says_how_it_ended_after_t
     # What a service that died mid-run leaves: its run in flight, the delivery that started it, the answer posted.
     answer = fake_github.conversations.add_issue_comment(full_name, 1, "Working on it: [run `run_left`](…).\n\n"
                                                          + OURS, author=BOT)
+    dead = SQLiteRunStore(tmp_path / "runs.sqlite3")
+    await dead.open()
+    await dead.create("run_left", repo, "please fix this", "team")
+    assert await dead.claim_delivery("d-left", f"issue_comment:{full_name.lower()}:1") is None
+    await dead.settle_delivery("d-left", "run_left", "started")
+    await dead.answering("d-left", repo, 1, f"{PUBLIC}/#run_left", answer["id"])
+    await dead.close()
     store = SQLiteRunStore(tmp_path / "runs.sqlite3")
-    store.create("run_left", repo, "please fix this", "team")
-    assert store.claim_delivery("d-left", f"issue_comment:{full_name.lower()}:1") is None
-    store.settle_delivery("d-left", "run_left", "started")
-    store.answering("d-left", repo, 1, f"{PUBLIC}/#run_left", answer["id"])
+    await store.open()
     async with github_stack(github_pool, [], github_webhook_secret=SECRET) as s:
         assert await RunManager(s.services, store).recover() == ["run_left"]
         async with serve(s.services, store):
             done = await until(lambda: [c for c in answers(fake_github, full_name, 1) if "Stopped" in c["body"]])
-            left = store.unanswered()
+            left = await store.unanswered()
     assert [c["id"] for c in answers(fake_github, full_name, 1)] == [answer["id"]]  # edited, not a second one
     assert done[0]["body"].startswith("Stopped (interrupted): ") and f"({PUBLIC}/#run_left)" in done[0]["body"]
     assert left == []

@@ -37,17 +37,13 @@ from typing import Any
 import aiohttp
 import anthropic
 
-from orchestrator.app import build_app
 from orchestrator.config import Settings
 from orchestrator.model import AnthropicModel
-from orchestrator.run import Services
-from orchestrator.runs import RunManager
-from orchestrator.store import SQLiteRunStore
 from servers.sandbox.clone import GIT_ENV
 from tests.fakes.messages_api import Turn, messages_api, text, tool_use, turn
 
 from .load import status_of
-from .orchestrator import API_KEY, ROOT, mcp_servers, serve
+from .orchestrator import API_KEY, ROOT, mcp_servers, replica
 from .sandbox import Result, sandbox_root
 
 ATTEMPTS = (1, 2, 4)
@@ -138,15 +134,11 @@ async def service(data_dir: Path, router: Router, attempts: int, pool: Any) -> A
     async with messages_api([router] * Router.steps(attempts), latency_s=LATENCY_S) as api:
         settings = Settings.from_env({"TB_MODEL": "claude-sonnet-bench", "TB_DATA_DIR": str(data_dir)})
         client = anthropic.AsyncAnthropic(base_url=api.url, api_key=API_KEY)
-        store = SQLiteRunStore(settings.data_dir / "runs.sqlite3")
-        runs = RunManager(Services(settings, pool, AnthropicModel(client, settings.model,
-                                                                  settings.limits.max_output_tokens)), store)
         try:
-            async with serve(build_app(runs)) as url:
+            async with replica(settings, pool, AnthropicModel(client, settings.model,
+                                                              settings.limits.max_output_tokens)) as (url, _):
                 yield url
         finally:
-            await runs.shutdown(0)
-            store.close()
             await client.close()
 
 

@@ -1,10 +1,13 @@
-"""A bounded load test of the service: loopback only, scripted model, and it stops by itself within 90 s.
+"""A bounded load test of the service: loopback only, scripted model, and it stops by itself within 150 s.
 
 - 50 runs at once, the service's cap (TB_MAX_RUNS=50), each a short single-agent run (read_file and an exec that
   sleeps in its sandbox, then an answer), so all 50 are in flight together; every one must complete;
 - while they are, 200 more `POST /code`: each must be refused with 503 at once (p99 under 100 ms);
 - then a rate-limited service (TB_RATE_BURST=5, TB_RATE_PER_MINUTE=1) gets 100 requests: the first 5 run to their
   end, the other 95 are refused with 429, as quickly;
+- then the first two again on two replicas sharing one PostgreSQL database (a cluster started for it; the replicas
+  share this process and the MCP servers), runs and requests spread over both: the cap holds across them, every
+  admitted run completes, and the figures are printed beside the single replica's on SQLite;
 - memory stays bounded: this process (the service, and beside it the fake API and the clients) and both MCP servers
   are sampled before the load, at its peak and after it;
 - nothing leaks: no sandbox folder, no process running as a sandbox uid, no process carrying the runs' sleep marker,
@@ -37,17 +40,15 @@ from typing import Any
 import aiohttp
 import anthropic
 
-from orchestrator.app import build_app
 from orchestrator.config import Settings
 from orchestrator.model import AnthropicModel
-from orchestrator.run import Services
 from orchestrator.runs import RunManager
-from orchestrator.store import SQLiteRunStore
 from servers.sandbox.manager import Settings as SandboxSettings
+from tests import postgres
 from tests.fakes.messages_api import Turn, messages_api, text, tool_use, turn
 
 from . import orchestrator as bench_orchestrator
-from .orchestrator import API_KEY, Bench, mcp_servers, request, serve
+from .orchestrator import API_KEY, Bench, mcp_servers, replica, request
 from .sandbox import LABEL_WIDTH, SMALL_FILE, Result, make_repo, ms, sandbox_root
 
 CAP = 50  # TB_MAX_RUNS: runs in flight in all
@@ -58,11 +59,11 @@ DETACHED_S = 60  # the background sleep each exec leaves: it outlives the run un
 HOLD_S = 3  # each loaded run's exec sleeps this long in its sandbox, so that the 50 overlap
 REFUSAL_TARGET_S = 0.100  # "quickly": p99 of a refusal, under load
 # This process holds the service, the fake API and 50 clients; its growth after the load, over a baseline taken
-# after one warm-up run, may be 2 MB per admitted run (CAP + RATE_BURST, so 110 MB): the events, transcripts and
+# after one warm-up run, may be 2 MB per admitted run (2 * CAP + RATE_BURST, so 210 MB): the events, transcripts and
 # SQLite pages of a short run are a few hundred kB, so a run kept in memory after it ended shows up well within it.
-ORCHESTRATOR_BOUND_KB = 2048 * (CAP + RATE_BURST)
+ORCHESTRATOR_BOUND_KB = 2048 * (2 * CAP + RATE_BURST)
 SERVER_BOUND_KB = 100 * 1024  # each MCP server's growth after the load (50 sandboxes at once, then none)
-DEADLINE_S = 90
+DEADLINE_S = 150
 LEAK_GRACE_S = 5.0  # for the clean-up under way when the load ends (only after a failure: it is done by then)
 TURNS = 2  # model calls per run: read_file + exec, then the answer
 LOAD = re.compile(r"Request:\nload (\d+)")
@@ -91,24 +92,18 @@ class LoadModel:
 
 
 @asynccontextmanager
-async def load_service(b: Bench, model: LoadModel, runs: int, limits: dict[str, str]
-                       ) -> AsyncIterator[tuple[str, RunManager]]:
-    """The service as `python -m orchestrator` runs it with these admission limits, over exactly `runs` runs'
-    model calls (bench.orchestrator.service fixes its limits, so this one sets its own)."""
-    async with messages_api([model] * (TURNS * runs)) as api:
+async def load_service(b: Bench, model: LoadModel, runs: int, limits: dict[str, str], replicas: int = 1
+                       ) -> AsyncIterator[list[tuple[str, RunManager]]]:
+    """The service as `python -m orchestrator` runs it with these admission limits (and TB_DATABASE_URL, for
+    replicas that share it), over exactly `runs` runs' model calls; each replica's URL and runs. Replicas here share
+    this process and its MCP servers (bench.orchestrator.service fixes its limits, so this one sets its own)."""
+    async with messages_api([model] * (TURNS * runs)) as api, AsyncExitStack() as stack:
         settings = Settings.from_env({"TB_MODEL": "claude-sonnet-bench", "TB_DATA_DIR": tempfile.mkdtemp(dir=b.scratch),
                                       **limits})
         client = anthropic.AsyncAnthropic(base_url=api.url, api_key=API_KEY)
-        store = SQLiteRunStore(settings.data_dir / "runs.sqlite3")
-        manager = RunManager(Services(settings, b.pool, AnthropicModel(client, settings.model,
-                                                                         settings.limits.max_output_tokens)), store)
-        try:
-            async with serve(build_app(manager)) as url:
-                yield url, manager
-        finally:
-            await manager.shutdown(0)
-            store.close()
-            await client.close()
+        stack.push_async_callback(client.close)
+        model_client = AnthropicModel(client, settings.model, settings.limits.max_output_tokens)
+        yield [await stack.enter_async_context(replica(settings, b.pool, model_client)) for _ in range(replicas)]
 
 
 def ending(raw: str) -> str:
@@ -133,13 +128,14 @@ async def to_the_end(resp: aiohttp.ClientResponse) -> tuple[str, float]:
     return ending(raw), time.perf_counter() - start
 
 
-async def refusals(b: Bench, url: str, count: int) -> tuple[list[float], Counter[int]]:
-    """`count` requests, SENDERS at a time; each one's time from sending to its whole answer, and the statuses."""
+async def refusals(b: Bench, urls: list[str], count: int) -> tuple[list[float], Counter[int]]:
+    """`count` requests to the replicas at `urls` in turn, SENDERS at a time; each one's time from sending to its
+    whole answer, and the statuses."""
     gate = asyncio.Semaphore(SENDERS)
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
 
-    async def one() -> None:
+    async def one(url: str) -> None:
         async with gate:
             start = time.perf_counter()
             # Cancelled on disconnect: a request let through by mistake must not go on to call the model.
@@ -151,7 +147,7 @@ async def refusals(b: Bench, url: str, count: int) -> tuple[list[float], Counter
                 latencies.append(time.perf_counter() - start)
                 statuses[resp.status] += 1
 
-    await asyncio.gather(*(one() for _ in range(count)))
+    await asyncio.gather(*(one(urls[i % len(urls)]) for i in range(count)))
     return latencies, statuses
 
 
@@ -243,37 +239,59 @@ def mb(kb: int) -> str:
 
 # --- the phases ---
 
-async def phase_cap(b: Bench, model: LoadModel, results: list[Result]) -> None:
+async def phase_cap(b: Bench, model: LoadModel, results: list[Result], store: str = "",
+                    replicas: int = 1) -> dict[str, str]:
+    """CAP runs at once, spread over the replicas, then OVER_CAP more refused; the figures, for the comparison."""
     limits = {"TB_MAX_RUNS": str(CAP), "TB_MAX_RUNS_PER_CLIENT": str(CAP + OVER_CAP + 1),
-              "TB_RATE_BURST": "1000", "TB_RATE_PER_MINUTE": "60"}
-    async with load_service(b, model, CAP, limits) as (url, manager):
+              "TB_RATE_BURST": "1000", "TB_RATE_PER_MINUTE": "60", **({"TB_DATABASE_URL": store} if store else {})}
+    where = f" on {replicas} replicas, PostgreSQL" if store else ""
+    async with load_service(b, model, CAP, limits, replicas) as services:
+        urls = [url for url, _ in services]
         started = time.perf_counter()
-        responses = await asyncio.gather(*(admitted(b, url, f"load {HOLD_S}") for _ in range(CAP)))
+        responses = await asyncio.gather(*(admitted(b, urls[i % replicas], f"load {HOLD_S}") for i in range(CAP)))
         admitted_s = time.perf_counter() - started
-        latencies, statuses = await refusals(b, url, OVER_CAP)
-        held = len(manager.live)  # every run must still be in flight when the last refusal came back
+        latencies, statuses = await refusals(b, urls, OVER_CAP)
+        held = sum(len(manager.live) for _, manager in services)  # all still in flight after the last refusal
         endings = await asyncio.gather(*(to_the_end(r) for r in responses))
         total_s = time.perf_counter() - started
         # Reported here, before the fake Messages API checks at its exit that it served exactly these runs.
         outcomes = Counter(status for status, _ in endings)
         complete = outcomes["no_changes"] + outcomes["success"]
         durations = [seconds for _, seconds in endings]
-        print(f"  {CAP} runs admitted in {ms(admitted_s)}; {held} still in flight after the {OVER_CAP} refusals; "
-              f"all ended within {total_s:.1f} s (each holds its sandbox {HOLD_S} s): {dict(outcomes)}")
-        results.append(line(f"{CAP} concurrent runs complete", f"{complete}/{CAP}, after admission median "
-                            f"{ms(statistics.median(durations))}  max {ms(max(durations))}",
+        print(f"  {CAP} runs admitted{where} in {ms(admitted_s)}; {held} still in flight after the {OVER_CAP} "
+              f"refusals; all ended within {total_s:.1f} s (each holds its sandbox {HOLD_S} s): {dict(outcomes)}")
+        figures = {"runs": f"{complete}/{CAP}, after admission median {ms(statistics.median(durations))}  max "
+                           f"{ms(max(durations))}",
+                   "refusals": f"median {ms(statistics.median(latencies)):>9}  p99 {ms(p99(latencies)):>9}  "
+                               f"{dict(statuses)}"}
+        results.append(line(f"{CAP} concurrent runs complete{where}", figures["runs"],
                             "all success or no_changes, all in flight at once", complete == CAP and held == CAP))
-        results.append(line(f"{OVER_CAP} over TB_MAX_RUNS refused", f"median {ms(statistics.median(latencies)):>9}  "
-                            f"p99 {ms(p99(latencies)):>9}  {dict(statuses)}", f"all 503, p99 < {ms(REFUSAL_TARGET_S)}",
+        results.append(line(f"{OVER_CAP} over TB_MAX_RUNS refused{where}", figures["refusals"],
+                            f"all 503, p99 < {ms(REFUSAL_TARGET_S)}",
                             statuses == Counter({503: OVER_CAP}) and p99(latencies) < REFUSAL_TARGET_S))
+        return figures
+
+
+async def phase_replicas(b: Bench, model: LoadModel, results: list[Result], single: dict[str, str]) -> None:
+    """The cap phase again on two replicas sharing one PostgreSQL database (a cluster of its own, started here), its
+    figures beside the single replica's on SQLite: the cap holds across both, every admitted run completes."""
+    try:
+        with postgres.cluster() as base:
+            store = postgres.new_database(base)
+            figures = await phase_cap(b, model, results, store, replicas=2)
+    except RuntimeError as exc:  # no PostgreSQL here: say so, as a missed target
+        results.append(line("2 replicas on PostgreSQL", str(exc)[:100], "a cluster to run on", False))
+        return
+    for name, label in (("runs", "runs complete"), ("refusals", "refused over the cap")):
+        print(f"  {label:<22} 1 replica, SQLite: {single[name]}\n  {'':<22} 2 replicas, PostgreSQL: {figures[name]}")
 
 
 async def phase_rate(b: Bench, model: LoadModel, results: list[Result]) -> None:
     limits = {"TB_MAX_RUNS": str(CAP), "TB_MAX_RUNS_PER_CLIENT": str(CAP),
               "TB_RATE_BURST": str(RATE_BURST), "TB_RATE_PER_MINUTE": "1"}
-    async with load_service(b, model, RATE_BURST, limits) as (url, _):
+    async with load_service(b, model, RATE_BURST, limits) as [(url, _)]:
         responses = [await admitted(b, url, "load 0") for _ in range(RATE_BURST)]
-        latencies, statuses = await refusals(b, url, RATE_REQUESTS - RATE_BURST)
+        latencies, statuses = await refusals(b, [url], RATE_REQUESTS - RATE_BURST)
         endings = await asyncio.gather(*(to_the_end(r) for r in responses))
         complete = sum(status in ("success", "no_changes") for status, _ in endings)
         results.append(line(f"{RATE_REQUESTS} at TB_RATE_BURST={RATE_BURST}",
@@ -287,7 +305,8 @@ async def phase_rate(b: Bench, model: LoadModel, results: list[Result]) -> None:
 @contextmanager
 def sandbox_server_env(extra: dict[str, str]) -> Iterator[None]:
     """bench.orchestrator.mcp_servers with these variables added to the sandbox server's environment: 50 runs at
-    once need SANDBOX_MAX above its default of 32, as an operator raising TB_MAX_RUNS to 50 would set it."""
+    once need SANDBOX_MAX above its default of 32, as an operator raising TB_MAX_RUNS to 50 would set it, and volumes
+    that fit the disk 50 times."""
     real = bench_orchestrator.load_config
 
     def load_config(*args: Any, **kwargs: Any) -> list[Any]:
@@ -318,21 +337,24 @@ class Load:
 async def load(run: Load) -> None:
     repo = make_repo(run.scratch / "repo", 20)
     async with AsyncExitStack() as stack:
-        with sandbox_server_env({"SANDBOX_MAX": str(CAP + RATE_BURST)}):
+        # Each sandbox reserves its volume (SANDBOX_DISK_MIB) on the disk: 50 at the default 2 GiB need 100 GiB free;
+        # these short runs write a few kB.
+        with sandbox_server_env({"SANDBOX_MAX": str(CAP + RATE_BURST), "SANDBOX_DISK_MIB": "256"}):
             pool = await stack.enter_async_context(mcp_servers(run.root, run.scratch))
         http = await stack.enter_async_context(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
         b = Bench(pool, http, repo, run.scratch)
         run.servers.update(mcp_pids())
         memory = Memory(dict(run.servers), run.model.marker)
-        async with load_service(b, run.model, 1, {}) as (url, _):  # warm-up: imports, connections, the store
+        async with load_service(b, run.model, 1, {}) as [(url, _)]:  # warm-up: imports, connections, the store
             status, _ = await to_the_end(await admitted(b, url, "load 0"))
             if status != "no_changes":
                 raise RuntimeError(f"the warm-up run ended {status}")
         before = memory.now()
         sampler = asyncio.create_task(memory.sample())
         try:
-            await phase_cap(b, run.model, run.results)
+            single = await phase_cap(b, run.model, run.results)
             await phase_rate(b, run.model, run.results)
+            await phase_replicas(b, run.model, run.results, single)
         finally:
             sampler.cancel()
         after = memory.now()

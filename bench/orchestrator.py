@@ -39,7 +39,7 @@ from orchestrator.mcp_pool import ToolPool, load_config
 from orchestrator.model import AnthropicModel
 from orchestrator.run import Services
 from orchestrator.runs import RunManager
-from orchestrator.store import SQLiteRunStore
+from orchestrator.store import open_store
 from servers.sandbox.manager import Settings as SandboxSettings
 from servers.sandbox.server import build_server
 from tests.fakes.messages_api import MessagesAPI, Turn, messages_api, text, tool_use, turn
@@ -109,6 +109,21 @@ async def serve(app: web.Application) -> AsyncIterator[str]:
 
 
 @asynccontextmanager
+async def replica(settings: Settings, pool: ToolPool, model: Any) -> AsyncIterator[tuple[str, RunManager]]:
+    """The service as `python -m orchestrator` runs it: its run store (TB_DATABASE_URL, else SQLite under
+    TB_DATA_DIR), its lease taken, its app on a loopback port."""
+    store = await open_store(settings)
+    runs = RunManager(Services(settings, pool, model), store)
+    try:
+        await runs.begin()
+        async with serve(build_app(runs)) as url:
+            yield url, runs
+    finally:
+        await runs.shutdown(0)
+        await store.close()
+
+
+@asynccontextmanager
 async def service(b: Bench, model_calls: int) -> AsyncIterator[Service]:
     """The service as `python -m orchestrator` runs it, over a script of exactly `model_calls` answers."""
     scripted = ScriptedModel()
@@ -119,14 +134,8 @@ async def service(b: Bench, model_calls: int) -> AsyncIterator[Service]:
                                       "TB_RATE_PER_MINUTE": "1e9", "TB_RATE_BURST": str(10**9)})
         client = anthropic.AsyncAnthropic(base_url=api.url, api_key=API_KEY)
         model = AnthropicModel(client, settings.model, settings.limits.max_output_tokens)
-        store = SQLiteRunStore(settings.data_dir / "runs.sqlite3")
-        runs = RunManager(Services(settings, b.pool, model), store)
-        try:
-            async with serve(build_app(runs)) as url:
-                yield Service(url, api, client, scripted)
-        finally:
-            await runs.shutdown(0)
-            store.close()
+        async with replica(settings, b.pool, model) as (url, _):
+            yield Service(url, api, client, scripted)
 
 
 def completion(raw: str, status: str) -> None:

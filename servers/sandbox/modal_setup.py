@@ -40,8 +40,11 @@ class ModalSettings:
 
 def has_credentials(env: Mapping[str, str] | None = None) -> bool:
     """Whether a Modal token is configured (MODAL_TOKEN_ID/SECRET or the active profile of ~/.modal.toml), read
-    the way modal/config.py reads it but without importing `modal` or touching the network."""
+    the way modal/config.py reads it but without importing `modal` or touching the network; or whether this runs in
+    a Modal container (MODAL_IS_REMOTE), where the client needs none."""
     env = os.environ if env is None else env
+    if env.get("MODAL_IS_REMOTE") == "1":  # inside a Modal container, whose client signs in by itself
+        return True
     profile: dict[str, Any] = {}
     path = Path(env.get("MODAL_CONFIG_PATH") or os.path.expanduser("~/.modal.toml"))
     try:

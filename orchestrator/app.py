@@ -23,10 +23,12 @@ from .intake import (LOOPBACK, MAX_BODY, REDACT, RUNS, bad_request, control_char
                      redacted_json, validate)
 from .replay import trajectory
 from .runs import NotAdmitted, NotPublishable, RunManager
+from .store import StoreError
 from .webhook import Webhook
 
 LAST_EVENT_DIGITS = 18  # any event number fits; a longer one would overflow the store's 64-bit integers
 WILDCARDS = {"", "0.0.0.0", "::"}  # listening on every address names none a client would send as Host
+STORE_CHECK_S = 5.0  # /health asks the run store for one run within this
 PAGE = Path(__file__).parent / "web" / "index.html"
 
 
@@ -219,6 +221,11 @@ async def health(request: web.Request) -> web.Response:
     services = request.app[RUNS].services
     servers = services.pool.health()
     reasons = {"model": services.model_problem} if services.model_problem else {}
+    try:
+        async with asyncio.timeout(STORE_CHECK_S):
+            await request.app[RUNS].store.list(1, None)
+    except (StoreError, TimeoutError) as exc:
+        reasons["store"] = str(exc) or f"the run store did not answer within {STORE_CHECK_S:g} s"
     if down := [f"{name} is {s['state']}" + (f" ({s['error']})" if s.get("error") else "")
                 for name, s in servers.items() if s["state"] != "up"]:
         reasons["servers"] = "MCP server " + "; ".join(down)
@@ -230,6 +237,15 @@ async def health(request: web.Request) -> web.Response:
     if runs.draining:  # a load balancer's health check takes this replica out while its runs finish
         response.set_status(503)
     return response
+
+
+@web.middleware
+async def store_failures(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A run store that fails now (PostgreSQL down or unreachable) is a 503 saying so, not a 500."""
+    try:
+        return await handler(request)
+    except StoreError as exc:
+        return web.json_response({"error": f"{exc}"}, status=503, headers={"Retry-After": "5"})
 
 
 def page_handler() -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -259,7 +275,7 @@ def build_app(runs: RunManager, host: str = "127.0.0.1",
     hosts = settings.allowed_hosts + ((host,) if not loopback and host not in WILDCARDS else ())
     connections = Connections(connection_limit(settings.max_runs), settings.client_timeout_s)
     middlewares = [connections.middleware(), browser_checks(hosts, settings.allowed_origins),
-                   auth_middleware(settings.api_token)]
+                   auth_middleware(settings.api_token), store_failures]
     app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares)
     app[CONNECTIONS] = connections
     app[RUNS] = runs

@@ -116,7 +116,7 @@ class PostgresRunStore:
         self._listening = asyncio.create_task(self._keep_listening(), name="run store listener")
 
     async def _migrate(self) -> None:
-        async with self._transaction() as conn:
+        async with self._transaction(failures=False) as conn:  # open() says what each failure means
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
             await conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
                                "version integer PRIMARY KEY, applied timestamptz NOT NULL DEFAULT now())")
@@ -163,15 +163,23 @@ class PostgresRunStore:
         return text
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+    async def _connection(self, failures: bool = True) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of the pool; what fails with it is a `StoreError` saying so (unless `failures` is False:
+        then as the driver raised it)."""
         if self.pool is None:
             raise StoreError("the run store is not open")
-        async with self.pool.acquire(timeout=CONNECT_S) as conn:
-            yield conn
+        try:
+            async with self.pool.acquire(timeout=CONNECT_S) as conn:
+                yield conn
+        except ERRORS as exc:
+            if not failures:
+                raise
+            raise StoreError(self._scrub(f"the run store at {self.where} failed ({type(exc).__name__}: {exc}): "
+                                        "check that PostgreSQL is up and reachable, then retry")) from None
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
-        async with self._connection() as conn, conn.transaction():
+    async def _transaction(self, failures: bool = True) -> AsyncIterator[asyncpg.Connection]:
+        async with self._connection(failures) as conn, conn.transaction():
             yield conn
 
     async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:

@@ -1,6 +1,7 @@
 """Two replicas of the service, each `python -m orchestrator` with MCP servers of its own, on one PostgreSQL
 database: a run started on one is followed, limited, steered and cancelled from the other; a replica killed mid-run
-has its run marked interrupted by the other, and its sandbox removed."""
+has its run marked interrupted by the other, and its sandbox removed; one paused past its lease gives its run up.
+And the service when PostgreSQL cannot be reached, at start-up and later."""
 
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ from typing import Any
 import aiohttp
 import pytest
 
+from orchestrator.store.postgres import PostgresRunStore
 from tests.conftest import remove_sandbox_root, unique_marker
 from tests.fakes.messages_api import messages_api, text, tool_use, turn
+from tests.postgres import psql
 
-from .conftest import API_KEY, ROOT, free_port
+from .conftest import API_KEY, ROOT, free_port, post_code, serve, stack
 from .test_failures import _processes
 from .test_run import BUGGY
 
@@ -124,6 +127,22 @@ class Stream:
         return self.events
 
 
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (its MCP servers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and f"PPid:\t{pid}\n" in Path(f"/proc/{entry}/status").read_text():
+                found.append(int(entry))
+        except OSError:
+            pass
+    return found
+
+
+def environ(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/environ").read_bytes()
+
+
 async def running(marker: str) -> None:
     """Until the run's command runs in its sandbox."""
     async with asyncio.timeout(60):
@@ -142,6 +161,7 @@ async def test_a_run_on_one_replica_is_followed_limited_steered_and_cancelled_fr
         await running(marker)
         async with http.get(f"{b.url}/runs/{run_id}") as resp:
             record = await resp.json()
+        servers = [environ(pid) for pid in children(a.proc.pid)]
         async with http.post(f"{b.url}/code", json=body) as resp:  # TB_MAX_RUNS=1 holds across replicas
             over_cap = resp.status, await resp.json()
         seen = len(started.events)
@@ -153,6 +173,7 @@ async def test_a_run_on_one_replica_is_followed_limited_steered_and_cancelled_fr
             cancelled = resp.status, await resp.json()
         origin, other = await started.end(), await followed.end()
     assert record["status"] == "running" and record["replica"] == a.id != b.id
+    assert len(servers) == 2 and not any(b"TB_DATABASE_URL" in env or database_url.encode() in env for env in servers)
     assert over_cap[0] == 503 and "TB_MAX_RUNS" in over_cap[1]["error"]
     assert steered[0] == 202, steered  # the replica running it took the message
     assert cancelled[0] == 200 and cancelled[1]["status"] == "cancelled"
@@ -240,3 +261,24 @@ async def test_a_database_that_cannot_be_reached_is_one_line_at_start_up_without
     assert proc.returncode == 2 and lines[-1].startswith("error: cannot reach PostgreSQL at "), err.decode()
     assert "postgresql://tb@127.0.0.1:1/tb" in lines[-1] and "TB_DATABASE_URL" in lines[-1]
     assert password not in (out + err).decode()
+
+
+async def test_a_run_store_that_goes_away_is_a_503_saying_so_and_the_service_goes_on_once_it_is_back(
+        pool, postgres_url, database_url, make_repo):
+    name = database_url.split("@/")[1].split("?")[0]
+    body = {"repoUrl": str(make_repo(BUGGY)), "prompt": "Check add()", "mode": "single"}
+    store = PostgresRunStore(database_url)
+    await store.open()
+    async with stack(pool, [turn(text("Nothing to change."))]) as s, serve(s.services, store) as url:
+        psql(postgres_url, f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+        psql(postgres_url, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+        try:
+            down = await post_code(url, body)
+            async with aiohttp.ClientSession() as http, http.get(f"{url}/health") as resp:
+                health = await resp.json()
+        finally:
+            psql(postgres_url, f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        up = await post_code(url, body)
+    assert down[0] == 503 and "check that PostgreSQL is up" in down[1]["error"], down
+    assert health["status"] == "degraded" and "PostgreSQL" in health["reasons"]["store"]
+    assert up[0] == 200 and up[1][-1]["status"] == "no_changes"

@@ -146,6 +146,15 @@ async def test_a_delivery_is_claimed_once_for_its_comment(store):
     assert await store.unanswered() == [] and await store.claim_delivery("d3", "issue_comment:o/r:8") is None
 
 
+async def test_deliveries_of_one_comment_claimed_at_once_by_two_replicas_start_one_run(stores):
+    one, two = await stores(), await stores()  # GitHub delivering to each replica, or redelivering meanwhile
+    claims = await asyncio.gather(*((one, two)[n % 2].claim_delivery(f"d{n}", "issue_comment:o/r:9")
+                                    for n in range(12)))
+    first = [n for n, claim in enumerate(claims) if claim is None]
+    assert len(first) == 1
+    assert all(claim == {"id": f"d{first[0]}", "run_id": None, "outcome": None} for claim in claims if claim)
+
+
 async def test_admission_refuses_by_rate_then_per_client_then_in_all(store):
     quota = Quota(max_runs=3, max_runs_per_client=2, burst=3, per_minute=0.6)  # a token per 100 s
 

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ LAST_EVENT_DIGITS = 18  # any event number fits; a longer one would overflow the
 WILDCARDS = {"", "0.0.0.0", "::"}  # listening on every address names none a client would send as Host
 STORE_CHECK_S = 5.0  # /health asks the run store for one run within this
 PAGE = Path(__file__).parent / "web" / "index.html"
+log = logging.getLogger(__name__)
 
 
 async def post_code(request: web.Request) -> web.StreamResponse:
@@ -224,8 +226,9 @@ async def health(request: web.Request) -> web.Response:
     try:
         async with asyncio.timeout(STORE_CHECK_S):
             await request.app[RUNS].store.list(1, None)
-    except (StoreError, TimeoutError) as exc:
-        reasons["store"] = str(exc) or f"the run store did not answer within {STORE_CHECK_S:g} s"
+    except (StoreError, TimeoutError) as exc:  # the details (where the database is) are for the log, not for anyone
+        log.error("/health: the run store failed: %s", exc or f"no answer within {STORE_CHECK_S:g} s")
+        reasons["store"] = "the run store cannot be used now: the service's log says why"
     if down := [f"{name} is {s['state']}" + (f" ({s['error']})" if s.get("error") else "")
                 for name, s in servers.items() if s["state"] != "up"]:
         reasons["servers"] = "MCP server " + "; ".join(down)

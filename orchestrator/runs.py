@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -34,6 +35,7 @@ FLUSH_SECONDS = 0.05  # events reach the store in batches at most this old; read
 STOP_SECONDS = 120  # a stopped run keeps its work (a draft pull request) in this long, or is cancelled outright
 ANSWER_SECONDS = 10  # a replica asked to hand a message to its run answers within this
 STORE_RETRY_SECONDS = 1.0  # events the store could not take are tried again this much later
+STORE_ATTEMPTS = 3  # a run's kept work is written this many times over a blip of the store (1 s, then 2 s apart)
 
 
 class NotAdmitted(Exception):
@@ -98,21 +100,46 @@ class RunManager:
         if self.draining:
             raise NotAdmitted("draining", 1.0)
         run_id = new_run_id()
-        refused = await self.store.admit(run_id, request.repo_url, request.described(), request.mode, client,
-                                         self.quota)
+        live = self.live[run_id] = LiveRun()  # before its record exists: a recovery never takes it for a lost one
+        try:
+            refused = await self.store.admit(run_id, request.repo_url, request.described(), request.mode, client,
+                                             self.quota)
+        except BaseException:
+            self.live.pop(run_id, None)
+            raise
         if refused is not None:
+            self.live.pop(run_id, None)
             raise NotAdmitted(refused.reason, refused.wait_s)
-        live = self.live[run_id] = LiveRun()
+        self._wire(run_id, live)
+        live.task = asyncio.create_task(self._drive(run_id, request, live), name=run_id)
+        return run_id
+
+    def _wire(self, run_id: str, live: LiveRun) -> None:
+        """Where a run keeps its work and checkpoints: the store, each write retried over a blip of it; nowhere once
+        another replica took the run over. A checkpoint that cannot be kept is only a backup lost: the run goes on."""
 
         async def unless_lost(write: Any, *args: Any) -> None:
-            if not live.lost:
-                await write(run_id, *args)
+            for attempt in range(STORE_ATTEMPTS):
+                if live.lost:
+                    return
+                try:
+                    await write(run_id, *args)
+                    return
+                except Exception as exc:  # noqa: BLE001 - whatever the store's failure
+                    if attempt == STORE_ATTEMPTS - 1:
+                        raise
+                    log.warning("could not store the work of %s (will try again): %s", run_id, exc)
+                    await asyncio.sleep(STORE_RETRY_SECONDS * 2 ** attempt)
+
+        async def checkpoint(work: dict[str, Any]) -> None:
+            try:
+                await unless_lost(self.store.checkpoint, work)
+            except Exception as exc:  # noqa: BLE001
+                log.error("could not store a checkpoint of %s: %s", run_id, exc)
 
         live.control.store = lambda work: unless_lost(self.store.keep_work, work)
         live.control.mark_published = lambda url: unless_lost(self.store.published, url)
-        live.control.save_checkpoint = lambda work: unless_lost(self.store.checkpoint, work)
-        live.task = asyncio.create_task(self._drive(run_id, request, live), name=run_id)
-        return run_id
+        live.control.save_checkpoint = checkpoint
 
     async def _drive(self, run_id: str, request: RunRequest, live: LiveRun) -> None:
         events = EventLog(run_id)
@@ -128,18 +155,21 @@ class RunManager:
             self._keep(live, events("completion", status="cancelled"))
         finally:
             try:
-                await asyncio.shield(self._settle(run_id))
+                await asyncio.shield(self._settle(run_id, live))
             finally:
                 live.done = True
                 live.changed.set()
                 self.live.pop(run_id, None)
 
-    async def _settle(self, run_id: str) -> None:
-        """Store a run's last events; drop its checkpoint (the run kept or published its work itself)."""
+    async def _settle(self, run_id: str, live: LiveRun) -> None:
+        """Store a run's last events; drop its checkpoint (the run kept or published its work itself), unless this
+        replica gave the run up: then whoever marks it interrupted keeps that checkpoint as its work."""
         await self.flush()
+        if live.lost:
+            return
         try:
             await self.store.checkpoint(run_id, None)
-        except Exception as exc:  # noqa: BLE001 - the store is unreachable: a recovery would keep that work, no harm
+        except Exception as exc:  # noqa: BLE001 - the store is unreachable: the row stays, unread
             log.error("could not drop the checkpoint of %s: %s", run_id, exc)
 
     def _keep(self, live: LiveRun, event: Event) -> None:
@@ -218,6 +248,12 @@ class RunManager:
                     if event["type"] == "completion":
                         return
                 if ended:
+                    if record is not None and seq == after and await self.store.last_seq(run_id) <= after:
+                        # Nothing stored after what the reader saw: it saw the end already, or events a replica that
+                        # died never stored, numbered as the end now is. It gets the end (again), rather than none.
+                        ending = [e for e in await self.store.events(run_id) if e["type"] in ("error", "completion")]
+                        for event in ending[-2:]:
+                            yield event
                     return
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), self.store.poll_s)
@@ -329,16 +365,21 @@ class RunManager:
 
     async def recover(self) -> list[str]:
         """Mark the runs of replicas that are gone (a previous process of this one, or another that died) as
-        interrupted, keep their last changes and remove their sandboxes; their ids."""
+        interrupted, keep their last changes and remove their sandboxes; their ids. A run adopted earlier whose
+        marking failed (the store, or the last flush of its replica, in the way) is marked again."""
+        adopted = await self.store.adopt()
+        async with self._flush_lock:  # no batch on its way: a run whose last events wait to be stored is not lost
+            waiting = {e["run_id"] for e in self._unstored} | set(self.live) | {a["id"] for a in adopted}
+            unmarked = [r for r in await self.store.running()
+                        if r["replica"] == self.store.replica and r["id"] not in waiting]
         interrupted = []
-        for record in await self.store.adopt():
+        for record in adopted + unmarked:
             run_id = record["id"]
-            events = EventLog(run_id)
-            events.seq = await self.store.last_seq(run_id)
-            reason = "the service stopped while this run was in flight"
-            await self.store.append(events("error", reason="interrupted", message=reason))
-            kept = await self._recovered(events, reason)
-            await self.store.append(events("completion", status="interrupted", **({"kept": True} if kept else {})))
+            try:
+                await self._interrupt(run_id, "the service stopped while this run was in flight")
+            except Exception as exc:  # noqa: BLE001 - it stays this replica's: marked at the next beat
+                log.error("could not mark run %s interrupted (will try again): %s", run_id, exc)
+                continue
             interrupted.append(run_id)
             self._spawn(self._remove_sandboxes(run_id))
         if interrupted:
@@ -348,18 +389,38 @@ class RunManager:
                 hook(interrupted)
         return interrupted
 
+    async def _interrupt(self, run_id: str, reason: str) -> None:
+        """End a run the service lost: its last checkpoint kept for publish and retry, then its last events in one
+        transaction, numbered after what is stored; the checkpoint dropped last, so a failure on the way is
+        repeated whole."""
+        events = EventLog(run_id)
+        events.seq = await self.store.last_seq(run_id)
+        saved = await self.store.checkpoint_of(run_id)
+        ending = [events("error", reason="interrupted", message=reason)]
+        if saved is not None:
+            changeset = await self._keep_checkpoint(run_id, saved, reason)
+            ending.append(events("kept", reason=reason, files=[f["path"] for f in changeset["files"]],
+                                 deleted=changeset["deleted"], publish_url=f"/runs/{run_id}/publish",
+                                 retry_url=f"/runs/{run_id}/retry",
+                                 message=f"{reason}; its changes as of its last turn that changed files are kept: "
+                                         f"POST /runs/{run_id}/publish opens a draft pull request from them, "
+                                         f"POST /runs/{run_id}/retry starts a new run from them"))
+        ending.append(events("completion", status="interrupted", **({"kept": True} if saved is not None else {})))
+        await self.store.append(*ending)
+        if saved is not None:
+            await self.store.checkpoint(run_id, None)
+
     async def _remove_sandboxes(self, run_id: str) -> None:
         """Destroy the sandboxes a run of a replica that is gone left (what the sandbox server can still reach)."""
-        for event in await self.store.events(run_id):
-            if event["type"] == "sandbox" and event.get("sandbox_id"):
-                await run.destroy_sandbox(self.services.pool, event["sandbox_id"])
+        try:
+            for event in await self.store.events(run_id):
+                if event["type"] == "sandbox" and event.get("sandbox_id"):
+                    await run.destroy_sandbox(self.services.pool, event["sandbox_id"])
+        except Exception as exc:  # noqa: BLE001 - the server's idle reaper (or Modal's TTL) is the backstop
+            log.warning("could not remove the sandboxes of run %s: %s", run_id, exc)
 
-    async def _recovered(self, events: EventLog, reason: str) -> bool:
-        """Keep the last checkpoint of a run the service lost, for publish and retry; whether there was one."""
-        run_id = events.run_id
-        saved = await self.store.checkpoint_of(run_id)
-        if saved is None:
-            return False
+    async def _keep_checkpoint(self, run_id: str, saved: dict[str, Any], reason: str) -> dict[str, Any]:
+        """Keep the last checkpoint of a run the service lost as its work, for publish and retry; its changeset."""
         changeset, prompt = saved["changeset"], saved["prompt"]
         title = saved.get("title") or prompt  # what the pull request's title is made of
         body = (f"> **Draft:** {reason}; these are its changes as of the last turn that changed files.\n\n"
@@ -374,34 +435,40 @@ class RunManager:
                                             "issue": saved.get("issue"), "pull_request": saved.get("pull_request"),
                                             "branch": f"{saved['prefix']}{run.branch_name(prompt or title, run_id)}",
                                             "title": run.title(title), "body": body})
-        await self.store.checkpoint(run_id, None)
-        await self.store.append(events("kept", reason=reason, files=[f["path"] for f in changeset["files"]],
-                                       deleted=changeset["deleted"], publish_url=f"/runs/{run_id}/publish",
-                                       retry_url=f"/runs/{run_id}/retry",
-                                       message=f"{reason}; its changes as of its last turn that changed files are "
-                                               f"kept: POST /runs/{run_id}/publish opens a draft pull request from "
-                                               f"them, POST /runs/{run_id}/retry starts a new run from them"))
-        return True
+        return changeset
 
     async def _keep_lease(self) -> None:
-        """Renew this replica's lease, and adopt the runs of replicas that are gone, every third of the lease."""
+        """Renew this replica's lease, and adopt the runs of replicas that are gone, every third of the lease. A
+        replica that could not renew it for two thirds of it stops its runs: another may take them over soon."""
+        renewed = time.monotonic()
         while True:
             await asyncio.sleep(self.lease_s / 3)
             try:
                 await self.store.beat(self.lease_s)
+                renewed = time.monotonic()
                 await self._give_up_lost()
                 await self.recover()
             except Exception as exc:  # noqa: BLE001 - the store is unreachable now: try again at the next beat
                 log.error("could not renew this replica's lease: %s", exc)
+                if time.monotonic() - renewed > self.lease_s * 2 / 3:
+                    self._give_up(list(self.live), "this replica could not renew its lease in the run store")
 
     async def _give_up_lost(self) -> None:
         """Stop the runs another replica adopted while this one's lease had run out (a pause longer than the lease):
         that replica marked them interrupted and kept their changes; nothing of them is stored from here any more."""
-        for run_id, live in list(self.live.items()):
+        for run_id in list(self.live):
             record = await self.store.get(run_id)
-            if record is not None and record["replica"] != self.store.replica and not live.lost:
-                log.error("run %s was taken over by replica %s while this replica's lease had run out: stopping it "
-                          "here", run_id, record["replica"])
+            if record is not None and record["replica"] != self.store.replica:
+                self._give_up([run_id], f"replica {record['replica']} took it over while this replica's lease had "
+                                        "run out")
+
+    def _give_up(self, run_ids: list[str], why: str) -> None:
+        """Stop runs here without storing anything more of them: whoever adopts them ends them and keeps their
+        last changes."""
+        for run_id in run_ids:
+            live = self.live.get(run_id)
+            if live is not None and not live.lost:
+                log.error("stopping run %s: %s", run_id, why)
                 live.lost = True
                 live.control.cancel(keep=False)
 
@@ -411,20 +478,24 @@ class RunManager:
             while True:
                 changed.clear()
                 try:
-                    for command in await self.store.received():
-                        await self._carry_out(command)
+                    commands = await self.store.received()
                 except Exception as exc:  # noqa: BLE001 - the store is unreachable now: read again at the next poll
                     log.error("could not read the requests of other replicas: %s", exc)
+                    commands = []
+                for command in commands:
+                    try:
+                        await self._carry_out(command)
+                    except Exception as exc:  # noqa: BLE001 - its sender's wait is bounded
+                        log.error("could not answer request %s of another replica: %s", command["id"], exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), self.store.poll_s)
 
     async def _carry_out(self, command: dict[str, Any]) -> None:
         run_id, data = command["run_id"], command["data"]
         live = self.live.get(run_id)
-        if command["kind"] == "cancel":
+        if command["kind"] == "cancel":  # its sender follows the run until it ends
             if live is not None and not live.done:
                 self._spawn(self.cancel(run_id, keep=bool(data.get("keep", True))))
-            await self.store.reply(command["id"], {"stopping": live is not None})
         elif command["kind"] == "say":
             refused = live.control.say(str(data.get("text", ""))) if live and not live.done else "the run ended"
             await self.store.reply(command["id"], {"refused": refused})

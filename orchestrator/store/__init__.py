@@ -116,10 +116,11 @@ def refill(tokens: float, last: float, now: float, burst: int, per_minute: float
 
 
 def machine() -> str:
-    """Where process ids mean the same: this boot of this machine, in this pid namespace."""
+    """Where process ids mean the same: this boot of this machine, in this pid namespace (and, should two
+    containers ever share both, under this host name)."""
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}/{socket.gethostname()}"
     except OSError:  # no /proc: process ids cannot be checked, and leases alone tell what is gone
         return f"{socket.gethostname()}/unknown"
 

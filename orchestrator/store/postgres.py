@@ -41,7 +41,7 @@ CHANNEL = "tb"
 MIGRATION_LOCK = 0x7462_6d69_6772_6174  # advisory lock ids: "tbmigrat", "tbadmit"
 ADMIT_LOCK = 0x0074_6261_646d_6974
 NOW = "extract(epoch from clock_timestamp())::float8"  # the database's clock, in seconds
-ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 # Each runs once, in the transaction that records its version.
 MIGRATIONS = [

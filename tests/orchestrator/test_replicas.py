@@ -280,5 +280,33 @@ async def test_a_run_store_that_goes_away_is_a_503_saying_so_and_the_service_goe
             psql(postgres_url, f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
         up = await post_code(url, body)
     assert down[0] == 503 and "check that PostgreSQL is up" in down[1]["error"], down
-    assert health["status"] == "degraded" and "PostgreSQL" in health["reasons"]["store"]
+    assert health["status"] == "degraded" and "the run store cannot be used now" in health["reasons"]["store"]
+    assert postgres_url.split("?host=")[1] not in json.dumps(health)  # where the database is: for the log only
     assert up[0] == 200 and up[1][-1]["status"] == "no_changes"
+
+
+async def test_a_replica_cut_off_from_the_database_stops_its_runs_and_marks_them_once_it_is_back(
+        pool, postgres_url, database_url, make_repo):
+    name = database_url.split("@/")[1].split("?")[0]
+    marker = unique_marker()
+    script = [turn(tool_use("sandbox_exec", {"command": f"sleep {marker}"}))]
+    body = {"repoUrl": str(make_repo(BUGGY)), "prompt": "Fix add()", "mode": "single"}
+    store = PostgresRunStore(database_url)
+    await store.open()
+    async with stack(pool, script, lease_s=1.5) as s, serve(s.services, store) as url, \
+            aiohttp.ClientSession() as http:
+        started = Stream(http, "POST", f"{url}/code", json=body)
+        run_id = (await started.until(lambda e: e["type"] == "run"))["run_id"]
+        await running(marker)
+        psql(postgres_url, f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+        psql(postgres_url, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+        try:
+            ended = await started.end()  # within two thirds of its lease, it stopped the run: another may take it
+            gone = not _processes(marker)
+        finally:
+            psql(postgres_url, f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        async with asyncio.timeout(30):  # back, it marks the run it stopped, as any replica would
+            while (record := await store.get(run_id))["status"] == "running":
+                await asyncio.sleep(0.05)
+    assert ended[-1]["type"] == "completion" and ended[-1]["status"] == "cancelled" and gone
+    assert record["status"] == "interrupted" and record["error"]["reason"] == "interrupted"

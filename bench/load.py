@@ -7,7 +7,8 @@
   end, the other 95 are refused with 429, as quickly;
 - then the first two again on two replicas sharing one PostgreSQL database (a cluster started for it; the replicas
   share this process and the MCP servers), runs and requests spread over both: the cap holds across them, every
-  admitted run completes, and the figures are printed beside the single replica's on SQLite;
+  admitted run completes, each is followed to the same end from the replica that does not run it, and the figures
+  are printed beside the single replica's on SQLite;
 - memory stays bounded: this process (the service, and beside it the fake API and the clients) and both MCP servers
   are sampled before the load, at its peak and after it;
 - nothing leaks: no sandbox folder, no process running as a sandbox uid, no process carrying the runs' sleep marker,
@@ -252,6 +253,9 @@ async def phase_cap(b: Bench, model: LoadModel, results: list[Result], store: st
         admitted_s = time.perf_counter() - started
         latencies, statuses = await refusals(b, urls, OVER_CAP)
         held = sum(len(manager.live) for _, manager in services)  # all still in flight after the last refusal
+        # With replicas, each run is also followed from a replica that does not run it (the store's notifications).
+        elsewhere = ([asyncio.create_task(follow_elsewhere(b, services, run_id)) for run_id in in_flight(services)]
+                     if replicas > 1 else [])
         endings = await asyncio.gather(*(to_the_end(r) for r in responses))
         total_s = time.perf_counter() - started
         # Reported here, before the fake Messages API checks at its exit that it served exactly these runs.
@@ -269,7 +273,23 @@ async def phase_cap(b: Bench, model: LoadModel, results: list[Result], store: st
         results.append(line(f"{OVER_CAP} over TB_MAX_RUNS refused{where}", figures["refusals"],
                             f"all 503, p99 < {ms(REFUSAL_TARGET_S)}",
                             statuses == Counter({503: OVER_CAP}) and p99(latencies) < REFUSAL_TARGET_S))
+        if elsewhere:
+            seen = Counter(await asyncio.gather(*elsewhere))
+            results.append(line(f"{CAP} runs followed from the other replica", f"{dict(seen)}",
+                                "each to the end it had where it ran", seen == outcomes))
         return figures
+
+
+def in_flight(services: list[tuple[str, RunManager]]) -> list[str]:
+    """The runs in flight on every replica."""
+    return [run_id for _, manager in services for run_id in manager.live]
+
+
+async def follow_elsewhere(b: Bench, services: list[tuple[str, RunManager]], run_id: str) -> str:
+    """How a run ends, read from a replica that does not run it."""
+    url = next(url for url, manager in services if run_id not in manager.live)
+    async with b.http.get(f"{url}/runs/{run_id}/events") as resp:
+        return ending(await resp.text())
 
 
 async def phase_replicas(b: Bench, model: LoadModel, results: list[Result], single: dict[str, str]) -> None:

@@ -240,9 +240,12 @@ class RunManager:
         with self.store.watch(f"run:{run_id}") as changed:
             while True:
                 changed.clear()
-                record = await self.store.get(run_id)  # before the events: a run that ended has all of them stored
-                ended = record is None or record["status"] != "running"
-                for event in await self.store.events(run_id, seq):
+                ended = False
+                if not (fresh := await self.store.events(run_id, seq)):
+                    record = await self.store.get(run_id)
+                    if ended := record is None or record["status"] != "running":
+                        fresh = await self.store.events(run_id, seq)  # stored with its end, or before it
+                for event in fresh:
                     seq = event["seq"]
                     yield event
                     if event["type"] == "completion":

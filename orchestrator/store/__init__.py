@@ -115,6 +115,15 @@ def refill(tokens: float, last: float, now: float, burst: int, per_minute: float
     return tokens, (1 - tokens) * 60 / per_minute
 
 
+def over_cap(mine: int, total: int, quota: Quota) -> Refused | None:
+    """The cap a new run of a client with `mine` runs in flight, of `total` in all, would go over."""
+    if mine >= quota.max_runs_per_client:
+        return Refused("client", CAP_WAIT_S)
+    if total >= quota.max_runs:
+        return Refused("total", CAP_WAIT_S)
+    return None
+
+
 def machine() -> str:
     """Where process ids mean the same: this boot of this machine, in this pid namespace (and, should two
     containers ever share both, under this host name)."""

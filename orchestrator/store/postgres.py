@@ -26,8 +26,8 @@ import asyncpg
 from common.redact import Redactor
 
 from ..events import Event
-from . import (BUCKETS_KEPT_S, CAP_WAIT_S, COMMANDS_KEPT_S, DELIVERIES_KEPT_S, SWEEP_S, Quota, Refused, StoreError,
-               Watchers, gone, machine, refill, run_changes, run_record, start_time, work_text)
+from . import (BUCKETS_KEPT_S, COMMANDS_KEPT_S, DELIVERIES_KEPT_S, SWEEP_S, Quota, Refused, StoreError, Watchers,
+               gone, machine, over_cap, refill, run_changes, run_record, start_time, work_text)
 
 log = logging.getLogger(__name__)
 
@@ -207,27 +207,29 @@ class PostgresRunStore:
 
     async def admit(self, run_id: str, repo: str, prompt: str, mode: str, client: str,
                     quota: Quota) -> Refused | None:
-        """Create the run if the quota allows, in one transaction that admissions on every replica take in turn: the
-        client's rate first (its token is spent even when a cap then refuses), then its runs in flight, then all runs
-        in flight. None when admitted."""
+        """Create the run if the quota allows, in one transaction: the client's runs in flight, then all runs in
+        flight, then the client's rate (only a run admitted spends a token). A refusal by a cap reads only; the
+        caps are counted again under a lock that admissions on every replica take in turn, so that they hold. None
+        when admitted."""
         async with self._transaction() as conn:
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", ADMIT_LOCK)
-            now = await conn.fetchval(f"SELECT {NOW}")
+            for locked in (False, True):
+                if locked:
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", ADMIT_LOCK)
+                mine, total = await conn.fetchrow("SELECT count(*) FILTER (WHERE client = $1), count(*) FROM runs "
+                                                  "WHERE status = 'running'", client)
+                if refused := over_cap(mine, total, quota):
+                    return refused
             if self._due("buckets"):
-                await conn.execute("DELETE FROM buckets WHERE updated < $1", now - BUCKETS_KEPT_S)
-            row = await conn.fetchrow("SELECT tokens, updated FROM buckets WHERE client = $1", client)
-            tokens, wait = refill(*(row or (quota.burst, now)), now, quota.burst, quota.per_minute)
+                await conn.execute(f"DELETE FROM buckets WHERE updated < {NOW} - $1", float(BUCKETS_KEPT_S))
+            row = await conn.fetchrow(f"SELECT tokens, updated, {NOW} AS now FROM buckets WHERE client = $1", client)
+            now = row["now"] if row else await conn.fetchval(f"SELECT {NOW}")
+            tokens, wait = refill(*((row["tokens"], row["updated"]) if row else (quota.burst, now)), now,
+                                  quota.burst, quota.per_minute)
             await conn.execute("INSERT INTO buckets (client, tokens, updated) VALUES ($1, $2, $3) ON CONFLICT (client) "
                                "DO UPDATE SET tokens = EXCLUDED.tokens, updated = EXCLUDED.updated",
                                client, tokens, now)
             if wait:
                 return Refused("rate", wait)
-            mine, total = await conn.fetchrow("SELECT count(*) FILTER (WHERE client = $1), count(*) FROM runs "
-                                              "WHERE status = 'running'", client)
-            if mine >= quota.max_runs_per_client:
-                return Refused("client", CAP_WAIT_S)
-            if total >= quota.max_runs:
-                return Refused("total", CAP_WAIT_S)
             await self._insert(conn, run_id, repo, prompt, mode, client)
         return None
 

@@ -23,8 +23,8 @@ from typing import Any
 from common.redact import Redactor
 
 from ..events import Event
-from . import (BUCKETS_KEPT_S, CAP_WAIT_S, COMMANDS_KEPT_S, DELIVERIES_KEPT_S, SWEEP_S, Quota, Refused, StoreError,
-               Watchers, gone, machine, refill, run_changes, run_record, start_time, work_text)
+from . import (BUCKETS_KEPT_S, COMMANDS_KEPT_S, DELIVERIES_KEPT_S, SWEEP_S, Quota, Refused, StoreError, Watchers,
+               gone, machine, over_cap, refill, run_changes, run_record, start_time, work_text)
 
 
 def _keep_errors(db: sqlite3.Connection) -> None:
@@ -137,11 +137,15 @@ class SQLiteRunStore:
 
     async def admit(self, run_id: str, repo: str, prompt: str, mode: str, client: str,
                     quota: Quota) -> Refused | None:
-        """Create the run if the quota allows, in one transaction: the client's rate first (its token is spent even
-        when a cap then refuses), then its runs in flight, then all runs in flight. None when admitted."""
+        """Create the run if the quota allows, in one transaction: the client's runs in flight, then all runs in
+        flight, then the client's rate (only a run admitted spends a token). None when admitted."""
         now = time.time()
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
+            mine, total = self.db.execute("SELECT COUNT(*) FILTER (WHERE client = ?), COUNT(*) FROM runs "
+                                          "WHERE status = 'running'", (client,)).fetchone()
+            if refused := over_cap(mine, total, quota):
+                return refused
             if self._due("buckets"):
                 self.db.execute("DELETE FROM buckets WHERE updated < ?", (now - BUCKETS_KEPT_S,))
             row = self.db.execute("SELECT tokens, updated FROM buckets WHERE client = ?", (client,)).fetchone()
@@ -150,12 +154,6 @@ class SQLiteRunStore:
                             (client, tokens, now))
             if wait:
                 return Refused("rate", wait)
-            mine, total = self.db.execute("SELECT COUNT(*) FILTER (WHERE client = ?), COUNT(*) FROM runs "
-                                          "WHERE status = 'running'", (client,)).fetchone()
-            if mine >= quota.max_runs_per_client:
-                return Refused("client", CAP_WAIT_S)
-            if total >= quota.max_runs:
-                return Refused("total", CAP_WAIT_S)
             self._insert(run_id, repo, prompt, mode, client)
         return None
 

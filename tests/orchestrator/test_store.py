@@ -155,23 +155,33 @@ async def test_deliveries_of_one_comment_claimed_at_once_by_two_replicas_start_o
     assert all(claim == {"id": f"d{first[0]}", "run_id": None, "outcome": None} for claim in claims if claim)
 
 
-async def test_admission_refuses_by_rate_then_per_client_then_in_all(store):
+async def test_admission_refuses_by_the_client_cap_then_the_total_then_the_rate_spent_by_runs_admitted(store):
     quota = Quota(max_runs=3, max_runs_per_client=2, burst=3, per_minute=0.6)  # a token per 100 s
 
     async def admit(run_id: str, client: str) -> Refused | None:
         return await store.admit(run_id, "/srv/repo", "Fix it", "single", client, quota)
 
-    a = [await admit(f"run_a{n}", "a") for n in range(4)]
+    a = [await admit(f"run_a{n}", "a") for n in range(3)]
     b = [await admit("run_b1", "b"), await admit("run_b2", "b")]
     await store.append(EventLog("run_a0")("completion", status="success"))
-    after = [await admit("run_a4", "a"), await admit("run_b3", "b")]
-    assert a[:2] == [None, None] and a[2] == Refused("client", 10.0)
-    assert a[3].reason == "rate" and 90 < a[3].wait_s <= 100  # the refused run above spent a token too
+    again = [await admit("run_a3", "a"), await admit("run_a4", "a")]  # a's third token: refusals spent none
+    await store.append(EventLog("run_a1")("completion", status="success"))
+    spent = await admit("run_a5", "a")
+    assert a == [None, None, Refused("client", 10.0)]
     assert b == [None, Refused("total", 10.0)]
-    assert after[0].reason == "rate" and after[1] is None
-    assert sorted(r["id"] for r in await store.running()) == ["run_a1", "run_b1", "run_b3"]
-    record = await store.get("run_b3")
+    assert again == [None, Refused("client", 10.0)]
+    assert spent.reason == "rate" and 90 < spent.wait_s <= 100
+    assert sorted(r["id"] for r in await store.running()) == ["run_a3", "run_b1"]
+    record = await store.get("run_b1")
     assert record["replica"] == store.replica and record["status"] == "running" and "client" not in record
+
+
+async def test_a_client_spreading_its_runs_over_replicas_meets_one_rate_limit(stores):
+    one, two = await stores(), await stores()
+    quota = Quota(max_runs=100, max_runs_per_client=100, burst=3, per_minute=0.6)
+    answers = [await (one, two)[n % 2].admit(f"run_{n}", "/srv/repo", "Fix it", "single", "mallory", quota)
+               for n in range(5)]
+    assert answers[:3] == [None, None, None] and [a.reason for a in answers[3:]] == ["rate", "rate"]
 
 
 async def test_admissions_at_once_from_two_replicas_never_exceed_the_cap(stores):

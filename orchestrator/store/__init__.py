@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import socket
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -148,6 +149,20 @@ def alive_here(pid: int, started: int) -> bool:
     if not os.path.isdir("/proc/self"):
         return True  # cannot tell; its lease will
     return start_time(pid) == started
+
+
+class Sweeps:
+    """When the old rows of each kind (commands, buckets) are next due for deleting: once every SWEEP_S."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+
+    def due(self, what: str) -> bool:
+        now = time.monotonic()
+        if now - self.last.get(what, -SWEEP_S) < SWEEP_S:
+            return False
+        self.last[what] = now
+        return True
 
 
 class Watchers:

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import secrets
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Any, ContextManager
@@ -26,7 +25,7 @@ import asyncpg
 from common.redact import Redactor
 
 from ..events import Event
-from . import (BUCKETS_KEPT_S, COMMANDS_KEPT_S, DELIVERIES_KEPT_S, SWEEP_S, Quota, Refused, StoreError, Watchers,
+from . import (BUCKETS_KEPT_S, COMMANDS_KEPT_S, DELIVERIES_KEPT_S, Quota, Refused, StoreError, Sweeps, Watchers,
                gone, machine, over_cap, refill, run_changes, run_record, start_time, work_text)
 
 log = logging.getLogger(__name__)
@@ -94,7 +93,7 @@ class PostgresRunStore:
         self._listener: asyncpg.Connection | None = None
         self._listening: asyncio.Task[None] | None = None
         self._watchers = Watchers()
-        self._swept = {"commands": 0.0, "buckets": 0.0}
+        self._sweeps = Sweeps()
 
     def __repr__(self) -> str:
         return f"PostgresRunStore({self.where!r})"
@@ -219,7 +218,7 @@ class PostgresRunStore:
                                                   "WHERE status = 'running'", client)
                 if refused := over_cap(mine, total, quota):
                     return refused
-            if self._due("buckets"):
+            if self._sweeps.due("buckets"):
                 await conn.execute(f"DELETE FROM buckets WHERE updated < {NOW} - $1", float(BUCKETS_KEPT_S))
             row = await conn.fetchrow(f"SELECT tokens, updated, {NOW} AS now FROM buckets WHERE client = $1", client)
             now = row["now"] if row else await conn.fetchval(f"SELECT {NOW}")
@@ -402,7 +401,7 @@ class PostgresRunStore:
     async def received(self) -> list[dict[str, Any]]:
         """The commands sent to this replica since it last looked: `id`, `run_id`, `kind`, `data`."""
         async with self._transaction() as conn:
-            if self._due("commands"):
+            if self._sweeps.due("commands"):
                 await conn.execute(f"DELETE FROM commands WHERE sent < {NOW} - $1", float(COMMANDS_KEPT_S))
             rows = await conn.fetch(f"UPDATE commands SET taken = {NOW} WHERE replica = $1 AND taken IS NULL "
                                     "RETURNING id, run_id, kind, data", self.replica)
@@ -456,13 +455,6 @@ class PostgresRunStore:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, LISTEN_RETRY_MAX_S)
             self._watchers.notify_all()
-
-    def _due(self, what: str) -> bool:
-        """Whether the old rows of `what` are due for deleting (once a minute)."""
-        if time.monotonic() - self._swept[what] < SWEEP_S:
-            return False
-        self._swept[what] = time.monotonic()
-        return True
 
     async def close(self) -> None:
         if self._listening is not None:

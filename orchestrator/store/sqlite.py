@@ -23,7 +23,7 @@ from typing import Any
 from common.redact import Redactor
 
 from ..events import Event
-from . import (BUCKETS_KEPT_S, COMMANDS_KEPT_S, DELIVERIES_KEPT_S, SWEEP_S, Quota, Refused, StoreError, Watchers,
+from . import (BUCKETS_KEPT_S, COMMANDS_KEPT_S, DELIVERIES_KEPT_S, Quota, Refused, StoreError, Sweeps, Watchers,
                gone, machine, over_cap, refill, run_changes, run_record, start_time, work_text)
 
 
@@ -84,7 +84,7 @@ class SQLiteRunStore:
         self.machine = machine()
         self._watchers = Watchers()
         self._poller: asyncio.Task[None] | None = None
-        self._swept = {"commands": 0.0, "buckets": 0.0}
+        self._sweeps = Sweeps()
 
     async def open(self) -> None:
         """Open the file (made if missing), bring its tables up to date, and check that it can be written."""
@@ -146,7 +146,7 @@ class SQLiteRunStore:
                                           "WHERE status = 'running'", (client,)).fetchone()
             if refused := over_cap(mine, total, quota):
                 return refused
-            if self._due("buckets"):
+            if self._sweeps.due("buckets"):
                 self.db.execute("DELETE FROM buckets WHERE updated < ?", (now - BUCKETS_KEPT_S,))
             row = self.db.execute("SELECT tokens, updated FROM buckets WHERE client = ?", (client,)).fetchone()
             tokens, wait = refill(*(row or (quota.burst, now)), now, quota.burst, quota.per_minute)
@@ -319,7 +319,7 @@ class SQLiteRunStore:
         now = time.time()
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
-            if self._due("commands"):
+            if self._sweeps.due("commands"):
                 self.db.execute("DELETE FROM commands WHERE sent < ?", (now - COMMANDS_KEPT_S,))
             rows = self.db.execute("SELECT id, run_id, kind, data FROM commands WHERE replica = ? AND taken IS NULL "
                                    "ORDER BY id", (self.replica,)).fetchall()
@@ -358,13 +358,6 @@ class SQLiteRunStore:
 
     def _data_version(self) -> int:
         return self.db.execute("PRAGMA data_version").fetchone()[0]  # changes when another connection commits
-
-    def _due(self, what: str) -> bool:
-        """Whether the old rows of `what` are due for deleting (once a minute)."""
-        if time.monotonic() - self._swept[what] < SWEEP_S:
-            return False
-        self._swept[what] = time.monotonic()
-        return True
 
     async def close(self) -> None:
         if self._poller is not None:

@@ -127,6 +127,21 @@ class Stream:
         return self.events
 
 
+def sleeping(marker: str, then: list | None = None) -> list:
+    """The script of a run whose command sleeps (tagged with `marker`) until it is stopped; `then`, the turns of a
+    run after it."""
+    return [turn(tool_use("sandbox_exec", {"command": f"sleep {marker}"})), *(then or [])]
+
+
+async def start_sleeping(http: aiohttp.ClientSession, url: str, repo: Path, marker: str) -> tuple[Stream, str]:
+    """POST /code to the service at `url` for a run of `sleeping`, followed until its command runs; the stream and
+    the run's id."""
+    started = Stream(http, "POST", f"{url}/code", json={"repoUrl": str(repo), "prompt": "Fix add()", "mode": "single"})
+    run_id = (await started.until(lambda e: e["type"] == "run"))["run_id"]
+    await running(marker)
+    return started, run_id
+
+
 def children(pid: int) -> list[int]:
     """The processes `pid` started (its MCP servers)."""
     found = []
@@ -152,13 +167,10 @@ async def running(marker: str) -> None:
 
 async def test_a_run_on_one_replica_is_followed_limited_steered_and_cancelled_from_the_other(database_url,
                                                                                              make_repo):
-    marker = unique_marker()
-    script = [turn(tool_use("sandbox_exec", {"command": f"sleep {marker}"}))]
-    body = {"repoUrl": str(make_repo(BUGGY)), "prompt": "Fix add()", "mode": "single"}
-    async with two_replicas(database_url, script) as (a, b, _), aiohttp.ClientSession() as http:
-        started = Stream(http, "POST", f"{a.url}/code", json=body)
-        run_id = (await started.until(lambda e: e["type"] == "run"))["run_id"]
-        await running(marker)
+    marker, repo = unique_marker(), make_repo(BUGGY)
+    body = {"repoUrl": str(repo), "prompt": "Fix add()", "mode": "single"}
+    async with two_replicas(database_url, sleeping(marker)) as (a, b, _), aiohttp.ClientSession() as http:
+        started, run_id = await start_sleeping(http, a.url, repo, marker)
         async with http.get(f"{b.url}/runs/{run_id}") as resp:
             record = await resp.json()
         servers = [environ(pid) for pid in children(a.proc.pid)]
@@ -185,13 +197,11 @@ async def test_a_run_on_one_replica_is_followed_limited_steered_and_cancelled_fr
 
 async def test_a_replica_killed_mid_run_has_its_run_marked_interrupted_by_the_other_and_its_sandbox_removed(
         database_url, make_repo):
-    marker = unique_marker()
-    script = [turn(tool_use("sandbox_exec", {"command": f"sleep {marker}"})), turn(text("Nothing to change."))]
-    body = {"repoUrl": str(make_repo(BUGGY)), "prompt": "Fix add()", "mode": "single"}
+    marker, repo = unique_marker(), make_repo(BUGGY)
+    body = {"repoUrl": str(repo), "prompt": "Fix add()", "mode": "single"}
+    script = sleeping(marker, then=[turn(text("Nothing to change."))])
     async with two_replicas(database_url, script) as (a, b, root), aiohttp.ClientSession() as http:
-        started = Stream(http, "POST", f"{a.url}/code", json=body)
-        run_id = (await started.until(lambda e: e["type"] == "run"))["run_id"]
-        await running(marker)
+        started, run_id = await start_sleeping(http, a.url, repo, marker)
         assert list(root.glob("*/sbx-*"))  # its sandbox, on this machine
         followed = Stream(http, "GET", f"{b.url}/runs/{run_id}/events")
         await followed.until(lambda e: e["type"] == "tool_call")
@@ -217,13 +227,11 @@ async def test_a_replica_killed_mid_run_has_its_run_marked_interrupted_by_the_ot
 
 async def test_a_replica_paused_past_its_lease_gives_up_the_run_another_took_over_and_goes_on(database_url,
                                                                                              make_repo):
-    marker = unique_marker()
-    script = [turn(tool_use("sandbox_exec", {"command": f"sleep {marker}"})), turn(text("Nothing to change."))]
-    body = {"repoUrl": str(make_repo(BUGGY)), "prompt": "Fix add()", "mode": "single"}
+    marker, repo = unique_marker(), make_repo(BUGGY)
+    body = {"repoUrl": str(repo), "prompt": "Fix add()", "mode": "single"}
+    script = sleeping(marker, then=[turn(text("Nothing to change."))])
     async with two_replicas(database_url, script) as (a, b, _), aiohttp.ClientSession() as http:
-        started = Stream(http, "POST", f"{a.url}/code", json=body)
-        run_id = (await started.until(lambda e: e["type"] == "run"))["run_id"]
-        await running(marker)
+        started, run_id = await start_sleeping(http, a.url, repo, marker)
         a.proc.send_signal(signal.SIGSTOP)  # a pause longer than its lease: the other replica takes the run over
         try:
             followed = Stream(http, "GET", f"{b.url}/runs/{run_id}/events")
@@ -289,15 +297,11 @@ async def test_a_replica_cut_off_from_the_database_stops_its_runs_and_marks_them
         pool, postgres_url, database_url, make_repo):
     name = database_url.split("@/")[1].split("?")[0]
     marker = unique_marker()
-    script = [turn(tool_use("sandbox_exec", {"command": f"sleep {marker}"}))]
-    body = {"repoUrl": str(make_repo(BUGGY)), "prompt": "Fix add()", "mode": "single"}
     store = PostgresRunStore(database_url)
     await store.open()
-    async with stack(pool, script, lease_s=1.5) as s, serve(s.services, store) as url, \
+    async with stack(pool, sleeping(marker), lease_s=1.5) as s, serve(s.services, store) as url, \
             aiohttp.ClientSession() as http:
-        started = Stream(http, "POST", f"{url}/code", json=body)
-        run_id = (await started.until(lambda e: e["type"] == "run"))["run_id"]
-        await running(marker)
+        started, run_id = await start_sleeping(http, url, make_repo(BUGGY), marker)
         psql(postgres_url, f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
         psql(postgres_url, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
         try:

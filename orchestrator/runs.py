@@ -35,6 +35,7 @@ FLUSH_SECONDS = 0.05  # events reach the store in batches at most this old; read
 STOP_SECONDS = 120  # a stopped run keeps its work (a draft pull request) in this long, or is cancelled outright
 ANSWER_SECONDS = 10  # a replica asked to hand a message to its run answers within this
 STORE_RETRY_SECONDS = 1.0  # events the store could not take are tried again this much later
+PUBLISH_MARGIN_S = 60  # a claim to publish a run's kept work outlives its two calls by this much
 STORE_ATTEMPTS = 3  # a run's kept work is written this many times over a blip of the store (1 s, then 2 s apart)
 
 
@@ -82,7 +83,6 @@ class RunManager:
         self._unstored: list[Event] = []
         self._flush_handle: asyncio.TimerHandle | None = None
         self._flush_lock = asyncio.Lock()
-        self._publishing: set[str] = set()  # runs whose kept work is being published
         self._background: set[asyncio.Task] = set()  # stores, stops and clean-ups under way
         self._loops: list[asyncio.Task] = []  # the lease, and the requests of other replicas
 
@@ -323,16 +323,16 @@ class RunManager:
                 f"interrupted within {self.lease_s:g} s (TB_LEASE_S)")
 
     async def publish(self, run_id: str) -> dict[str, Any]:
-        """Open a draft pull request from the work a stopped run kept; `NotPublishable` says why not."""
-        if run_id in self._publishing:
+        """Open a draft pull request from the work a stopped run kept; `NotPublishable` says why not. The store
+        holds the claim, so that two replicas asked at once publish it once."""
+        kept = await self._kept(run_id)
+        if kept["published_url"]:
+            raise NotPublishable(f"run {run_id}'s changes are already published: {kept['published_url']}")
+        timeout = min(self.services.settings.limits.tool_seconds, PUBLISH_CALL_SECONDS)
+        if not await self.store.claim_publishing(run_id, 2 * timeout + PUBLISH_MARGIN_S):
             raise NotPublishable(f"run {run_id}'s changes are being published now; GET /runs/{run_id} shows the "
                                  "pull request when it is open")
-        self._publishing.add(run_id)
         try:
-            kept = await self._kept(run_id)
-            if kept["published_url"]:
-                raise NotPublishable(f"run {run_id}'s changes are already published: {kept['published_url']}")
-            timeout = min(self.services.settings.limits.tool_seconds, PUBLISH_CALL_SECONDS)
             try:
                 pr = await open_pull_request(self.services.pool, kept, True, timeout)
             except RunFailed as exc:
@@ -347,7 +347,7 @@ class RunManager:
             await self.store.published(run_id, pr["url"])
             return pr
         finally:
-            self._publishing.discard(run_id)
+            await asyncio.shield(self.store.release_publishing(run_id))
 
     async def retry(self, run_id: str, client: str = "") -> str:
         """Start a new run of the same request from the work a stopped run kept."""

@@ -57,7 +57,7 @@ MIGRATIONS = [
         run_id text NOT NULL, seq integer NOT NULL, agent text NOT NULL, agent_seq integer NOT NULL,
         data text NOT NULL, PRIMARY KEY (run_id, seq)
     );
-    CREATE TABLE kept (run_id text PRIMARY KEY, data text NOT NULL, published_url text);
+    CREATE TABLE kept (run_id text PRIMARY KEY, data text NOT NULL, published_url text, publishing float8);
     CREATE TABLE checkpoints (run_id text PRIMARY KEY, data text NOT NULL);
     CREATE TABLE deliveries (
         id text PRIMARY KEY, comment text NOT NULL UNIQUE, received float8 NOT NULL, run_id text, outcome text,
@@ -287,6 +287,15 @@ class PostgresRunStore:
         await self._execute("INSERT INTO kept (run_id, data) VALUES ($1, $2) ON CONFLICT (run_id) "
                             "DO UPDATE SET data = EXCLUDED.data, published_url = NULL",
                             run_id, work_text(self.redact, work))
+
+    async def claim_publishing(self, run_id: str, hold_s: float) -> bool:
+        """Claim the kept work of a run for publishing, for `hold_s` seconds at most; False when it is published, or
+        being published by another replica (whose claim has not run out)."""
+        return await self._execute(f"UPDATE kept SET publishing = {NOW} + $2 WHERE run_id = $1 AND published_url IS "
+                                   f"NULL AND (publishing IS NULL OR publishing < {NOW})", run_id, hold_s) == "UPDATE 1"
+
+    async def release_publishing(self, run_id: str) -> None:
+        await self._execute("UPDATE kept SET publishing = NULL WHERE run_id = $1", run_id)
 
     async def kept_work(self, run_id: str) -> dict[str, Any] | None:
         """The work kept for a run, with `published_url` once published; None when none was kept."""

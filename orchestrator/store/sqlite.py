@@ -70,6 +70,7 @@ MIGRATIONS: list[tuple[str, ...] | Callable[[sqlite3.Connection], None]] = [
             data TEXT NOT NULL, sent REAL NOT NULL, taken REAL, answer TEXT
         )""",
         "CREATE INDEX commands_waiting ON commands (replica) WHERE taken IS NULL",
+        "ALTER TABLE kept ADD COLUMN publishing REAL",  # until when a replica publishes it
     ),
 ]
 
@@ -207,8 +208,19 @@ class SQLiteRunStore:
 
     async def keep_work(self, run_id: str, work: dict[str, Any]) -> None:
         """Keep the work of a run that stopped before it finished: its changeset and what publishing it needs."""
-        self.db.execute("INSERT OR REPLACE INTO kept (run_id, data) VALUES (?, ?)",
+        self.db.execute("INSERT INTO kept (run_id, data) VALUES (?, ?) ON CONFLICT (run_id) "
+                        "DO UPDATE SET data = excluded.data, published_url = NULL",
                         (run_id, work_text(self.redact, work)))
+
+    async def claim_publishing(self, run_id: str, hold_s: float) -> bool:
+        """Claim the kept work of a run for publishing, for `hold_s` seconds at most; False when it is published, or
+        being published by another (whose claim has not run out)."""
+        now = time.time()
+        return self.db.execute("UPDATE kept SET publishing = ? WHERE run_id = ? AND published_url IS NULL AND "
+                               "(publishing IS NULL OR publishing < ?)", (now + hold_s, run_id, now)).rowcount == 1
+
+    async def release_publishing(self, run_id: str) -> None:
+        self.db.execute("UPDATE kept SET publishing = NULL WHERE run_id = ?", (run_id,))
 
     async def kept_work(self, run_id: str) -> dict[str, Any] | None:
         """The work kept for a run, with `published_url` once published; None when none was kept."""

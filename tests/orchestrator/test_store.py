@@ -129,6 +129,24 @@ async def test_work_checkpoints_and_turns_are_kept(store):
         {"agent": "coder", "agent_seq": 2, "role": "assistant", "content": "second"}]
 
 
+async def test_kept_work_is_published_by_one_replica_at_a_time(stores):
+    one, two = await stores(), await stores()
+    await one.create("run_k", "/srv/repo", "Fix it", "single")
+    nothing = await one.claim_publishing("run_k", 60)  # nothing kept yet
+    await one.keep_work("run_k", {"reason": "limit", "repo": "/srv/repo", "changeset": CHANGESET})
+    claims = [await one.claim_publishing("run_k", 60), await two.claim_publishing("run_k", 60)]
+    await one.keep_work("run_k", {"reason": "limit", "repo": "/srv/repo", "changeset": CHANGESET, "commit": "c0"})
+    still = await two.claim_publishing("run_k", 60)  # keeping its commit midway keeps the claim
+    await one.release_publishing("run_k")
+    after = await two.claim_publishing("run_k", -1)  # a claim that ran out, as one of a replica that died
+    taken_over = await one.claim_publishing("run_k", 60)
+    await one.published("run_k", "https://github.com/o/r/pull/3")
+    await one.release_publishing("run_k")
+    assert nothing is False and claims == [True, False] and still is False
+    assert after is True and taken_over is True
+    assert await two.claim_publishing("run_k", 60) is False  # published
+
+
 async def test_a_delivery_is_claimed_once_for_its_comment(store):
     first = await store.claim_delivery("d1", "issue_comment:o/r:7")
     again = await store.claim_delivery("d1", "issue_comment:o/r:7")

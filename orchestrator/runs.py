@@ -414,11 +414,16 @@ class RunManager:
             await self.store.checkpoint(run_id, None)
 
     async def _remove_sandboxes(self, run_id: str) -> None:
-        """Destroy the sandboxes a run of a replica that is gone left (what the sandbox server can still reach)."""
+        """Destroy the sandboxes a run of a replica that is gone left (what the sandbox server can still reach): its
+        own (a `sandbox` event), and those of its attempts (`status` of stage `attempts`)."""
         try:
+            found: dict[str, None] = {}
             for event in await self.store.events(run_id):
                 if event["type"] == "sandbox" and event.get("sandbox_id"):
-                    await run.destroy_sandbox(self.services.pool, event["sandbox_id"])
+                    found[event["sandbox_id"]] = None
+                elif event["type"] == "status" and event.get("stage") == "attempts":
+                    found.update(dict.fromkeys(event.get("sandbox_ids") or []))
+            await asyncio.gather(*(run.destroy_sandbox(self.services.pool, sandbox) for sandbox in found))
         except Exception as exc:  # noqa: BLE001 - the server's idle reaper (or Modal's TTL) is the backstop
             log.warning("could not remove the sandboxes of run %s: %s", run_id, exc)
 

@@ -162,6 +162,9 @@ async def _attempt_round(crew: Crew, work: Work, roles: dict[str, Role], prompt:
     """`count` coders at once from the same plan, each nudged its own way and followed by its own run of the plan's
     verification; then the reviewer sees them side by side and chooses one."""
     attempts = [Attempt(k, c) for k, c in enumerate(await fork(count), 1)]
+    # Their sandboxes, for a replica that adopts the run if this one dies: it removes them.
+    yield crew.events("status", stage="attempts", message=f"{count} coders at once, each in a sandbox of its own",
+                      sandbox_ids=[a.crew.tools.sandbox_id for a in attempts])
     work.rounds = 1
     async for event in merge([_attempt(a, count, roles, prompt, work.plan) for a in attempts]):
         yield event

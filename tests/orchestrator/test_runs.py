@@ -221,3 +221,26 @@ async def test_a_draining_service_refuses_new_runs_and_says_so_while_its_runs_fi
     assert refused[0] == 503 and "shutting down" in refused[1]["error"]
     assert health[0] == 503 and health[1]["status"] == "draining"
     assert events[-1]["type"] == "completion" and events[-1]["status"] == "no_changes"  # it finished, not cut off
+
+
+async def test_the_sandboxes_a_gone_replica_left_are_removed_those_of_its_attempts_too(pool, make_repo, tmp_path):
+    repo = make_repo(BUGGY)
+    made = [await pool.call("sandbox", "create_sandbox", {"repo_url": str(repo)}, 60) for _ in range(2)]
+    ids = [m.structured_content["sandbox_id"] for m in made]
+    path = tmp_path / "runs.sqlite3"
+    dead = SQLiteRunStore(path)  # what a replica that died mid-run left: a run with two attempts' sandboxes
+    await dead.open()
+    await dead.create("run_left", str(repo), "Fix it", "team")
+    events = EventLog("run_left")
+    await dead.append(events("run", repo=str(repo)), events("sandbox", sandbox_id=ids[0]),
+                      events("status", stage="attempts", message="2 coders at once", sandbox_ids=ids))
+    await dead.close()
+    store = SQLiteRunStore(path)
+    await store.open()
+    async with stack(pool, []) as s:
+        assert await RunManager(s.services, store).recover() == ["run_left"]
+        async with asyncio.timeout(30):
+            while not all([(await pool.call("sandbox", "exec", {"sandbox_id": i, "command": "true"}, 60)).is_error
+                           for i in ids]):
+                await asyncio.sleep(0.05)
+    await store.close()

@@ -102,6 +102,7 @@ class SQLiteRunStore:
             # A read-only file opens and reads fine: find out now, not at the first run.
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute("ROLLBACK")
+            self.db = _Checked(self.db, self.path)
         except (sqlite3.Error, OSError, StoreError) as exc:
             if hasattr(self, "db"):
                 self.db.close()
@@ -376,6 +377,36 @@ class SQLiteRunStore:
             self._poller.cancel()
         if hasattr(self, "db"):
             self.db.close()
+
+
+class _Checked:
+    """The store's connection, whose failures once open (a disk full, a lock held elsewhere too long) are a
+    `StoreError` saying what to do."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path):
+        self._db, self._path = db, path
+
+    def execute(self, sql: str, parameters: Any = ()) -> sqlite3.Cursor:
+        try:
+            return self._db.execute(sql, parameters)
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from None
+
+    def __enter__(self) -> sqlite3.Connection:
+        return self._db.__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:  # the commit, or the rollback
+        try:
+            return self._db.__exit__(*exc)
+        except sqlite3.Error as failed:
+            raise self._failed(failed) from None
+
+    def _failed(self, exc: sqlite3.Error) -> StoreError:
+        return StoreError(f"the run store {self._path} failed ({exc}): check the disk's free space and that no "
+                          "other program holds the file, then retry")
+
+    def __getattr__(self, name: str) -> Any:  # close, backup
+        return getattr(self._db, name)
 
 
 def _private(path: Path) -> None:

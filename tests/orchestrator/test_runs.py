@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import subprocess
 import tempfile
 from pathlib import Path
@@ -244,3 +245,23 @@ async def test_the_sandboxes_a_gone_replica_left_are_removed_those_of_its_attemp
                            for i in ids]):
                 await asyncio.sleep(0.05)
     await store.close()
+
+
+async def test_a_run_store_another_program_holds_is_a_503_saying_so_and_reads_go_on(pool, make_repo, tmp_path):
+    path = tmp_path / "runs.sqlite3"
+    store = SQLiteRunStore(path)
+    await store.open()
+    body = {"repoUrl": str(make_repo(BUGGY)), "prompt": "Check add()", "mode": "single"}
+    async with stack(pool, [turn(text("Nothing to change."))]) as s, serve(s.services, store) as url:
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # another program writing, for longer than the store waits
+        try:
+            held = await post_code(url, body)
+            async with aiohttp.ClientSession() as http, http.get(f"{url}/runs") as resp:
+                listed = resp.status
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        freed = await post_code(url, body)
+    assert held[0] == 503 and "database is locked" in held[1]["error"] and "no other program holds" in held[1]["error"]
+    assert listed == 200 and freed[0] == 200 and freed[1][-1]["status"] == "no_changes"
